@@ -1,0 +1,1 @@
+"""tl_depass: decomposed forward pass (DePass) for TransformerLens models."""
