@@ -1,1 +1,25 @@
-"""tl_depass: decomposed forward pass (DePass) for TransformerLens models."""
+"""tl_depass: decomposed forward pass (DePass) for TransformerLens models.
+
+    import tl_depass
+    dec = tl_depass.decompose(model, tokens)          # token level
+    dec.logit_attribution(answer, wrong)              # [component, batch]
+"""
+
+from tl_depass.components import Split, TokensAt
+from tl_depass.decompose import decompose
+from tl_depass.decomposition import Decomposition
+from tl_depass.errors import DepassError, UnsupportedModelError
+from tl_depass.tolerances import COMPLETENESS_RTOL, completeness_rtol
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "COMPLETENESS_RTOL",
+    "Decomposition",
+    "DepassError",
+    "Split",
+    "TokensAt",
+    "UnsupportedModelError",
+    "completeness_rtol",
+    "decompose",
+]

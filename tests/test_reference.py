@@ -1,0 +1,280 @@
+"""Checks of the reference DePass itself (tests/reference.py), then of the library against it.
+
+The reference must be trustworthy before it judges the library: completeness at every hook,
+causality, the ratio rule equal to the linear part of the frozen model (itself checked against
+TransformerLens' own forward with every nonlinearity frozen by hooks), known answers for the
+split rules and for ignore_bos.
+"""
+
+import pytest
+import torch
+from models import GPT2_LIKE, LLAMA_LIKE, make_model, random_tokens
+from reference import LAYER_HOOKS, frozen_forward, reference_depass, split_activation
+from torch.testing import assert_close
+
+FAMILIES = {"gpt2": GPT2_LIKE, "llama": LLAMA_LIKE}
+RULES = ["softmax", "max", "ratio"]
+BOS = 7
+REL_ATOL = 1e-10  # float64, relative to the largest |clean value| of the hook
+
+
+def residual_hooks(model) -> list[str]:
+    return [f"blocks.{layer}.{hook}" for layer in range(model.cfg.n_layers) for hook in LAYER_HOOKS]
+
+
+@torch.no_grad()
+def clean_values(model, tokens) -> dict[str, torch.Tensor]:
+    logits, cache = model.run_with_cache(tokens)
+    hooks = residual_hooks(model) + [f"blocks.{i}.mlp.{h}" for i in range(model.cfg.n_layers)
+                                     for h in ("hook_pre", "hook_post")]
+    return {**{h: cache[h] for h in hooks}, "logits": logits}
+
+
+def assert_close_at(actual, expected, hook: str, scale: torch.Tensor | None = None) -> None:
+    scale = expected.abs().max() if scale is None else scale
+    assert_close(actual, expected, rtol=0, atol=REL_ATOL * float(scale.detach()),
+                 msg=lambda m: f"at {hook}: {m}")
+
+
+# ---------------------------------------------------------------- the reference itself
+
+
+@pytest.mark.parametrize("bos", [False, True], ids=["no_bos", "bos"])
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_completeness(family, rule, bos):
+    model = make_model(**FAMILIES[family])
+    tokens = random_tokens(model, bos=BOS if bos else None)
+    ref = reference_depass(model, tokens, rule=rule, bos_token_id=BOS)
+    clean = clean_values(model, tokens)
+    assert set(ref) == set(clean)
+    for hook, value in clean.items():
+        assert ref[hook].shape == (tokens.shape[1] + 1, *value.shape), hook
+        assert_close_at(ref[hook].sum(0), value, hook)
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_causality(family, rule):
+    model = make_model(**FAMILIES[family])
+    tokens = random_tokens(model)
+    for hook, shares in reference_depass(model, tokens, rule=rule).items():
+        for p in range(tokens.shape[1]):
+            leaked = shares[p, :, :p].abs().max().item() if p else 0.0
+            assert leaked == 0, f"token {p} has a share {leaked:.3g} at earlier positions of {hook}"
+
+
+def hooked_frozen_forward(model, tokens, cache, entry):
+    """TransformerLens' own forward from `entry`, with the clean norm scales and patterns replayed
+    and each MLP neuron linearised with its clean ratio, all through hooks: an independent check
+    of `frozen_forward`."""
+    gate_or_pre = {}
+
+    def replay(value):
+        return lambda act, hook: value
+
+    def stash_pre(act, hook):
+        gate_or_pre[hook.name] = act
+        return act
+
+    def linear_post(layer):
+        def hook_fn(act, hook):
+            name = f"blocks.{layer}.mlp"
+            pre_clean, pre_new = cache[f"{name}.hook_pre"], gate_or_pre[f"{name}.hook_pre"]
+            if model.cfg.gated_mlp:
+                mlp = model.blocks[layer].mlp
+                gain = mlp.act_fn(pre_clean) / pre_clean * cache[f"{name}.hook_pre_linear"]
+                return pre_new * gain + mlp.b_in
+            return pre_new * cache[f"{name}.hook_post"] / pre_clean
+        return hook_fn
+
+    hooks = [("blocks.0.hook_resid_pre", replay(entry))]
+    hooks += [(name, replay(cache[name])) for name in cache
+              if name.endswith(("hook_scale", "hook_pattern"))]
+    for layer in range(model.cfg.n_layers):
+        hooks += [(f"blocks.{layer}.mlp.hook_pre", stash_pre),
+                  (f"blocks.{layer}.mlp.hook_post", linear_post(layer))]
+    with torch.no_grad():
+        return model.run_with_hooks(tokens, fwd_hooks=hooks)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_frozen_forward_matches_hooked_transformer_lens(family):
+    model = make_model(**FAMILIES[family])
+    tokens = random_tokens(model)
+    logits, cache = model.run_with_cache(tokens)
+    entry = cache["blocks.0.hook_resid_pre"]
+    assert_close_at(frozen_forward(model, cache, entry), logits, "logits (clean entry)")
+    other = torch.randn(entry.shape, generator=torch.Generator().manual_seed(5), dtype=entry.dtype)
+    expected = hooked_frozen_forward(model, tokens, cache, other)
+    assert_close_at(frozen_forward(model, cache, other), expected, "logits (random entry)")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ratio_shares_are_the_frozen_models_linear_part(family):
+    """Zeroing token p's entry state in the frozen model removes exactly its ratio-rule share, and
+    the frozen model from a zero entry is the bias component."""
+    model = make_model(**FAMILIES[family])
+    tokens = random_tokens(model)
+    logits, cache = model.run_with_cache(tokens)
+    ref = reference_depass(model, tokens, rule="ratio")
+    entry = cache["blocks.0.hook_resid_pre"]
+    scale = logits.abs().max()
+    assert_close_at(frozen_forward(model, cache, torch.zeros_like(entry)), ref["logits"][-1],
+                    "logits (zero entry vs bias share)", scale)
+    for p in range(tokens.shape[1]):
+        without_p = entry.clone()
+        without_p[:, p] = 0
+        assert_close_at(frozen_forward(model, cache, without_p), logits - ref["logits"][p],
+                        f"logits (token {p} removed)", scale)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_softmax_at_low_temperature_is_max(family):
+    model = make_model(**FAMILIES[family])
+    tokens = random_tokens(model)
+    hard = reference_depass(model, tokens, rule="max")
+    soft = reference_depass(model, tokens, rule="softmax", temperature=1e-6)
+    for hook in hard:
+        scale = hard[hook].sum(0).abs().max()
+        assert_close(soft[hook], hard[hook], rtol=0, atol=1e-6 * float(scale),
+                     msg=lambda m, hook=hook: f"at {hook}: {m}")
+
+
+def test_split_activation_known_answers():
+    a = torch.tensor([[[3.0]]], dtype=torch.float64)  # batch 1, pos 1, one neuron
+    none_excluded = torch.zeros(3, 1, 1, dtype=torch.bool)
+
+    def split(g, rule, excluded=none_excluded, temperature=1.0):
+        g = torch.tensor(g, dtype=torch.float64)[:, None, None, None]
+        return split_activation(g, a, excluded, rule, temperature).flatten().tolist()
+
+    e1, e2 = torch.e, torch.e**2
+    assert split([1.0, 0.0, 2.0], "softmax") == pytest.approx([3 * e1 / (e1 + e2), 0, 3 * e2 / (e1 + e2)])
+    assert split([1.0, 0.0, 2.0], "softmax", temperature=0.5) == pytest.approx(
+        [3 / (1 + e2), 0, 3 * e2 / (1 + e2)])
+    assert split([-1.0, 0.0, -2.0], "max") == [3, 0, 0]  # zero g excluded, even when it is larger
+    assert split([2.0, 2.0, 1.0], "max") == [3, 0, 0]  # first one on ties
+    assert split([0.0, 0.0, 0.0], "softmax") == [0, 0, 3]  # nobody left: all to bias
+    assert split([0.0, 0.0, 0.0], "max") == [0, 0, 3]
+    excluded = torch.tensor([True, False, False])[:, None, None]
+    assert split([5.0, 0.0, 1.0], "max", excluded) == [0, 0, 3]
+    assert split([5.0, 0.0, 0.0], "softmax", excluded) == [0, 0, 3]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_max_rule_gives_each_neuron_to_one_token(family):
+    model = make_model(**FAMILIES[family])
+    ref = reference_depass(model, random_tokens(model), rule="max")
+    for layer in range(model.cfg.n_layers):
+        post = ref[f"blocks.{layer}.mlp.hook_post"]
+        # The bias component also carries TL's gated b_in, added after the product.
+        owners = (post[:-1] != 0).sum(0) + (post[-1] != 0 if not model.cfg.gated_mlp else 0)
+        assert owners.max() <= 1, f"blocks.{layer}.mlp.hook_post"
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ignore_bos(family, rule):
+    """With BOS first and ignore_bos, token 0 gets no MLP activation at later positions (softmax and
+    max); the ratio rule ignores ignore_bos."""
+    model = make_model(**FAMILIES[family])
+    tokens = random_tokens(model, bos=BOS)
+    ignoring = reference_depass(model, tokens, rule=rule, ignore_bos=True, bos_token_id=BOS)
+    keeping = reference_depass(model, tokens, rule=rule, ignore_bos=False, bos_token_id=BOS)
+    if rule == "ratio":
+        for hook in ignoring:
+            assert torch.equal(ignoring[hook], keeping[hook]), hook
+        return
+    for layer in range(model.cfg.n_layers):
+        for hook in (f"blocks.{layer}.mlp.hook_post", f"blocks.{layer}.hook_mlp_out"):
+            assert torch.all(ignoring[hook][0, :, 1:] == 0), hook
+            assert keeping[hook][0, :, 1:].abs().max() > 0, hook
+    # Rows without BOS first are untouched.
+    other = random_tokens(model)
+    assert (other[:, 0] != BOS).all()
+    a = reference_depass(model, other, rule=rule, ignore_bos=True, bos_token_id=BOS)
+    b = reference_depass(model, other, rule=rule, ignore_bos=False, bos_token_id=BOS)
+    assert all(torch.equal(a[h], b[h]) for h in a)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_dead_neuron(rule):
+    """A neuron whose pre-activation is exactly 0 (0/0 in the ratio, no contributor in softmax and
+    max): finite shares and completeness."""
+    for family in FAMILIES.values():
+        model = make_model(**family)
+        mlp = model.blocks[0].mlp
+        with torch.no_grad():
+            (mlp.W_gate if model.cfg.gated_mlp else mlp.W_in)[:, 0] = 0
+            if not model.cfg.gated_mlp:
+                mlp.b_in[0] = 0
+        tokens = random_tokens(model)
+        ref = reference_depass(model, tokens, rule=rule)
+        assert (model.run_with_cache(tokens)[1]["blocks.0.mlp.hook_pre"][..., 0] == 0).all()
+        for hook, value in clean_values(model, tokens).items():
+            assert torch.isfinite(ref[hook]).all(), hook
+            assert_close_at(ref[hook].sum(0), value, hook)
+
+
+# ---------------------------------------------------------------- the library against it
+
+
+def library_decompose():
+    tl_depass = pytest.importorskip("tl_depass")
+    decompose = getattr(tl_depass, "decompose", None)
+    if decompose is not None and not callable(decompose):  # the submodule, not the function
+        decompose = getattr(decompose, "decompose", None)
+    if decompose is None:
+        try:
+            from tl_depass.decompose import decompose
+        except ImportError:
+            pytest.skip("tl_depass.decompose does not exist yet")
+    return decompose
+
+
+def run_library(model, tokens, rule, ignore_bos):
+    dec = library_decompose()(model, tokens, components="tokens", mlp_rule=rule, temperature=0.1,
+                              ignore_bos=ignore_bos, keep=residual_hooks(model))
+    n_pos = tokens.shape[1]
+    assert len(dec.labels) == n_pos + 1 and dec.labels[-1] == "bias", dec.labels
+    return {**{h: dec[h] for h in residual_hooks(model)}, "logits": dec.logits}
+
+
+def assert_library_matches(lib, ref, clean):
+    for hook, value in lib.items():
+        assert value.shape == ref[hook].shape, f"at {hook}: {tuple(value.shape)} vs {tuple(ref[hook].shape)}"
+        assert_close_at(value, ref[hook], hook, clean[hook].abs().max())
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_library_matches_reference(family, rule):
+    model = make_model(**FAMILIES[family])
+    tokens = random_tokens(model)
+    lib = run_library(model, tokens, rule, ignore_bos=True)
+    ref = reference_depass(model, tokens, rule=rule, ignore_bos=True, bos_token_id=None)
+    assert_library_matches(lib, ref, clean_values(model, tokens))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_library_matches_reference_with_bos(family):
+    """BOS first. Without a tokenizer the library can only know the BOS id from
+    `model.cfg.bos_token_id`: with ignore_bos=False both sides must agree whatever it reads; with
+    ignore_bos=True the BOS exclusion is checked only if the library picked the id up."""
+    model = make_model(**FAMILIES[family])
+    model.tokenizer = None
+    model.cfg.bos_token_id = BOS
+    tokens = random_tokens(model, bos=BOS)
+    clean = clean_values(model, tokens)
+    for rule in ("softmax", "max"):
+        ref_keep = reference_depass(model, tokens, rule=rule, ignore_bos=False)
+        assert_library_matches(run_library(model, tokens, rule, ignore_bos=False), ref_keep, clean)
+    lib = run_library(model, tokens, "softmax", ignore_bos=True)
+    ref = reference_depass(model, tokens, rule="softmax", ignore_bos=True, bos_token_id=BOS)
+    ref_keep = reference_depass(model, tokens, rule="softmax", ignore_bos=False)
+    if all(torch.allclose(lib[h], ref_keep[h], rtol=0, atol=REL_ATOL * float(clean[h].abs().max()))
+           for h in lib):
+        pytest.skip("the library found no BOS id (no tokenizer; it does not read "
+                    "model.cfg.bos_token_id), so ignore_bos had nothing to exclude")
+    assert_library_matches(lib, ref, clean)

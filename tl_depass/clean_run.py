@@ -1,0 +1,50 @@
+"""The clean run: one ordinary forward whose hooks record the quantities DePass freezes."""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+#: Hook-name endings whose clean values the decomposed pass replays.
+FROZEN = ("hook_scale", "hook_pattern", "mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_mid",
+          "mlp.hook_post", "hook_embed", "hook_pos_embed", "unembed.hook_out")
+
+
+@dataclass
+class CleanRun:
+    order: list[str]  # every hook point that fired, in the order it first fired
+    values: dict[str, Tensor]  # recorded activations, keyed by the name we registered
+    logits: Float[Tensor, "batch pos d_vocab"]  # the model's own output (after any softcap)
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self.values[name]
+
+    def after(self, name: str) -> list[str]:
+        """Hook points that fire after `name` first fires (the part of the model DePass replays)."""
+        return self.order[self.order.index(name) + 1:]
+
+
+def record_clean_run(
+    model, tokens: Int[Tensor, "batch pos"], attention_mask: Tensor | None,
+    record: Callable[[str], bool],
+) -> CleanRun:
+    """Run `model` once, unchanged (recording hooks return nothing), keeping what `record` names."""
+    order: list[str] = []
+    seen: set[str] = set()
+    values: dict[str, Tensor] = {}
+
+    def recorder(name: str):
+        def hook(x: Tensor, hook) -> None:
+            if name not in seen:
+                seen.add(name)
+                order.append(name)
+            if record(name):
+                values[name] = x.detach().clone()
+        return hook
+
+    hooks = [(name, recorder(name)) for name in model.hook_dict]
+    with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+        logits = model(tokens, attention_mask=attention_mask)
+    return CleanRun(order, values, logits)

@@ -1,0 +1,112 @@
+"""What the components are: their initial states at an entry hook, and their labels."""
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from tl_depass.clean_run import CleanRun
+from tl_depass.errors import DepassError
+from tl_depass.tolerances import completeness_rtol, relative_error
+
+PosEmbed = Literal["with_token", "separate"]
+
+
+@dataclass(frozen=True)
+class TokensAt:
+    """One component per position, starting from the residual stream before block `layer`
+    (`TokensAt(0)` is the token level, "tokens")."""
+
+    layer: int
+
+    @property
+    def hook(self) -> str:
+        return f"blocks.{self.layer}.hook_resid_pre"
+
+
+@dataclass(frozen=True, eq=False)
+class Split:
+    """A user split of the residual stream at `hook`: `tensor[c]` is component c's share; the
+    shares must sum to the clean activation there."""
+
+    hook: str
+    tensor: Float[Tensor, "component batch pos d_model"]
+    labels: tuple[str, ...] | None = None
+
+
+Components = Literal["tokens"] | TokensAt | Split
+
+POSITIONAL = (TokensAt,)
+
+
+def as_components(components) -> TokensAt | Split:
+    if isinstance(components, str) and components == "tokens":
+        return TokensAt(0)
+    if isinstance(components, (TokensAt, Split)):
+        return components
+    raise DepassError(
+        f"unknown components {components!r}; use 'tokens', tl_depass.TokensAt(layer) or "
+        "tl_depass.Split(hook, tensor)"
+    )
+
+
+def token_labels(model, tokens: Int[Tensor, "batch pos"], prefix: str = "") -> list[str]:
+    if tokens.shape[0] > 1:
+        return [f"{prefix}tok {p}" for p in range(tokens.shape[1])]
+    if model.tokenizer is None:
+        return [f"{prefix}tok {p} [{int(t)}]" for p, t in enumerate(tokens[0])]
+    strs = model.to_str_tokens(tokens[0])
+    return [f"{prefix}tok {p} {s!r}" for p, s in enumerate(strs)]
+
+
+def by_position(resid: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "pos batch pos d_model"]:
+    """Component p holds `resid` at position p and zero elsewhere."""
+    eye = torch.eye(resid.shape[1], dtype=resid.dtype, device=resid.device)
+    return torch.einsum("cp,bpd->cbpd", eye, resid)
+
+
+def initial_states(
+    spec: TokensAt | Split, model, clean: CleanRun, tokens: Int[Tensor, "batch pos"],
+    pos_embed: PosEmbed,
+) -> tuple[Float[Tensor, "component batch pos d_model"], list[str]]:
+    """Initial states at `spec.hook` of every component except the bias, and all labels."""
+    resid = clean[spec.hook]
+    if isinstance(spec, Split):
+        return split_states(spec, resid)
+    if spec.layer != 0:
+        return by_position(resid), token_labels(model, tokens, f"L{spec.layer} ") + ["bias"]
+    labels = token_labels(model, tokens)
+    if pos_embed == "with_token":
+        return by_position(resid), labels + ["bias"]
+    if model.cfg.positional_embedding_type != "standard":
+        raise DepassError(
+            f"pos_embed='separate' needs a learned position embedding in the residual stream; "
+            f"this model's is {model.cfg.positional_embedding_type!r}: use pos_embed='with_token'"
+        )
+    pos = clean["hook_pos_embed"].expand_as(resid)
+    return torch.cat([by_position(resid - pos), pos[None]]), labels + ["pos", "bias"]
+
+
+def split_states(spec: Split, clean: Tensor) -> tuple[Tensor, list[str]]:
+    t = spec.tensor
+    if t.ndim != 4 or t.shape[1:] != clean.shape:
+        raise DepassError(
+            f"Split tensor has shape {tuple(t.shape)}; expected [component, "
+            f"{', '.join(map(str, clean.shape))}] (component, batch, pos, d_model) at {spec.hook}"
+        )
+    if not t.is_floating_point():
+        raise DepassError(f"Split tensor must be floating point, got {t.dtype}")
+    t = t.to(clean.dtype, clean.device)
+    err, tol = relative_error(t.sum(0), clean), completeness_rtol(clean.dtype)
+    if err > tol:
+        raise DepassError(
+            f"the Split components do not sum to the clean activation at {spec.hook}: relative "
+            f"error {err:.2e} > {tol:.0e}. Build them from the clean value "
+            f"(model.run_with_cache(tokens)[{spec.hook!r}]) so that they sum to it exactly"
+        )
+    labels = list(spec.labels) if spec.labels is not None else [f"part {i}" for i in range(len(t))]
+    if len(labels) != len(t):
+        raise DepassError(f"Split has {len(t)} components but {len(labels)} labels")
+    return t, labels + ["bias"]

@@ -1,0 +1,236 @@
+"""decompose(): clean run -> initial components -> folded, replayed forward(s) -> Decomposition."""
+
+import difflib
+import re
+from collections.abc import Callable, Sequence
+
+import torch
+from beartype import beartype
+from jaxtyping import Int, jaxtyped
+from torch import Tensor
+
+from tl_depass import rules
+from tl_depass.clean_run import FROZEN, CleanRun, record_clean_run
+from tl_depass.components import Components, PosEmbed, TokensAt, as_components, initial_states
+from tl_depass.decomposition import Decomposition
+from tl_depass.errors import DepassError
+from tl_depass.replay import FoldedForward, MLPSite, Plan, RuleSetup
+from tl_depass.support import check_supported
+
+RESIDUAL = re.compile(r"blocks\.\d+\.hook_resid_(pre|mid|post)$")
+NOT_DECOMPOSABLE = ("hook_scale", "hook_attn_scores", "hook_pattern", "hook_tokens")
+BIASED = ("hook_attn_out", "hook_mlp_out", "unembed.hook_out")
+Keep = str | Sequence[str] | Callable[[str], bool] | None
+
+
+def check_model(model) -> None:
+    from transformer_lens import HookedTransformer
+
+    if not isinstance(model, HookedTransformer):
+        raise DepassError(
+            f"decompose needs a transformer_lens.HookedTransformer, got {type(model).__name__}"
+        )
+    check_supported(model.cfg)
+
+
+def prepare_tokens(model, tokens, attention_mask) -> tuple[Tensor, Tensor | None]:
+    if isinstance(tokens, (str, list)):
+        if model.tokenizer is None:
+            raise DepassError("string input needs a tokenizer; pass token ids [batch, pos]")
+        tokens = model.to_tokens(tokens)
+        if attention_mask is None and tokens.shape[0] > 1:
+            from transformer_lens.utils import get_attention_mask
+
+            attention_mask = get_attention_mask(
+                model.tokenizer, tokens, model.cfg.default_prepend_bos)
+    if not isinstance(tokens, Tensor) or tokens.is_floating_point() or tokens.is_complex():
+        raise DepassError(
+            f"tokens must be an integer tensor [batch, pos] (or a string); got "
+            f"{getattr(tokens, 'dtype', type(tokens).__name__)}: use model.to_tokens(text)"
+        )
+    if tokens.ndim == 1:
+        tokens = tokens[None]
+    if tokens.ndim != 2 or tokens.shape[1] == 0:
+        raise DepassError(f"tokens must have shape [batch, pos]; got {tuple(tokens.shape)}")
+    bad = (tokens < 0) | (tokens >= model.cfg.d_vocab)
+    if bad.any():
+        raise DepassError(
+            f"token ids {tokens[bad].unique().tolist()[:5]} are outside the vocabulary "
+            f"[0, {model.cfg.d_vocab}) of this model"
+        )
+    if tokens.shape[1] > model.cfg.n_ctx:
+        raise DepassError(
+            f"{tokens.shape[1]} positions exceed the model's context n_ctx={model.cfg.n_ctx}: "
+            "shorten the prompt"
+        )
+    tokens = tokens.to(model.cfg.device)
+    if attention_mask is not None:
+        if tuple(attention_mask.shape) != tuple(tokens.shape):
+            raise DepassError(
+                f"attention_mask has shape {tuple(attention_mask.shape)} but tokens have "
+                f"{tuple(tokens.shape)}: pass one 0/1 entry per token"
+            )
+        if not ((attention_mask == 0) | (attention_mask == 1)).all():
+            raise DepassError("attention_mask must hold only 0 (padding) and 1 (token)")
+        if (attention_mask.sum(1) == 0).any():
+            raise DepassError("attention_mask has a row with no tokens")
+        attention_mask = attention_mask.to(model.cfg.device).long()
+    return tokens, attention_mask
+
+
+def keep_names(model, keep: Keep) -> list[str] | None:
+    """The hooks to keep (None: every residual hook after the entry)."""
+    if keep is None:
+        return None
+    names = [keep] if isinstance(keep, str) else (
+        [n for n in model.hook_dict if keep(n)] if callable(keep) else list(keep))
+    for name in names:
+        if name == "logits":
+            continue
+        if name not in model.hook_dict:
+            close = difflib.get_close_matches(name, list(model.hook_dict), n=3)
+            raise DepassError(f"unknown hook name {name!r}; did you mean {close}?")
+        if name.endswith(NOT_DECOMPOSABLE):
+            raise DepassError(
+                f"{name} is not a sum of component shares (DePass freezes it); keep residual, "
+                "attention or MLP activations instead"
+            )
+    return [n for n in names if n != "logits"]
+
+
+def make_plan(model, clean: CleanRun, entry: str, keep: list[str] | None) -> Plan:
+    after = clean.after(entry)
+    fired = set(clean.order)
+    if keep is None:
+        keep = [n for n in [entry, *after] if RESIDUAL.match(n)]
+    for name in keep:
+        if name not in fired:
+            raise DepassError(f"hook {name} never fires in this model's forward: nothing to keep")
+        if name != entry and name not in after:
+            raise DepassError(f"hook {name} comes before the components enter at {entry}")
+    mlps = []
+    for name in after:
+        if name.endswith("mlp.hook_pre"):
+            prefix = name[: -len(".hook_pre")]
+            act_hook = f"{prefix}.hook_mid" if f"{prefix}.hook_mid" in fired else f"{prefix}.hook_post"
+            gated = model.cfg.gated_mlp and act_hook.endswith("hook_post")
+            up = clean[f"{prefix}.hook_pre_linear"] if gated else None
+            act_fn = model.get_submodule(prefix).act_fn
+            facts = rules.neuron_facts(act_fn, clean[name], clean[act_hook], up)
+            mlps.append(MLPSite(prefix, act_hook, facts))
+    handled = {entry} | {s.act_hook for s in mlps} | {
+        n for n in after if n.endswith(("attn.hook_v", "attn.hook_z", "mlp.hook_pre"))}
+    kept = keep + ["unembed.hook_out"]
+    return Plan(
+        entry=entry,
+        norms=list(dict.fromkeys(n[: -len(".hook_scale")] for n in after if n.endswith("hook_scale"))),
+        attn=[n[: -len(".hook_z")] for n in after if n.endswith("attn.hook_z")],
+        mlps=mlps,
+        keep=kept,
+        correct=[n for n in dict.fromkeys([*after, *kept])
+                 if n not in handled and (n.endswith(BIASED) or n in kept)],
+    )
+
+
+def bos_exclusions(model, tokens, mask, n_components: int, positional: bool,
+                   rule: rules.Rule, ignore_bos: bool | int) -> Tensor:
+    batch, n = tokens.shape
+    excluded = torch.zeros(n_components, batch, n, dtype=torch.bool, device=tokens.device)
+    if not positional or rule == "ratio" or ignore_bos is False:
+        return excluded
+    bos = ignore_bos if not isinstance(ignore_bos, bool) else (
+        model.tokenizer.bos_token_id if model.tokenizer is not None else None)
+    if bos is None:
+        return excluded
+    first = mask.argmax(1) if mask is not None else torch.zeros(batch, dtype=torch.long)
+    for b, f in enumerate(first.tolist()):
+        if tokens[b, f] == bos:
+            excluded[f, b, :] = True
+            excluded[f, b, f] = False
+    return excluded
+
+
+@jaxtyped(typechecker=beartype)
+def decompose(
+    model,
+    tokens: Int[Tensor, "batch pos"] | Int[Tensor, " pos"] | str | list[str],
+    components: Components = "tokens",
+    *,
+    mlp_rule: rules.Rule = "softmax",
+    temperature: float = 0.1,
+    attention_mask: Tensor | None = None,
+    ignore_bos: bool | int = True,
+    pos_embed: PosEmbed = "with_token",
+    keep: Keep = None,
+    chunk_size: int | None = None,
+) -> Decomposition:
+    """Split every kept activation and the logits of `model` on `tokens` into exact additive
+    shares of `components` (plus a last "bias" component), with attention patterns, norm scales
+    and MLP activations frozen at their clean values. See docs/rules.md for the rules."""
+    check_model(model)
+    if mlp_rule not in rules.RULES:
+        raise DepassError(f"unknown mlp_rule {mlp_rule!r}; use one of {rules.RULES}")
+    if not temperature > 0:
+        raise DepassError(f"temperature must be > 0, got {temperature}")
+    if chunk_size is not None and chunk_size < 1:
+        raise DepassError(f"chunk_size must be a positive number of components, got {chunk_size}")
+    tokens, mask = prepare_tokens(model, tokens, attention_mask)
+    spec = as_components(components)
+    if spec.hook not in model.hook_dict:
+        raise DepassError(f"no hook {spec.hook!r} in this model (n_layers={model.cfg.n_layers})")
+    keep_list = keep_names(model, keep)
+    wanted = set(keep_list or []) | {spec.hook}
+    clean = record_clean_run(
+        model, tokens, mask,
+        lambda n: n.endswith(FROZEN) or n in wanted or RESIDUAL.match(n) is not None,
+    )
+    plan = make_plan(model, clean, spec.hook, keep_list)
+    states, labels = initial_states(spec, model, clean, tokens, pos_embed)
+    excluded = bos_exclusions(model, tokens, mask, len(states), isinstance(spec, TokensAt),
+                              mlp_rule, ignore_bos)
+    setup = RuleSetup(mlp_rule, temperature, excluded)
+    results = run_chunks(model, tokens, mask, clean, plan, setup, states, chunk_size)
+    clean_values = {h: clean[h] for h in plan.keep}
+    results["logits"] = results.pop("unembed.hook_out")
+    clean_values["logits"] = clean_values.pop("unembed.hook_out")
+    if mask is not None:
+        pad = mask == 0
+        results = {n: zero_padding(v, pad, 1) for n, v in results.items()}
+        clean_values = {n: zero_padding(v, pad, 0) for n, v in clean_values.items()}
+    return Decomposition(model, labels, results, clean_values, tokens, mask, clean.logits)
+
+
+def zero_padding(value: Tensor, pad: Tensor, lead: int) -> Tensor:
+    """Zero `value` ([lead axes..., batch, pos, ...]) at padded positions."""
+    return value.masked_fill(pad.reshape(*[1] * lead, *pad.shape, *[1] * (value.ndim - lead - 2)), 0)
+
+
+def run_chunks(model, tokens, mask, clean, plan, setup, states, chunk_size) -> dict[str, Tensor]:
+    total = len(states)
+    size = chunk_size or total
+    chunks = [(off, states[off:off + size]) for off in range(0, total, size)]
+
+    def forward(offset, chunk):
+        f = FoldedForward(model, clean, plan, setup, chunk, offset, total)
+        f.run(tokens, mask)
+        return f
+
+    with torch.no_grad():
+        if len(chunks) > 1 and setup.rule != "ratio":
+            # Non-linear rules need statistics over ALL components at each MLP, which depend on
+            # the shares at earlier MLPs: one sweep per MLP layer, each stopping at that layer.
+            for site in plan.mlps:
+                setup.collect, acc = site.prefix, None
+                for offset, chunk in chunks:
+                    acc = rules.combine(setup.rule, acc, forward(offset, chunk).partial)
+                setup.stats[site.prefix] = acc
+            setup.collect = None
+        out: dict[str, Tensor] = {}
+        for offset, chunk in chunks:
+            kept = forward(offset, chunk).kept
+            for name, value in kept.items():
+                if name not in out:
+                    out[name] = value.new_empty((total + 1, *value.shape[1:]))
+                out[name][offset:offset + len(chunk)] = value[:-2]
+                out[name][total] = value[-1]
+    return out

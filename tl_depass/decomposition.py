@@ -1,0 +1,107 @@
+"""The result of `decompose`: per-component activations, component axis first."""
+
+import pandas as pd
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from tl_depass.errors import DepassError
+from tl_depass.tolerances import relative_error
+
+Answer = int | str | list | Tensor
+
+
+class Decomposition:
+    """Each component's additive share of every kept activation and of the logits.
+
+    `dec[hook]` is `[component, batch, pos, ...]` (TransformerLens axes after the component axis);
+    the last component is always "bias". `dec[hook].sum(0)` equals the clean activation.
+    """
+
+    def __init__(self, model, labels: list[str], results: dict[str, Tensor],
+                 clean: dict[str, Tensor], tokens: Int[Tensor, "batch pos"],
+                 attention_mask: Tensor | None, clean_logits: Tensor):
+        self.model, self.labels, self.results, self.clean = model, labels, results, clean
+        self.tokens, self.attention_mask, self.clean_logits = tokens, attention_mask, clean_logits
+
+    def __getitem__(self, name: str) -> Tensor:
+        if name not in self.results:
+            raise KeyError(
+                f"{name!r} was not kept; kept: {sorted(self.results)}. Pass keep=[..., {name!r}] "
+                "to tl_depass.decompose"
+            )
+        return self.results[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.results
+
+    @property
+    def logits(self) -> Float[Tensor, "component batch pos d_vocab"]:
+        """Per-component logits (before any final logit softcap)."""
+        return self.results["logits"]
+
+    def __repr__(self) -> str:
+        return (f"Decomposition({len(self.labels)} components, batch {self.tokens.shape[0]}, "
+                f"pos {self.tokens.shape[1]}, kept {len(self.results)} hooks)")
+
+    # --- readouts ---
+    def _tokens(self, answer: Answer) -> Int[Tensor, " batch"]:
+        batch = self.tokens.shape[0]
+        if isinstance(answer, str):
+            if self.model.tokenizer is None:
+                raise DepassError("a string answer needs a tokenizer; pass the token id instead")
+            answer = self.model.to_single_token(answer)
+        ids = torch.as_tensor(answer, device=self.tokens.device).long().reshape(-1)
+        if ids.numel() == 1:
+            ids = ids.expand(batch)
+        if ids.numel() != batch:
+            raise DepassError(f"got {ids.numel()} answers for a batch of {batch}")
+        d_vocab = self.logits.shape[-1]
+        if ((ids < 0) | (ids >= d_vocab)).any():
+            raise DepassError(f"answer ids {ids.tolist()} outside the vocabulary [0, {d_vocab})")
+        return ids
+
+    def _positions(self, pos: int | Tensor) -> Int[Tensor, " batch"]:
+        batch, n = self.tokens.shape
+        pos = torch.as_tensor(pos, device=self.tokens.device).long().reshape(-1).expand(batch)
+        if ((pos < -n) | (pos >= n)).any():
+            raise DepassError(f"position {pos.tolist()} out of range for {n} positions")
+        pos = pos % n
+        if self.attention_mask is not None:
+            padded = self.attention_mask[torch.arange(batch), pos] == 0
+            if padded.any():
+                rows = torch.nonzero(padded).flatten().tolist()
+                raise DepassError(
+                    f"position {pos.tolist()} is padding in batch rows {rows}; pass one position "
+                    "per row, e.g. pos=attention_mask.sum(1) - 1 for right padding"
+                )
+        return pos
+
+    def logit_attribution(self, answer: Answer, wrong: Answer | None = None,
+                          pos: int | Tensor = -1) -> Float[Tensor, "component batch"]:
+        """Each component's contribution to the answer's logit (minus the wrong answer's) at
+        `pos` (one int, or one position per batch row)."""
+        rows = torch.arange(self.tokens.shape[0])
+        at = self.logits[:, rows, self._positions(pos)]  # [component, batch, d_vocab]
+        score = at[:, rows, self._tokens(answer)]
+        if wrong is not None:
+            score = score - at[:, rows, self._tokens(wrong)]
+        return score
+
+    def completeness_error(self) -> dict[str, float]:
+        """max|sum over components - clean| / max|clean|, per kept hook."""
+        return {name: relative_error(value.sum(0), self.clean[name])
+                for name, value in self.results.items()}
+
+    def to_frame(self, answer: Answer | None = None, wrong: Answer | None = None,
+                 pos: int | Tensor = -1) -> pd.DataFrame:
+        """A tidy table (component, batch, score) of logit attributions; by default for the
+        model's top prediction at `pos`."""
+        if answer is None:
+            rows = torch.arange(self.tokens.shape[0])
+            answer = self.clean["logits"][rows, self._positions(pos)].argmax(-1)
+        score = self.logit_attribution(answer, wrong, pos)
+        return pd.DataFrame([
+            {"component": label, "batch": b, "score": score[c, b].item()}
+            for c, label in enumerate(self.labels) for b in range(score.shape[1])
+        ])

@@ -1,0 +1,109 @@
+"""MLP rules: how each neuron's clean activation is divided among the contributors.
+
+Contributors are the components of one folded forward plus the bias component (always last).
+`g` is each contributor's share of the neuron's pre-activation (gated MLPs: of the gate). The
+non-linear rules need statistics over ALL components, so they are computed per chunk and
+combined (`combine`), which makes chunked results equal to unchunked ones.
+"""
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+Rule = Literal["softmax", "max", "ratio"]
+RULES = ("softmax", "max", "ratio")
+
+
+@dataclass
+class NeuronFacts:
+    """Per MLP layer, from the clean run."""
+
+    act: Float[Tensor, "batch pos d_mlp"]  # the activation a rule divides
+    extra: Float[Tensor, "batch pos d_mlp"]  # what the model adds after the activation (to bias)
+    ratio: Float[Tensor, "batch pos d_mlp"]  # d(post)/d(g) for the linear rule
+
+
+def slope_at_zero(act_fn, d_mlp: int, like: Tensor) -> Tensor:
+    z = torch.zeros(d_mlp, dtype=like.dtype, device=like.device, requires_grad=True)
+    with torch.enable_grad():
+        (grad,) = torch.autograd.grad(act_fn(z).sum(), z)
+    return grad.detach()
+
+
+def neuron_facts(act_fn, pre: Tensor, post: Tensor, up: Tensor | None) -> NeuronFacts:
+    """`pre`: clean (gate) pre-activation; `post`: clean value at the overridden hook; `up`: the
+    clean up projection of a gated MLP (None otherwise)."""
+    slope0 = slope_at_zero(act_fn, pre.shape[-1], pre)
+    if up is None:
+        ratio = torch.where(pre != 0, post / pre, slope0)
+        return NeuronFacts(post, torch.zeros_like(post), ratio)
+    gate = act_fn(pre)
+    act = gate * up
+    ratio = torch.where(pre != 0, gate / pre, slope0) * up
+    return NeuronFacts(act, post - act, ratio)
+
+
+@dataclass
+class Stats:
+    """Per-neuron statistics over contributors: softmax (max of g/T, sum of exp) or max (best g,
+    global index of the winner)."""
+
+    top: Float[Tensor, "batch pos d_mlp"]
+    rest: Tensor  # softmax: Float sum of exp(g/T - top); max: Int index of the winner
+
+
+def _excluded(g: Tensor, excluded: Bool[Tensor, "slot batch pos"]) -> Tensor:
+    return (g == 0) | excluded[..., None]
+
+
+def stats(
+    rule: Rule, g: Float[Tensor, "slot batch pos d_mlp"], excluded: Bool[Tensor, "slot batch pos"],
+    index: Int[Tensor, " slot"], temperature: float,
+) -> Stats:
+    out = _excluded(g, excluded)
+    if rule == "softmax":
+        scaled = (g / temperature).masked_fill(out, -torch.inf)
+        top = scaled.amax(0)
+        safe = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+        return Stats(top, torch.exp(scaled - safe).sum(0))
+    best, arg = g.masked_fill(out, -torch.inf).max(0)
+    return Stats(best, index[arg])
+
+
+def combine(rule: Rule, a: Stats | None, b: Stats) -> Stats:
+    if a is None:
+        return b
+    if rule == "softmax":
+        top = torch.maximum(a.top, b.top)
+        safe = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+        return Stats(top, a.rest * torch.exp(a.top - safe) + b.rest * torch.exp(b.top - safe))
+    take_b = (b.top > a.top) | ((b.top == a.top) & (b.rest < a.rest))
+    return Stats(torch.where(take_b, b.top, a.top), torch.where(take_b, b.rest, a.rest))
+
+
+def shares(
+    rule: Rule, g: Float[Tensor, "slot batch pos d_mlp"], excluded: Bool[Tensor, "slot batch pos"],
+    index: Int[Tensor, " slot"], temperature: float, facts: NeuronFacts, total: Stats | None,
+) -> Float[Tensor, "slot batch pos d_mlp"]:
+    """Each contributor's share of the clean post-activation (the last slot is the bias, which
+    also receives `facts.extra` and any neuron with no contributor). `total` holds the statistics
+    over all components (None: the slots here are all of them)."""
+    if rule == "ratio":
+        out = g * facts.ratio
+        orphan = torch.zeros_like(facts.act, dtype=torch.bool)
+    else:
+        total = total or stats(rule, g, excluded, index, temperature)
+        out_mask = _excluded(g, excluded)
+        if rule == "softmax":
+            safe = torch.where(torch.isfinite(total.top), total.top, torch.zeros_like(total.top))
+            weight = torch.exp(g / temperature - safe).masked_fill(out_mask, 0) / total.rest
+            orphan = total.rest == 0
+        else:
+            weight = (index[:, None, None, None] == total.rest).to(g.dtype).masked_fill(out_mask, 0)
+            orphan = ~torch.isfinite(total.top)
+        out = torch.nan_to_num(weight) * facts.act
+    out[-1] = out[-1] + torch.where(orphan, facts.act, torch.zeros_like(facts.act)) + facts.extra
+    return out
