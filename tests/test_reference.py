@@ -9,7 +9,8 @@ split rules and for ignore_bos.
 import pytest
 import torch
 from models import GPT2_LIKE, LLAMA_LIKE, make_model, random_tokens
-from reference import LAYER_HOOKS, frozen_forward, reference_depass, split_activation
+from reference import (LAYER_HOOKS, act_slope_at_zero, frozen_forward, reference_depass,
+                       split_activation)
 from torch.testing import assert_close
 
 FAMILIES = {"gpt2": GPT2_LIKE, "llama": LLAMA_LIKE}
@@ -190,12 +191,22 @@ def test_ignore_bos(family, rule):
         for hook in (f"blocks.{layer}.mlp.hook_post", f"blocks.{layer}.hook_mlp_out"):
             assert torch.all(ignoring[hook][0, :, 1:] == 0), hook
             assert keeping[hook][0, :, 1:].abs().max() > 0, hook
+    for hook in ignoring:  # position 0 sees only token 0 and bias: BOS still competes there
+        assert torch.equal(ignoring[hook][:, :, 0], keeping[hook][:, :, 0]), hook
+    assert ignoring["blocks.0.mlp.hook_post"][0, :, 0].abs().max() > 0
     # Rows without BOS first are untouched.
     other = random_tokens(model)
     assert (other[:, 0] != BOS).all()
     a = reference_depass(model, other, rule=rule, ignore_bos=True, bos_token_id=BOS)
     b = reference_depass(model, other, rule=rule, ignore_bos=False, bos_token_id=BOS)
     assert all(torch.equal(a[h], b[h]) for h in a)
+
+
+def test_act_slope_at_zero():
+    cases = {"gelu_new": 0.5, "gelu": 0.5, "silu": 0.5, "relu": 0.0}
+    for act_fn, slope in cases.items():
+        mlp = make_model(act_fn=act_fn).blocks[0].mlp
+        assert act_slope_at_zero(mlp.act_fn).item() == pytest.approx(slope, abs=1e-12), act_fn
 
 
 @pytest.mark.parametrize("rule", RULES)

@@ -98,7 +98,7 @@ def split_states(spec: Split, clean: Tensor) -> tuple[Tensor, list[str]]:
         )
     if not t.is_floating_point():
         raise DepassError(f"Split tensor must be floating point, got {t.dtype}")
-    t = t.to(clean.dtype, clean.device)
+    t = t.to(device=clean.device, dtype=clean.dtype)
     err, tol = relative_error(t.sum(0), clean), completeness_rtol(clean.dtype)
     if err > tol:
         raise DepassError(

@@ -78,12 +78,14 @@ def prepare_tokens(model, tokens, attention_mask) -> tuple[Tensor, Tensor | None
     return tokens, attention_mask
 
 
-def keep_names(model, keep: Keep) -> list[str] | None:
-    """The hooks to keep (None: every residual hook after the entry)."""
+def keep_names(model, keep: Keep) -> list[str] | Callable[[str], bool]:
+    """Explicit hook names to keep (checked now), or a filter applied to the hooks DePass
+    decomposes (those after the entry point)."""
     if keep is None:
-        return None
-    names = [keep] if isinstance(keep, str) else (
-        [n for n in model.hook_dict if keep(n)] if callable(keep) else list(keep))
+        return lambda name: RESIDUAL.match(name) is not None
+    if callable(keep) and not isinstance(keep, str):
+        return keep
+    names = [keep] if isinstance(keep, str) else list(keep)
     for name in names:
         if name == "logits":
             continue
@@ -98,11 +100,12 @@ def keep_names(model, keep: Keep) -> list[str] | None:
     return [n for n in names if n != "logits"]
 
 
-def make_plan(model, clean: CleanRun, entry: str, keep: list[str] | None) -> Plan:
+def make_plan(model, clean: CleanRun, entry: str, keep: list[str] | Callable) -> Plan:
     after = clean.after(entry)
     fired = set(clean.order)
-    if keep is None:
-        keep = [n for n in [entry, *after] if RESIDUAL.match(n)]
+    if callable(keep):
+        keep = [n for n in [entry, *after]
+                if keep(n) and not n.endswith(NOT_DECOMPOSABLE) and n != "unembed.hook_out"]
     for name in keep:
         if name not in fired:
             raise DepassError(f"hook {name} never fires in this model's forward: nothing to keep")
@@ -179,10 +182,10 @@ def decompose(
     if spec.hook not in model.hook_dict:
         raise DepassError(f"no hook {spec.hook!r} in this model (n_layers={model.cfg.n_layers})")
     keep_list = keep_names(model, keep)
-    wanted = set(keep_list or []) | {spec.hook}
     clean = record_clean_run(
         model, tokens, mask,
-        lambda n: n.endswith(FROZEN) or n in wanted or RESIDUAL.match(n) is not None,
+        lambda n: n.endswith(FROZEN) or n == spec.hook or (
+            keep_list(n) if callable(keep_list) else n in keep_list),
     )
     plan = make_plan(model, clean, spec.hook, keep_list)
     states, labels = initial_states(spec, model, clean, tokens, pos_embed)

@@ -78,7 +78,7 @@ class FoldedForward:
 
     # --- hook functions (each returns a new tensor) ---
     def enter(self, x: Tensor, hook) -> Tensor:
-        probe_and_bias = torch.zeros_like(self.states[:2])
+        probe_and_bias = self.states.new_zeros((2, *self.states.shape[1:]))
         return fold(torch.cat([self.states, probe_and_bias]).to(x.dtype))
 
     def replay(self, name: str) -> Callable:
