@@ -270,22 +270,12 @@ def test_library_matches_reference(family, rule):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_library_matches_reference_with_bos(family):
-    """BOS first. Without a tokenizer the library can only know the BOS id from
-    `model.cfg.bos_token_id`: with ignore_bos=False both sides must agree whatever it reads; with
-    ignore_bos=True the BOS exclusion is checked only if the library picked the id up."""
+    """BOS first, no tokenizer: the library takes the BOS id as `ignore_bos=<id>`."""
     model = make_model(**FAMILIES[family])
     model.tokenizer = None
-    model.cfg.bos_token_id = BOS
     tokens = random_tokens(model, bos=BOS)
     clean = clean_values(model, tokens)
     for rule in ("softmax", "max"):
-        ref_keep = reference_depass(model, tokens, rule=rule, ignore_bos=False)
-        assert_library_matches(run_library(model, tokens, rule, ignore_bos=False), ref_keep, clean)
-    lib = run_library(model, tokens, "softmax", ignore_bos=True)
-    ref = reference_depass(model, tokens, rule="softmax", ignore_bos=True, bos_token_id=BOS)
-    ref_keep = reference_depass(model, tokens, rule="softmax", ignore_bos=False)
-    if all(torch.allclose(lib[h], ref_keep[h], rtol=0, atol=REL_ATOL * float(clean[h].abs().max()))
-           for h in lib):
-        pytest.skip("the library found no BOS id (no tokenizer; it does not read "
-                    "model.cfg.bos_token_id), so ignore_bos had nothing to exclude")
-    assert_library_matches(lib, ref, clean)
+        for lib_flag, ref_flag in ((False, False), (BOS, True)):
+            ref = reference_depass(model, tokens, rule=rule, ignore_bos=ref_flag, bos_token_id=BOS)
+            assert_library_matches(run_library(model, tokens, rule, lib_flag), ref, clean)

@@ -32,7 +32,7 @@ class Split:
     shares must sum to the clean activation there."""
 
     hook: str
-    tensor: Float[Tensor, "component batch pos d_model"]
+    tensor: Tensor  # [component batch pos d_model], checked in split_states with a clear message
     labels: tuple[str, ...] | None = None
 
 

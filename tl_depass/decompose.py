@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from beartype import beartype
-from jaxtyping import Int, jaxtyped
+from jaxtyping import jaxtyped
 from torch import Tensor
 
 from tl_depass import rules
@@ -156,10 +156,10 @@ def bos_exclusions(model, tokens, mask, n_components: int, positional: bool,
 @jaxtyped(typechecker=beartype)
 def decompose(
     model,
-    tokens: Int[Tensor, "batch pos"] | Int[Tensor, " pos"] | str | list[str],
-    components: Components = "tokens",
+    tokens: Tensor | str | list[str],  # Int[batch pos]; checked below with messages that say
+    components: Components | str = "tokens",  # how to fix the input, not just the expected type
     *,
-    mlp_rule: rules.Rule = "softmax",
+    mlp_rule: rules.Rule | str = "softmax",
     temperature: float = 0.1,
     attention_mask: Tensor | None = None,
     ignore_bos: bool | int = True,
