@@ -7,6 +7,8 @@ every test model goes through `randomise`.
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+from tl_depass import completeness_rtol
+
 BASE = dict(n_layers=2, d_model=16, n_ctx=12, d_head=4, n_heads=4, d_mlp=24, d_vocab=20,
             act_fn="gelu", normalization_type="LN", seed=0)
 
@@ -45,3 +47,10 @@ def random_tokens(model: HookedTransformer, batch: int = 2, pos: int = 8, seed: 
     if bos is not None:
         tokens[:, 0] = bos
     return tokens
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
+    """Equal up to the float64 completeness tolerance, relative to max|expected|; the failure
+    message names `what` (the hook)."""
+    atol = completeness_rtol(torch.float64) * expected.abs().max().clamp_min(1e-30).item()
+    torch.testing.assert_close(actual, expected, rtol=0, atol=atol, msg=lambda m: f"{what}: {m}")

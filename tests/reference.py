@@ -34,7 +34,8 @@ def check_supported(model: HookedTransformer) -> None:
             ("attn_only", cfg.attn_only), ("parallel_attn_mlp", cfg.parallel_attn_mlp),
             ("use_normalization_before_and_after", cfg.use_normalization_before_and_after),
             ("post_embedding_ln", cfg.post_embedding_ln), ("solu_ln", cfg.act_fn == "solu_ln"),
-            ("num_experts", bool(cfg.num_experts)), ("clip_qkv", bool(getattr(cfg, "clip_qkv", None))),
+            ("num_experts", bool(cfg.num_experts)),
+            ("clip_qkv", bool(getattr(cfg, "clip_qkv", None))),
         ] if bad
     ]
     if problems:
@@ -50,7 +51,7 @@ def act_slope_at_zero(act_fn) -> Tensor:
 
 def apply_norm(norm, x: Float[Tensor, "component batch pos d_model"],
                scale: Float[Tensor, "batch pos 1"]) -> Float[Tensor, "component batch pos d_model"]:
-    """Each component normalised with the clean scale; the norm's bias goes to the bias component."""
+    """Each component normalised with the clean scale; the norm's bias goes to the bias one."""
     if isinstance(norm, LayerNorm):
         out = (x - x.mean(-1, keepdim=True)) / scale * norm.w
         out[-1] += norm.b
@@ -86,8 +87,9 @@ def reference_depass(
     ignore_bos: bool = True, bos_token_id: int | None = None,
 ) -> dict[str, Tensor]:
     """Token-level DePass. Returns, for every layer, the LAYER_HOOKS residual-stream hooks,
-    `mlp.hook_pre` (g: each component's part of the (gate) pre-activation) and `mlp.hook_post`, plus "logits" (pre-softcap), each `[component, batch, pos, ...]` with
-    component p = token p (p < n_pos) and the bias component last.
+    `mlp.hook_pre` (g: each component's part of the (gate) pre-activation) and `mlp.hook_post`,
+    plus "logits" (pre-softcap), each `[component, batch, pos, ...]` with component p = token p
+    (p < n_pos) and the bias component last.
 
     bos_token_id: the id that `ignore_bos` looks for at position 0; None means
     `model.tokenizer.bos_token_id` when the model has a tokenizer, else no BOS."""
@@ -167,8 +169,9 @@ def reference_depass(
 
 
 @torch.no_grad()
-def frozen_forward(model: HookedTransformer, cache: ActivationCache,
-                   entry_resid: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:
+def frozen_forward(
+    model: HookedTransformer, cache: ActivationCache, entry_resid: Float[Tensor, "batch pos d_model"],
+) -> Float[Tensor, "batch pos d_vocab"]:
     """The model from `blocks.0.hook_resid_pre` with the clean run's norm scales and attention
     patterns, and each MLP neuron a linear map with the clean ratio (the ratio rule); every bias
     included. Affine in `entry_resid`: f(0) is the bias path, f(x) - f(0) the linear part."""
@@ -181,7 +184,8 @@ def frozen_forward(model: HookedTransformer, cache: ActivationCache,
 
     x = entry_resid
     for layer, block in enumerate(model.blocks):
-        c = lambda hook: cache[f"blocks.{layer}.{hook}"]  # noqa: E731
+        def c(hook, layer=layer):
+            return cache[f"blocks.{layer}.{hook}"]
         h = norm(block.ln1, x, c("ln1.hook_scale"))
         v = einsum(h, block.attn.W_V, "b p d, h d e -> b p h e") + block.attn.b_V
         z = einsum(c("attn.hook_pattern"), v, "b h q k, b k h e -> b q h e")

@@ -3,7 +3,7 @@
 import pandas as pd
 import pytest
 import torch
-from models import make_model, random_tokens
+from models import close, make_model, random_tokens
 
 import tl_depass
 
@@ -49,7 +49,7 @@ def test_tokens_at_layer(model):
     parts = torch.stack([torch.where(torch.arange(8)[None, :, None] == p, resid, 0) for p in range(8)])
     split = tl_depass.decompose(model, tokens, tl_depass.Split("blocks.1.hook_resid_pre", parts))
     for name in dec.results:
-        torch.testing.assert_close(dec[name], split[name], rtol=0, atol=1e-12)
+        close(dec[name], split[name], name)
 
 
 def test_split_mid_block_and_labels(model):
@@ -60,7 +60,7 @@ def test_split_mid_block_and_labels(model):
     dec = tl_depass.decompose(model, tokens, tl_depass.Split(hook, torch.stack([half, half]),
                                                               labels=("a", "b")))
     assert dec.labels == ["a", "b", "bias"]
-    torch.testing.assert_close(dec.logits[0], dec.logits[1], rtol=0, atol=1e-12)
+    close(dec.logits[0], dec.logits[1], "logits")
 
 
 def test_separate_position_component(model):

@@ -9,14 +9,21 @@ split rules and for ignore_bos.
 import pytest
 import torch
 from models import GPT2_LIKE, LLAMA_LIKE, make_model, random_tokens
-from reference import (LAYER_HOOKS, act_slope_at_zero, frozen_forward, reference_depass,
-                       split_activation)
+from reference import (
+    LAYER_HOOKS,
+    act_slope_at_zero,
+    frozen_forward,
+    reference_depass,
+    split_activation,
+)
 from torch.testing import assert_close
+
+from tl_depass import completeness_rtol
 
 FAMILIES = {"gpt2": GPT2_LIKE, "llama": LLAMA_LIKE}
 RULES = ["softmax", "max", "ratio"]
 BOS = 7
-REL_ATOL = 1e-10  # float64, relative to the largest |clean value| of the hook
+REL_ATOL = completeness_rtol(torch.float64)  # relative to the largest |clean value| of the hook
 
 
 def residual_hooks(model) -> list[str]:
@@ -45,7 +52,9 @@ def assert_close_at(actual, expected, hook: str, scale: torch.Tensor | None = No
 @pytest.mark.parametrize("family", FAMILIES)
 def test_completeness(family, rule, bos):
     model = make_model(**FAMILIES[family])
-    tokens = random_tokens(model, bos=BOS if bos else None)
+    tokens = random_tokens(model)
+    if bos:  # one row with BOS first, one without
+        tokens[0, 0] = BOS
     ref = reference_depass(model, tokens, rule=rule, bos_token_id=BOS)
     clean = clean_values(model, tokens)
     assert set(ref) == set(clean)
@@ -151,7 +160,8 @@ def test_split_activation_known_answers():
         return split_activation(g, a, excluded, rule, temperature).flatten().tolist()
 
     e1, e2 = torch.e, torch.e**2
-    assert split([1.0, 0.0, 2.0], "softmax") == pytest.approx([3 * e1 / (e1 + e2), 0, 3 * e2 / (e1 + e2)])
+    assert split([1.0, 0.0, 2.0], "softmax") == pytest.approx(
+        [3 * e1 / (e1 + e2), 0, 3 * e2 / (e1 + e2)])
     assert split([1.0, 0.0, 2.0], "softmax", temperature=0.5) == pytest.approx(
         [3 / (1 + e2), 0, 3 * e2 / (1 + e2)])
     assert split([-1.0, 0.0, -2.0], "max") == [3, 0, 0]  # zero g excluded, even when it is larger
@@ -200,6 +210,12 @@ def test_ignore_bos(family, rule):
     a = reference_depass(model, other, rule=rule, ignore_bos=True, bos_token_id=BOS)
     b = reference_depass(model, other, rule=rule, ignore_bos=False, bos_token_id=BOS)
     assert all(torch.equal(a[h], b[h]) for h in a)
+    # A batch mixing both kinds of row: each row as if alone.
+    mixed = torch.stack([tokens[0], other[1]])
+    both = reference_depass(model, mixed, rule=rule, ignore_bos=True, bos_token_id=BOS)
+    for hook in both:
+        assert_close_at(both[hook][:, 0], ignoring[hook][:, 0], f"{hook} (BOS row)")
+        assert_close_at(both[hook][:, 1], a[hook][:, 1], f"{hook} (row without BOS)")
 
 
 def test_act_slope_at_zero():
@@ -254,7 +270,7 @@ def run_library(model, tokens, rule, ignore_bos):
 
 def assert_library_matches(lib, ref, clean):
     for hook, value in lib.items():
-        assert value.shape == ref[hook].shape, f"at {hook}: {tuple(value.shape)} vs {tuple(ref[hook].shape)}"
+        assert value.shape == ref[hook].shape, f"at {hook}: {value.shape} vs {ref[hook].shape}"
         assert_close_at(value, ref[hook], hook, clean[hook].abs().max())
 
 
@@ -270,10 +286,11 @@ def test_library_matches_reference(family, rule):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_library_matches_reference_with_bos(family):
-    """BOS first, no tokenizer: the library takes the BOS id as `ignore_bos=<id>`."""
+    """BOS first in one row of two, no tokenizer: the library takes the id as `ignore_bos=<id>`."""
     model = make_model(**FAMILIES[family])
     model.tokenizer = None
-    tokens = random_tokens(model, bos=BOS)
+    tokens = random_tokens(model)
+    tokens[0, 0] = BOS
     clean = clean_values(model, tokens)
     for rule in ("softmax", "max"):
         for lib_flag, ref_flag in ((False, False), (BOS, True)):

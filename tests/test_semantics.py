@@ -3,15 +3,10 @@
 import pytest
 import torch
 from matrix import MATRIX
-from models import make_model, random_tokens
+from models import close, make_model, random_tokens
 
 import tl_depass
 from tl_depass.rules import RULES
-
-
-def close(a, b, what=""):
-    scale = b.abs().max().clamp_min(1e-30)
-    torch.testing.assert_close(a, b, rtol=0, atol=1e-10 * scale, msg=lambda m: f"{what}: {m}")
 
 
 def split_at(model, tokens, hook, parts):

@@ -24,8 +24,13 @@ Keep = str | Sequence[str] | Callable[[str], bool] | None
 
 
 def check_model(model) -> None:
-    from transformer_lens import HookedTransformer
-
+    try:
+        from transformer_lens import HookedTransformer
+    except ImportError:  # TransformerLens 4 removed it (even hasattr raises there)
+        raise DepassError(
+            "this transformer_lens has no HookedTransformer (4.x removed it) and tl_depass does "
+            "not support TransformerBridge yet: pip install 'transformer-lens>=3,<4'"
+        ) from None
     if not isinstance(model, HookedTransformer):
         raise DepassError(
             f"decompose needs a transformer_lens.HookedTransformer, got {type(model).__name__}"
