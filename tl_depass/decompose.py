@@ -135,8 +135,9 @@ def make_plan(model, clean: CleanRun, entry: str, keep: list[str] | Callable) ->
         attn=[n[: -len(".hook_z")] for n in after if n.endswith("attn.hook_z")],
         mlps=mlps,
         keep=kept,
-        correct=[n for n in dict.fromkeys([*after, *kept])
-                 if n not in handled and (n.endswith(BIASED) or n in kept)],
+        # The probe is exactly zero on the residual stream (a sum of corrected outputs).
+        correct=[n for n in dict.fromkeys([*after, *kept]) if n not in handled
+                 and (n.endswith(BIASED) or (n in kept and not RESIDUAL.match(n)))],
     )
 
 

@@ -56,8 +56,12 @@ def fold(x: Tensor) -> Tensor:
 
 
 def correct(x: Tensor, batch: int) -> Tensor:
+    """Subtract the probe (second-to-last slot) from every slot but the bias (last): one kernel,
+    and the probe itself becomes exactly zero."""
     x = x.unflatten(0, (-1, batch))
-    return fold(torch.cat([x[:-2] - x[-2], torch.zeros_like(x[-2:-1]), x[-1:]]))
+    weight = torch.ones(x.shape[0], *[1] * (x.ndim - 1), dtype=x.dtype, device=x.device)
+    weight[-1] = 0
+    return fold(torch.addcmul(x, weight, x[-2], value=-1))
 
 
 class FoldedForward:
@@ -69,9 +73,11 @@ class FoldedForward:
         self.states, self.offset = entry_states, offset
         self.k, self.batch = entry_states.shape[0], entry_states.shape[1]
         self.slots = self.k + 2
-        self.index = torch.cat([torch.arange(offset, offset + self.k), torch.tensor([total])])
+        # Contributors to MLP shares: the components, the probe (g == 0, so never counted), bias.
+        self.index = torch.cat([torch.arange(offset, offset + self.k), torch.tensor([-1, total])])
         self.excluded = torch.cat([setup.excluded[offset:offset + self.k],
-                                   torch.zeros_like(setup.excluded[:1])])
+                                   torch.tensor([True, False]).reshape(2, 1, 1).expand(
+                                       2, *setup.excluded.shape[1:])])
         self.stash: dict[str, Tensor] = {}
         self.kept: dict[str, Tensor] = {}
         self.partial: rules.Stats | None = None
@@ -110,10 +116,9 @@ class FoldedForward:
     def activate(self, site: MLPSite) -> Callable:
         def hook(post, hook):
             g = self.stash.pop(site.prefix).unflatten(0, (self.slots, self.batch))
-            g = torch.cat([g[:-2], g[-1:]])  # contributors: components and bias, not the probe
             s = self.setup
             if s.collect == site.prefix:
-                part = rules.stats(s.rule, g[:-1], self.excluded[:-1], self.index[:-1],
+                part = rules.stats(s.rule, g[:-2], self.excluded[:-2], self.index[:-2],
                                    s.temperature)
                 if self.offset == 0:  # the bias slot is the same in every chunk: count it once
                     bias = rules.stats(s.rule, g[-1:], self.excluded[-1:], self.index[-1:],
@@ -121,9 +126,8 @@ class FoldedForward:
                     part = rules.combine(s.rule, bias, part)
                 self.partial = part
                 raise StopPass
-            share = rules.shares(s.rule, g, self.excluded, self.index, s.temperature, site.facts,
-                                 s.stats.get(site.prefix))
-            return fold(torch.cat([share[:-1], torch.zeros_like(share[:1]), share[-1:]]))
+            return fold(rules.shares(s.rule, g, self.excluded, self.index, s.temperature,
+                                     site.facts, s.stats.get(site.prefix)))
         return hook
 
     def fix(self, x, hook):

@@ -93,17 +93,20 @@ def shares(
     over all components (None: the slots here are all of them)."""
     if rule == "ratio":
         out = g * facts.ratio
-        orphan = torch.zeros_like(facts.act, dtype=torch.bool)
+        out[-1] += facts.extra
+        return out
+    out_mask = _excluded(g, excluded)
+    if rule == "softmax" and total is None:
+        weight = torch.softmax((g / temperature).masked_fill(out_mask, -torch.inf), dim=0)
+        orphan = out_mask.all(0)
+    elif rule == "softmax":
+        safe = torch.where(torch.isfinite(total.top), total.top, torch.zeros_like(total.top))
+        weight = torch.exp((g / temperature - safe).masked_fill(out_mask, -torch.inf)) / total.rest
+        orphan = total.rest == 0
     else:
         total = total or stats(rule, g, excluded, index, temperature)
-        out_mask = _excluded(g, excluded)
-        if rule == "softmax":
-            safe = torch.where(torch.isfinite(total.top), total.top, torch.zeros_like(total.top))
-            weight = torch.exp(g / temperature - safe).masked_fill(out_mask, 0) / total.rest
-            orphan = total.rest == 0
-        else:
-            weight = (index[:, None, None, None] == total.rest).to(g.dtype).masked_fill(out_mask, 0)
-            orphan = ~torch.isfinite(total.top)
-        out = torch.nan_to_num(weight) * facts.act
-    out[-1] = out[-1] + torch.where(orphan, facts.act, torch.zeros_like(facts.act)) + facts.extra
+        orphan = ~torch.isfinite(total.top)
+        weight = ((index[:, None, None, None] == total.rest) & ~orphan).to(g.dtype)
+    out = torch.nan_to_num(weight, nan=0.0) * facts.act
+    out[-1] += torch.where(orphan, facts.act, 0) + facts.extra
     return out
