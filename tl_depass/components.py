@@ -1,5 +1,6 @@
 """What the components are: their initial states at an entry hook, and their labels."""
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -12,6 +13,29 @@ from tl_depass.errors import DepassError
 from tl_depass.tolerances import completeness_rtol, relative_error
 
 PosEmbed = Literal["with_token", "separate"]
+
+
+@dataclass
+class Entry:
+    """Where a group's components enter: at `hook`, component rows `offset .. offset+k` take
+    `rows(offset, k)`, the group's bias slot takes `bias` (None: zero)."""
+
+    hook: str
+    rows: Callable[[int, int], Tensor]
+    bias: Tensor | None = None
+
+
+@dataclass
+class Group:
+    """Components decomposed together: their shares sum to the clean activations. Several groups
+    (one per layer for heads) ride in one folded forward."""
+
+    labels: list[str]  # one per component, then the group's bias label
+    entries: list[Entry]
+
+
+def stored(hook: str, states: Tensor) -> Entry:
+    return Entry(hook, lambda offset, k: states[offset:offset + k])
 
 
 @dataclass(frozen=True)
@@ -67,26 +91,28 @@ def by_position(resid: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "pos
     return torch.einsum("cp,bpd->cbpd", eye, resid)
 
 
-def initial_states(
+def groups(
     spec: TokensAt | Split, model, clean: CleanRun, tokens: Int[Tensor, "batch pos"],
     pos_embed: PosEmbed,
-) -> tuple[Float[Tensor, "component batch pos d_model"], list[str]]:
-    """Initial states at `spec.hook` of every component except the bias, and all labels."""
+) -> list[Group]:
+    """The components of `spec`, entering at `spec.hook` (the bias component starts at zero)."""
     resid = clean[spec.hook]
     if isinstance(spec, Split):
-        return split_states(spec, resid)
-    if spec.layer != 0:
-        return by_position(resid), token_labels(model, tokens, f"L{spec.layer} ") + ["bias"]
-    labels = token_labels(model, tokens)
-    if pos_embed == "with_token":
-        return by_position(resid), labels + ["bias"]
-    if model.cfg.positional_embedding_type != "standard":
+        states, labels = split_states(spec, resid)
+    elif spec.layer != 0:
+        states, labels = by_position(resid), token_labels(model, tokens, f"L{spec.layer} ")
+    elif pos_embed == "with_token":
+        states, labels = by_position(resid), token_labels(model, tokens)
+    elif model.cfg.positional_embedding_type != "standard":
         raise DepassError(
             f"pos_embed='separate' needs a learned position embedding in the residual stream; "
             f"this model's is {model.cfg.positional_embedding_type!r}: use pos_embed='with_token'"
         )
-    pos = clean["hook_pos_embed"].expand_as(resid)
-    return torch.cat([by_position(resid - pos), pos[None]]), labels + ["pos", "bias"]
+    else:
+        pos = clean["hook_pos_embed"].expand_as(resid)
+        states = torch.cat([by_position(resid - pos), pos[None]])
+        labels = token_labels(model, tokens) + ["pos"]
+    return [Group(labels + ["bias"], [stored(spec.hook, states)])]
 
 
 def split_states(spec: Split, clean: Tensor) -> tuple[Tensor, list[str]]:
@@ -109,4 +135,4 @@ def split_states(spec: Split, clean: Tensor) -> tuple[Tensor, list[str]]:
     labels = list(spec.labels) if spec.labels is not None else [f"part {i}" for i in range(len(t))]
     if len(labels) != len(t):
         raise DepassError(f"Split has {len(t)} components but {len(labels)} labels")
-    return t, labels + ["bias"]
+    return t, labels

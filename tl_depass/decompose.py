@@ -11,7 +11,7 @@ from torch import Tensor
 
 from tl_depass import rules
 from tl_depass.clean_run import FROZEN, CleanRun, record_clean_run
-from tl_depass.components import Components, PosEmbed, TokensAt, as_components, initial_states
+from tl_depass.components import Components, Group, PosEmbed, TokensAt, as_components, groups
 from tl_depass.decomposition import Decomposition
 from tl_depass.errors import DepassError
 from tl_depass.replay import FoldedForward, MLPSite, Plan, RuleSetup
@@ -105,7 +105,8 @@ def keep_names(model, keep: Keep) -> list[str] | Callable[[str], bool]:
     return [n for n in names if n != "logits"]
 
 
-def make_plan(model, clean: CleanRun, entry: str, keep: list[str] | Callable) -> Plan:
+def make_plan(model, clean: CleanRun, entries: list[str], keep: list[str] | Callable) -> Plan:
+    entry = min(entries, key=clean.order.index)
     after = clean.after(entry)
     fired = set(clean.order)
     if callable(keep):
@@ -126,17 +127,17 @@ def make_plan(model, clean: CleanRun, entry: str, keep: list[str] | Callable) ->
             act_fn = model.get_submodule(prefix).act_fn
             facts = rules.neuron_facts(act_fn, clean[name], clean[act_hook], up)
             mlps.append(MLPSite(prefix, act_hook, facts))
-    handled = {entry} | {s.act_hook for s in mlps} | {
+    handled = {s.act_hook for s in mlps} | {
         n for n in after if n.endswith(("attn.hook_v", "attn.hook_z", "mlp.hook_pre"))}
     kept = keep + ["unembed.hook_out"]
     return Plan(
-        entry=entry,
+        start=entry,
         norms=list(dict.fromkeys(n[: -len(".hook_scale")] for n in after if n.endswith("hook_scale"))),
         attn=[n[: -len(".hook_z")] for n in after if n.endswith("attn.hook_z")],
         mlps=mlps,
         keep=kept,
         # The probe is exactly zero on the residual stream (a sum of corrected outputs).
-        correct=[n for n in dict.fromkeys([*after, *kept]) if n not in handled
+        correct=[n for n in dict.fromkeys([*after, *kept]) if n not in handled and n != entry
                  and (n.endswith(BIASED) or (n in kept and not RESIDUAL.match(n)))],
     )
 
@@ -193,12 +194,14 @@ def decompose(
         lambda n: n.endswith(FROZEN) or n == spec.hook or (
             keep_list(n) if callable(keep_list) else n in keep_list),
     )
-    plan = make_plan(model, clean, spec.hook, keep_list)
-    states, labels = initial_states(spec, model, clean, tokens, pos_embed)
-    excluded = bos_exclusions(model, tokens, mask, len(states), isinstance(spec, TokensAt),
+    parts = groups(spec, model, clean, tokens, pos_embed)
+    plan = make_plan(model, clean, [e.hook for g in parts for e in g.entries], keep_list)
+    n_components = len(parts[0].labels) - 1
+    excluded = bos_exclusions(model, tokens, mask, n_components, isinstance(spec, TokensAt),
                               mlp_rule, ignore_bos)
     setup = RuleSetup(mlp_rule, temperature, excluded)
-    results = run_chunks(model, tokens, mask, clean, plan, setup, states, chunk_size)
+    results = run_chunks(model, tokens, mask, clean, plan, setup, parts, chunk_size)
+    labels = [label for g in parts for label in g.labels]
     clean_values = {h: clean[h] for h in plan.keep}
     results["logits"] = results.pop("unembed.hook_out")
     clean_values["logits"] = clean_values.pop("unembed.hook_out")
@@ -214,13 +217,15 @@ def zero_padding(value: Tensor, pad: Tensor, lead: int) -> Tensor:
     return value.masked_fill(pad.reshape(*[1] * lead, *pad.shape, *[1] * (value.ndim - lead - 2)), 0)
 
 
-def run_chunks(model, tokens, mask, clean, plan, setup, states, chunk_size) -> dict[str, Tensor]:
-    total = len(states)
-    size = chunk_size or total
-    chunks = [(off, states[off:off + size]) for off in range(0, total, size)]
+def run_chunks(model, tokens, mask, clean, plan, setup, parts: list[Group],
+               chunk_size: int | None) -> dict[str, Tensor]:
+    """All groups ride in every forward; `chunk_size` bounds the components per forward."""
+    total = len(parts[0].labels) - 1
+    per_group = max(1, (chunk_size or total * len(parts)) // len(parts))
+    chunks = [(off, min(per_group, total - off)) for off in range(0, total, per_group)]
 
-    def forward(offset, chunk):
-        f = FoldedForward(model, clean, plan, setup, chunk, offset, total)
+    def forward(offset, k):
+        f = FoldedForward(model, clean, plan, setup, parts, offset, k, total)
         f.run(tokens, mask)
         return f
 
@@ -230,16 +235,15 @@ def run_chunks(model, tokens, mask, clean, plan, setup, states, chunk_size) -> d
             # the shares at earlier MLPs: one sweep per MLP layer, each stopping at that layer.
             for site in plan.mlps:
                 setup.collect, acc = site.prefix, None
-                for offset, chunk in chunks:
-                    acc = rules.combine(setup.rule, acc, forward(offset, chunk).partial)
+                for offset, k in chunks:
+                    acc = rules.combine(setup.rule, acc, forward(offset, k).partial)
                 setup.stats[site.prefix] = acc
             setup.collect = None
         out: dict[str, Tensor] = {}
-        for offset, chunk in chunks:
-            kept = forward(offset, chunk).kept
-            for name, value in kept.items():
+        for offset, k in chunks:
+            for name, value in forward(offset, k).kept.items():  # [group, slot, batch, ...]
                 if name not in out:
-                    out[name] = value.new_empty((total + 1, *value.shape[1:]))
-                out[name][offset:offset + len(chunk)] = value[:-2]
-                out[name][total] = value[-1]
-    return out
+                    out[name] = value.new_empty((len(parts), total + 1, *value.shape[2:]))
+                out[name][:, offset:offset + k] = value[:, :k]
+                out[name][:, total] = value[:, -1]
+    return {name: value.flatten(0, 1) for name, value in out.items()}

@@ -1,6 +1,7 @@
 """One decomposed forward: the component axis folded into the batch axis, frozen values replayed.
 
-Slots of a folded forward, in order: `k` components, a zero probe, the bias. Every bias term the
+Slots of a folded forward, per group of components (one group per layer for heads, say): `k`
+components, a zero probe, the group's bias. Every bias term the
 model adds lands in every slot; at each hook that follows a bias (and at every norm output) the
 probe, which started at zero, holds exactly what was added, so subtracting it leaves each
 component its pure share and the bias slot the whole bias path. Exact zeros stay exact zeros.
@@ -11,11 +12,12 @@ from dataclasses import dataclass, field
 
 import einops
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Bool, Int
 from torch import Tensor
 
 from tl_depass import rules
 from tl_depass.clean_run import CleanRun
+from tl_depass.components import Entry, Group
 
 
 class StopPass(Exception):
@@ -33,7 +35,7 @@ class MLPSite:
 class Plan:
     """Everything a folded forward needs to know about the model, computed once."""
 
-    entry: str
+    start: str  # the first hook where components enter; DePass replays everything after it
     norms: list[str]  # norm modules after the entry (their outputs are corrected)
     attn: list[str]  # attention modules after the entry ("blocks.0.attn")
     mlps: list[MLPSite]
@@ -52,48 +54,59 @@ class RuleSetup:
 
 
 def fold(x: Tensor) -> Tensor:
-    return einops.rearrange(x, "slot batch ... -> (slot batch) ...")
+    return einops.rearrange(x, "group slot batch ... -> (group slot batch) ...")
 
 
-def correct(x: Tensor, batch: int) -> Tensor:
-    """Subtract the probe (second-to-last slot) from every slot but the bias (last): one kernel,
-    and the probe itself becomes exactly zero."""
-    x = x.unflatten(0, (-1, batch))
-    weight = torch.ones(x.shape[0], *[1] * (x.ndim - 1), dtype=x.dtype, device=x.device)
+def correct(x: Tensor) -> Tensor:
+    """Subtract each group's probe (its second-to-last slot) from every slot of the group but
+    the bias (last): one kernel, and the probe itself becomes exactly zero."""
+    weight = torch.ones(x.shape[1], *[1] * (x.ndim - 2), dtype=x.dtype, device=x.device)
     weight[-1] = 0
-    return fold(torch.addcmul(x, weight, x[-2], value=-1))
+    return torch.addcmul(x, weight, x[:, -2:-1], value=-1)
 
 
 class FoldedForward:
-    """The hooks of one folded forward over components `offset .. offset+k` of `total`."""
+    """The hooks of one folded forward: for every group, components `offset .. offset+k` of
+    `total`, then the group's probe and bias. Slots fold into the batch axis group-major."""
 
     def __init__(self, model, clean: CleanRun, plan: Plan, setup: RuleSetup,
-                 entry_states: Float[Tensor, "k batch pos d_model"], offset: int, total: int):
+                 groups: list[Group], offset: int, k: int, total: int):
         self.model, self.clean, self.plan, self.setup = model, clean, plan, setup
-        self.states, self.offset = entry_states, offset
-        self.k, self.batch = entry_states.shape[0], entry_states.shape[1]
-        self.slots = self.k + 2
+        self.groups, self.offset, self.k = groups, offset, k
+        self.batch = clean.logits.shape[0]
+        self.width = k + 2
+        self.slots = len(groups) * self.width
         # Contributors to MLP shares: the components, the probe (g == 0, so never counted), bias.
-        self.index = torch.cat([torch.arange(offset, offset + self.k), torch.tensor([-1, total])])
-        self.excluded = torch.cat([setup.excluded[offset:offset + self.k],
-                                   torch.tensor([True, False]).reshape(2, 1, 1).expand(
-                                       2, *setup.excluded.shape[1:])])
+        self.index = torch.cat([torch.arange(offset, offset + k), torch.tensor([-1, total])])
+        excluded = torch.cat([setup.excluded[offset:offset + k],
+                              torch.tensor([True, False]).reshape(2, 1, 1).expand(
+                                  2, *setup.excluded.shape[1:])])
+        self.excluded = einops.repeat(excluded, "w b p -> w (g b) p", g=len(groups))
         self.stash: dict[str, Tensor] = {}
         self.kept: dict[str, Tensor] = {}
         self.partial: rules.Stats | None = None
 
+    def view(self, x: Tensor) -> Tensor:
+        return x.unflatten(0, (len(self.groups), self.width, self.batch))
+
     # --- hook functions (each returns a new tensor) ---
-    def enter(self, x: Tensor, hook) -> Tensor:
-        probe_and_bias = self.states.new_zeros((2, *self.states.shape[1:]))
-        return fold(torch.cat([self.states, probe_and_bias]).to(x.dtype))
+    def enter(self, entries: list[tuple[int, Entry]]) -> Callable:
+        def hook(x, hook):
+            x = self.view(x).clone()
+            for g, entry in entries:
+                x[g, :self.k] = entry.rows(self.offset, self.k)
+                x[g, self.k] = 0
+                x[g, self.k + 1] = 0 if entry.bias is None else entry.bias
+            return fold(x)
+        return hook
 
     def replay(self, name: str) -> Callable:
         value = self.clean[name]
         return lambda x, hook: value.repeat(self.slots, *[1] * (value.ndim - 1))
 
-    def stash_v(self, attn: str) -> Callable:
+    def stash_corrected(self, key: str) -> Callable:
         def hook(x, hook):
-            self.stash[attn] = x = correct(x, self.batch)
+            self.stash[key] = x = fold(correct(self.view(x)))
             return x
         return hook
 
@@ -104,18 +117,17 @@ class FoldedForward:
             v = self.stash.pop(attn).unflatten(0, (self.slots, self.batch))
             v = v.repeat_interleave(pattern.shape[1] // v.shape[3], dim=3)  # GQA
             z = einops.einsum(pattern.to(v.dtype), v, "b h q k, s b k h d -> s b q h d")
-            return fold(z)
-        return hook
-
-    def stash_pre(self, mlp: str) -> Callable:
-        def hook(x, hook):
-            self.stash[mlp] = x = correct(x, self.batch)
-            return x
+            return z.flatten(0, 1)
         return hook
 
     def activate(self, site: MLPSite) -> Callable:
+        n = len(self.groups)
+        facts = rules.NeuronFacts(*(einops.repeat(t, "b ... -> (g b) ...", g=n)
+                                    for t in (site.facts.act, site.facts.extra, site.facts.ratio)))
+
         def hook(post, hook):
-            g = self.stash.pop(site.prefix).unflatten(0, (self.slots, self.batch))
+            g = einops.rearrange(self.view(self.stash.pop(site.prefix)),
+                                 "g w b ... -> w (g b) ...")
             s = self.setup
             if s.collect == site.prefix:
                 part = rules.stats(s.rule, g[:-2], self.excluded[:-2], self.index[:-2],
@@ -126,33 +138,39 @@ class FoldedForward:
                     part = rules.combine(s.rule, bias, part)
                 self.partial = part
                 raise StopPass
-            return fold(rules.shares(s.rule, g, self.excluded, self.index, s.temperature,
-                                     site.facts, s.stats.get(site.prefix)))
+            share = rules.shares(s.rule, g, self.excluded, self.index, s.temperature, facts,
+                                 s.stats.get(site.prefix))
+            return einops.rearrange(share, "w (g b) ... -> (g w b) ...", g=n)
         return hook
 
     def fix(self, x, hook):
-        return correct(x, self.batch)
+        return fold(correct(self.view(x)))
 
     def keeper(self, name: str) -> Callable:
         def hook(x, hook):
-            self.kept[name] = x.unflatten(0, (self.slots, self.batch))
+            self.kept[name] = self.view(x)
         return hook
 
     def norm_hook(self, module, args, out):
-        return correct(out, self.batch)
+        return fold(correct(self.view(out)))
 
     # --- wiring ---
     def hooks(self) -> list[tuple[str, Callable]]:
         p = self.plan
-        after = set(self.clean.after(p.entry))
-        hooks = [(p.entry, self.enter)]
-        hooks += [(n, self.replay(n)) for n in after if n.endswith("hook_scale")]
+        after = set(self.clean.after(p.start))
+        hooks = [(n, self.replay(n)) for n in after if n.endswith("hook_scale")]
         for attn in p.attn:
-            hooks += [(f"{attn}.hook_v", self.stash_v(attn)), (f"{attn}.hook_z", self.attend(attn))]
+            hooks += [(f"{attn}.hook_v", self.stash_corrected(attn)),
+                      (f"{attn}.hook_z", self.attend(attn))]
         for site in p.mlps:
-            hooks += [(f"{site.prefix}.hook_pre", self.stash_pre(site.prefix)),
+            hooks += [(f"{site.prefix}.hook_pre", self.stash_corrected(site.prefix)),
                       (site.act_hook, self.activate(site))]
         hooks += [(n, self.fix) for n in p.correct]
+        entries: dict[str, list] = {}
+        for g, group in enumerate(self.groups):
+            for entry in group.entries:
+                entries.setdefault(entry.hook, []).append((g, entry))
+        hooks += [(hook, self.enter(es)) for hook, es in entries.items()]  # after the replay
         hooks += [(n, self.keeper(n)) for n in p.keep]
         return hooks
 
