@@ -9,6 +9,7 @@ from tl_depass.components import Split, TokensAt
 from tl_depass.decompose import decompose
 from tl_depass.decomposition import Decomposition
 from tl_depass.errors import DepassError, UnsupportedModelError
+from tl_depass.levels import Heads, Modules, Neurons, SAEFeatures, Subspace
 from tl_depass.tolerances import COMPLETENESS_RTOL, completeness_rtol
 
 __version__ = "0.1.0"
@@ -17,7 +18,12 @@ __all__ = [
     "COMPLETENESS_RTOL",
     "Decomposition",
     "DepassError",
+    "Heads",
+    "Modules",
+    "Neurons",
+    "SAEFeatures",
     "Split",
+    "Subspace",
     "TokensAt",
     "UnsupportedModelError",
     "completeness_rtol",

@@ -8,7 +8,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 #: Hook-name endings whose clean values the decomposed pass replays.
-FROZEN = ("hook_scale", "hook_pattern", "mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_mid",
+FROZEN = ("hook_scale", "hook_pattern", "attn.hook_z", "mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_mid",
           "mlp.hook_post", "hook_embed", "hook_pos_embed", "unembed.hook_out")
 
 

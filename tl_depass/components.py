@@ -65,14 +65,15 @@ Components = Literal["tokens"] | TokensAt | Split
 POSITIONAL = (TokensAt,)
 
 
-def as_components(components) -> TokensAt | Split:
+def as_components(components):
     if isinstance(components, str) and components == "tokens":
         return TokensAt(0)
-    if isinstance(components, (TokensAt, Split)):
+    if isinstance(components, (TokensAt, Split)) or hasattr(components, "groups"):
         return components
     raise DepassError(
-        f"unknown components {components!r}; use 'tokens', tl_depass.TokensAt(layer) or "
-        "tl_depass.Split(hook, tensor)"
+        f"unknown components {components!r}; use 'tokens', tl_depass.TokensAt(layer), "
+        "tl_depass.Split(hook, tensor), Heads(), Modules(), Neurons(layer), Subspace(hook, "
+        "basis) or SAEFeatures(hook, sae)"
     )
 
 
@@ -92,10 +93,12 @@ def by_position(resid: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "pos
 
 
 def groups(
-    spec: TokensAt | Split, model, clean: CleanRun, tokens: Int[Tensor, "batch pos"],
+    spec, model, clean: CleanRun, tokens: Int[Tensor, "batch pos"],
     pos_embed: PosEmbed,
 ) -> list[Group]:
-    """The components of `spec`, entering at `spec.hook` (the bias component starts at zero)."""
+    """The groups of components of `spec` and where they enter."""
+    if not isinstance(spec, (TokensAt, Split)):
+        return spec.groups(model, clean)
     resid = clean[spec.hook]
     if isinstance(spec, Split):
         states, labels = split_states(spec, resid)

@@ -11,10 +11,10 @@ from torch import Tensor
 
 from tl_depass import rules
 from tl_depass.clean_run import FROZEN, CleanRun, record_clean_run
-from tl_depass.components import Components, Group, PosEmbed, TokensAt, as_components, groups
+from tl_depass.components import Group, PosEmbed, TokensAt, as_components, groups
 from tl_depass.decomposition import Decomposition
 from tl_depass.errors import DepassError
-from tl_depass.replay import FoldedForward, MLPSite, Plan, RuleSetup
+from tl_depass.replay import FoldedForward, Plan, RuleSetup, mlp_site
 from tl_depass.support import check_supported
 
 RESIDUAL = re.compile(r"blocks\.\d+\.hook_resid_(pre|mid|post)$")
@@ -117,16 +117,8 @@ def make_plan(model, clean: CleanRun, entries: list[str], keep: list[str] | Call
             raise DepassError(f"hook {name} never fires in this model's forward: nothing to keep")
         if name != entry and name not in after:
             raise DepassError(f"hook {name} comes before the components enter at {entry}")
-    mlps = []
-    for name in after:
-        if name.endswith("mlp.hook_pre"):
-            prefix = name[: -len(".hook_pre")]
-            act_hook = f"{prefix}.hook_mid" if f"{prefix}.hook_mid" in fired else f"{prefix}.hook_post"
-            gated = model.cfg.gated_mlp and act_hook.endswith("hook_post")
-            up = clean[f"{prefix}.hook_pre_linear"] if gated else None
-            act_fn = model.get_submodule(prefix).act_fn
-            facts = rules.neuron_facts(act_fn, clean[name], clean[act_hook], up)
-            mlps.append(MLPSite(prefix, act_hook, facts))
+    mlps = [mlp_site(model, clean, n[: -len(".hook_pre")]) for n in after
+            if n.endswith("mlp.hook_pre")]
     handled = {s.act_hook for s in mlps} | {
         n for n in after if n.endswith(("attn.hook_v", "attn.hook_z", "mlp.hook_pre"))}
     kept = keep + ["unembed.hook_out"]
@@ -164,7 +156,7 @@ def bos_exclusions(model, tokens, mask, n_components: int, positional: bool,
 def decompose(
     model,
     tokens: Tensor | str | list[str],  # Int[batch pos]; checked below with messages that say
-    components: Components | str = "tokens",  # how to fix the input, not just the expected type
+    components: object = "tokens",  # how to fix the input, not just the expected type
     *,
     mlp_rule: rules.Rule | str = "softmax",
     temperature: float = 0.1,
@@ -186,12 +178,13 @@ def decompose(
         raise DepassError(f"chunk_size must be a positive number of components, got {chunk_size}")
     tokens, mask = prepare_tokens(model, tokens, attention_mask)
     spec = as_components(components)
-    if spec.hook not in model.hook_dict:
-        raise DepassError(f"no hook {spec.hook!r} in this model (n_layers={model.cfg.n_layers})")
+    entry = getattr(spec, "hook", None)  # None: the level knows its entry points
+    if entry is not None and entry not in model.hook_dict:
+        raise DepassError(f"no hook {entry!r} in this model (n_layers={model.cfg.n_layers})")
     keep_list = keep_names(model, keep)
     clean = record_clean_run(
         model, tokens, mask,
-        lambda n: n.endswith(FROZEN) or n == spec.hook or (
+        lambda n: n.endswith(FROZEN) or n == entry or (
             keep_list(n) if callable(keep_list) else n in keep_list),
     )
     parts = groups(spec, model, clean, tokens, pos_embed)
@@ -209,7 +202,8 @@ def decompose(
         pad = mask == 0
         results = {n: zero_padding(v, pad, 1) for n, v in results.items()}
         clean_values = {n: zero_padding(v, pad, 0) for n, v in clean_values.items()}
-    return Decomposition(model, labels, results, clean_values, tokens, mask, clean.logits)
+    return Decomposition(model, labels, results, clean_values, tokens, mask, clean.logits,
+                         n_groups=len(parts))
 
 
 def zero_padding(value: Tensor, pad: Tensor, lead: int) -> Tensor:

@@ -1,5 +1,7 @@
 """The result of `decompose`: per-component activations, component axis first."""
 
+import re
+
 import pandas as pd
 import torch
 from jaxtyping import Float, Int
@@ -20,9 +22,13 @@ class Decomposition:
 
     def __init__(self, model, labels: list[str], results: dict[str, Tensor],
                  clean: dict[str, Tensor], tokens: Int[Tensor, "batch pos"],
-                 attention_mask: Tensor | None, clean_logits: Tensor):
+                 attention_mask: Tensor | None, clean_logits: Tensor, n_groups: int = 1):
         self.model, self.labels, self.results, self.clean = model, labels, results, clean
         self.tokens, self.attention_mask, self.clean_logits = tokens, attention_mask, clean_logits
+        size = len(labels) // n_groups
+        #: One slice of the component axis per group (one per layer for Heads and Modules); each
+        #: group's shares sum to the clean activation, and each group ends with its own bias.
+        self.groups = [slice(g * size, (g + 1) * size) for g in range(n_groups)]
 
     def __getitem__(self, name: str) -> Tensor:
         if name not in self.results:
@@ -88,10 +94,67 @@ class Decomposition:
             score = score - at[:, rows, self._tokens(wrong)]
         return score
 
+    def index(self, label: str) -> int:
+        """The component axis index of `label`."""
+        if label not in self.labels:
+            close = [x for x in self.labels if label.lower() in x.lower()][:5]
+            raise DepassError(f"no component labelled {label!r}; similar: {close}")
+        return self.labels.index(label)
+
     def completeness_error(self) -> dict[str, float]:
-        """max|sum over components - clean| / max|clean|, per kept hook."""
-        return {name: relative_error(value.sum(0), self.clean[name])
-                for name, value in self.results.items()}
+        """max|sum over components - clean| / max|clean|, per kept hook (and per group, as
+        "hook [group's first label]", when there are several groups)."""
+        out = {}
+        for name, value in self.results.items():
+            for g in self.groups:
+                key = name if len(self.groups) == 1 else f"{name} [{self.labels[g.start]}]"
+                out[key] = relative_error(value[g].sum(0), self.clean[name])
+        return out
+
+    def _scores(self, pattern: str, shape: tuple[int, ...], answer, wrong, pos) -> Tensor:
+        score = self.logit_attribution(answer, wrong, pos)
+        out = torch.full((score.shape[1], *shape), torch.nan, dtype=score.dtype)
+        found = False
+        for c, label in enumerate(self.labels):
+            m = re.fullmatch(pattern, label)
+            if m:
+                out[(slice(None), *map(int, m.groups()))] = score[c]
+                found = True
+        if not found:
+            raise DepassError(f"no components match {pattern!r}; decompose with the matching level")
+        return out
+
+    def head_scores(self, answer: Answer, wrong: Answer | None = None,
+                    pos: int | Tensor = -1) -> Float[Tensor, "batch layer head_index"]:
+        """Each head's total effect on the logit (difference), shaped like TransformerLens'
+        head patching results (NaN for layers not decomposed). Needs components=Heads(...)."""
+        cfg = self.model.cfg
+        return self._scores(r"L(\d+)H(\d+)", (cfg.n_layers, cfg.n_heads), answer, wrong, pos)
+
+    def neuron_scores(self, answer: Answer, wrong: Answer | None = None,
+                      pos: int | Tensor = -1) -> Float[Tensor, "batch layer d_mlp"]:
+        """Each neuron's total effect (NaN where not decomposed). Needs components=Neurons(...)."""
+        cfg = self.model.cfg
+        return self._scores(r"L(\d+)N(\d+)", (cfg.n_layers, cfg.d_mlp), answer, wrong, pos)
+
+    def project(self, hook: str, direction: Float[Tensor, " d"], bias: float = 0.0
+                ) -> Float[Tensor, "component batch pos"]:
+        """A linear readout (a probe logit `direction . x + bias`) per component at `hook`;
+        the probe bias goes to each group's bias component."""
+        value = self[hook]
+        out = value @ direction.to(value)
+        for g in self.groups:
+            out[g.stop - 1] += bias
+        return out
+
+    def top_tokens(self, component: int | str, k: int = 10, batch: int = 0,
+                   pos: int = -1) -> list[tuple[str, float]]:
+        """The vocabulary entries component `component` pushes up most at (batch, pos)."""
+        c = self.index(component) if isinstance(component, str) else component
+        values, ids = self.logits[c, batch, pos].topk(k)
+        names = (self.model.to_str_tokens(ids) if self.model.tokenizer is not None
+                 else [f"[{i}]" for i in ids.tolist()])
+        return list(zip(names, values.tolist()))
 
     def to_frame(self, answer: Answer | None = None, wrong: Answer | None = None,
                  pos: int | Tensor = -1) -> pd.DataFrame:

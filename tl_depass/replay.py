@@ -31,6 +31,16 @@ class MLPSite:
     facts: rules.NeuronFacts
 
 
+def mlp_site(model, clean: CleanRun, prefix: str) -> MLPSite:
+    """The MLP at `prefix`: which hook DePass overrides, and the clean facts its rules use."""
+    act_hook = f"{prefix}.hook_mid" if f"{prefix}.hook_mid" in clean.order else f"{prefix}.hook_post"
+    gated = model.cfg.gated_mlp and act_hook.endswith("hook_post")
+    up = clean[f"{prefix}.hook_pre_linear"] if gated else None
+    facts = rules.neuron_facts(model.get_submodule(prefix).act_fn, clean[f"{prefix}.hook_pre"],
+                               clean[act_hook], up)
+    return MLPSite(prefix, act_hook, facts)
+
+
 @dataclass
 class Plan:
     """Everything a folded forward needs to know about the model, computed once."""
