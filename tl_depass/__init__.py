@@ -5,6 +5,7 @@
     dec.logit_attribution(answer, wrong)              # [component, batch]
 """
 
+from tl_depass import compare
 from tl_depass.components import Split, TokensAt
 from tl_depass.decompose import decompose
 from tl_depass.decomposition import Decomposition
@@ -26,6 +27,7 @@ __all__ = [
     "Subspace",
     "TokensAt",
     "UnsupportedModelError",
+    "compare",
     "completeness_rtol",
     "decompose",
 ]

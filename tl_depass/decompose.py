@@ -184,7 +184,7 @@ def decompose(
     keep_list = keep_names(model, keep)
     clean = record_clean_run(
         model, tokens, mask,
-        lambda n: n.endswith(FROZEN) or n == entry or (
+        lambda n: n.endswith(FROZEN) or n == entry or RESIDUAL.match(n) is not None or (
             keep_list(n) if callable(keep_list) else n in keep_list),
     )
     parts = groups(spec, model, clean, tokens, pos_embed)
@@ -194,6 +194,7 @@ def decompose(
                               mlp_rule, ignore_bos)
     setup = RuleSetup(mlp_rule, temperature, excluded)
     results = run_chunks(model, tokens, mask, clean, plan, setup, parts, chunk_size)
+    fill_before_entry(results, clean, parts)
     labels = [label for g in parts for label in g.labels]
     clean_values = {h: clean[h] for h in plan.keep}
     results["logits"] = results.pop("unembed.hook_out")
@@ -204,6 +205,18 @@ def decompose(
         clean_values = {n: zero_padding(v, pad, 0) for n, v in clean_values.items()}
     return Decomposition(model, labels, results, clean_values, tokens, mask, clean.logits,
                          n_groups=len(parts))
+
+
+def fill_before_entry(results: dict[str, Tensor], clean: CleanRun, parts: list[Group]) -> None:
+    """At hooks before a group enters (earlier layers, for Heads), its first component ("rest")
+    carries the whole clean activation and the others nothing."""
+    size = len(parts[0].labels)
+    for g, part in enumerate(parts):
+        first = min(clean.order.index(e.hook) for e in part.entries)
+        for name, value in results.items():
+            if name in clean.order and clean.order.index(name) < first:
+                value[g * size:(g + 1) * size] = 0
+                value[g * size] = clean[name]
 
 
 def zero_padding(value: Tensor, pad: Tensor, lead: int) -> Tensor:

@@ -154,7 +154,7 @@ class Decomposition:
         values, ids = self.logits[c, batch, pos].topk(k)
         names = (self.model.to_str_tokens(ids) if self.model.tokenizer is not None
                  else [f"[{i}]" for i in ids.tolist()])
-        return list(zip(names, values.tolist()))
+        return list(zip(names, values.tolist(), strict=True))
 
     def to_frame(self, answer: Answer | None = None, wrong: Answer | None = None,
                  pos: int | Tensor = -1) -> pd.DataFrame:

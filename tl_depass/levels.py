@@ -143,7 +143,7 @@ class Subspace:
         named = self.basis if isinstance(self.basis, dict) else {"subspace": self.basis}
         x = resid_at(clean, self.hook, "Subspace", model.cfg.d_model)
         bases = [torch.as_tensor(b, dtype=x.dtype, device=x.device) for b in named.values()]
-        for name, b in zip(named, bases):
+        for name, b in zip(named, bases, strict=True):
             if b.ndim != 2 or b.shape[0] != x.shape[-1]:
                 raise DepassError(f"Subspace {name!r}: basis is {tuple(b.shape)}, expected "
                                   f"[d_model={x.shape[-1]}, k]")
