@@ -143,6 +143,9 @@ def run_experiment(
     """Train target, decompose, evaluate. Returns the results dictionary (also saved)."""
     t0 = time.time()
     seed = config.method.seed
+    if runs is not None:  # run folders are outputs, never committed
+        runs.mkdir(parents=True, exist_ok=True)
+        (runs / ".gitignore").write_text("*\n")
     slug = config.name.replace("/", "-")
     target_dir = runs / slug.rsplit("-", 1)[0] / f"target_seed{seed}_steps{config.target.train.steps}" if runs else None
     method_dir = runs / slug.rsplit("-", 1)[0] / f"{slug}_seed{seed}_steps{config.method.optim.steps}" if runs else None
