@@ -57,7 +57,9 @@ def test_faithfulness_counts_tied_weights_twice():
     assert_close(apd.faithfulness_loss(), 2 * diff.pow(2).sum() / (2 * diff.numel()))
 
 
-@pytest.mark.parametrize(("p", "expected"), [(1.0, (2 * 2**0.5 + 1.25**0.5) / 12), (2.0, 5.25 / 12)])
+@pytest.mark.parametrize(
+    ("p", "expected"), [(1.0, (2 * 2**0.5 + 1.25**0.5) / 12), (2.0, 5.25 / 12)]
+)
 def test_simplicity_closed_form(linear_target, p, expected):
     apd = hand_set_apd(linear_target, p=p)
     with torch.no_grad():
@@ -70,7 +72,9 @@ def test_simplicity_closed_form(linear_target, p, expected):
 def test_attributions_on_a_linear_model_are_rms_component_outputs(linear_target, attribution):
     apd = hand_set_apd(linear_target, attribution=attribution)
     x = torch.randn(6, 3, generator=torch.Generator().manual_seed(3))
-    expected = torch.einsum("bi,cio->bco", x, apd.component_weights("W").detach()).pow(2).mean(-1).sqrt()
+    expected = (
+        torch.einsum("bi,cio->bco", x, apd.component_weights("W").detach()).pow(2).mean(-1).sqrt()
+    )
     assert_close(apd.attributions(x), expected)
 
 
@@ -97,7 +101,12 @@ def test_gradient_attribution_matches_parameter_space_definition():
             h = x[b] @ tensors["W"] @ tensors["hidden"]
             f = torch.relu(h @ tensors["W"].T + target.b_final.detach())[o]
             grads = torch.autograd.grad(f, list(tensors.values()))
-            per_output.append(sum(torch.einsum("ij,cij->c", g, weights[k]) for k, g in zip(tensors, grads)))
+            per_output.append(
+                sum(
+                    torch.einsum("ij,cij->c", g, weights[k])
+                    for k, g in zip(tensors, grads, strict=True)
+                )
+            )
         expected[b] = torch.stack(per_output).pow(2).mean(0).sqrt()
     assert_close(apd.attributions(x), expected)
 
@@ -116,7 +125,9 @@ def test_minimality_is_mse_of_the_topk_forward(linear_target):
     weights = apd.component_weights("W").detach()
     per_component = torch.einsum("bi,cio->bco", x, weights)
     mask = batch_topk(per_component.pow(2).mean(-1).sqrt(), 1.0)
-    expected = ((per_component * mask[..., None]).sum(1) - x @ linear_target.W.detach()).pow(2).mean()
+    expected = (
+        ((per_component * mask[..., None]).sum(1) - x @ linear_target.W.detach()).pow(2).mean()
+    )
     _, metrics = apd.training_loss(x, torch.Generator())
     assert metrics["minimality"] == pytest.approx(expected.item(), rel=1e-12)
 
@@ -124,7 +135,9 @@ def test_minimality_is_mse_of_the_topk_forward(linear_target):
 def test_unit_norm_A_stays_on_the_sphere_after_a_step():
     target = make_target(TMSConfig(n_features=5, n_hidden=2, seed=6))
     apd = APD(target, APDConfig(C=3, m=2, topk=1.0, optim=OPTIM, a_norm="unit", seed=6))
-    loss, _ = apd.training_loss(target.sample(32, torch.Generator().manual_seed(0)), torch.Generator())
+    loss, _ = apd.training_loss(
+        target.sample(32, torch.Generator().manual_seed(0)), torch.Generator()
+    )
     loss.backward()
     apd.before_optimizer_step()
     a = apd.A["W"]

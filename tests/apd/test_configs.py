@@ -38,7 +38,10 @@ OPTIM = OptimConfig(lr=1e-3, steps=10, batch_size=8)
         (lambda: APDConfig(C=5, m=1, topk=0.1, optim=OPTIM), "keeps no component"),
         (lambda: APDConfig(C=5, m=1, topk=1.0, optim=OPTIM, p=0), "p"),
         (lambda: APDConfig(C=5, m=1, topk=1.0, optim=OPTIM, attribution="saliency"), "attribution"),
-        (lambda: APDConfig(C=5, m=1, topk=1.0, optim=OPTIM, simplicity_coeff=-1), "simplicity_coeff"),
+        (
+            lambda: APDConfig(C=5, m=1, topk=1.0, optim=OPTIM, simplicity_coeff=-1),
+            "simplicity_coeff",
+        ),
         (lambda: SPDConfig(C=0, optim=OPTIM), "C"),
         (lambda: SPDConfig(C=4, optim=OPTIM, importance_coeff=-1), "importance_coeff"),
         (lambda: SPDConfig(C=4, optim=OPTIM, delta="yes"), "delta"),

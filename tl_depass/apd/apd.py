@@ -2,7 +2,8 @@
 
 Paper notation: `C` components, each spanning every decomposed matrix l as a rank-`m` product
 `P_{c,l} = A_{c,l} @ B_{c,l}` (x @ W convention). A forward with a per-sample mask over components
-never builds per-sample weights: `(a @ A) → [batch, C, m]`, times the mask, then `@ B` summed over C.
+never builds per-sample weights: `(a @ A) → [batch, C, m]`, times the mask, then `@ B`,
+summed over C.
 """
 
 import torch
@@ -39,13 +40,22 @@ class APD(nn.Module):
             d_in, d_out = weight.shape
             m = min(d_in, d_out) if cfg.m is None else cfg.m
             # kaiming-uniform over each factor's fan-in, as the reference code
-            a = torch.empty(cfg.C, d_in, m).uniform_(-1, 1, generator=generator) * (6 / d_in) ** 0.5 / 2
-            b = torch.empty(cfg.C, m, d_out).uniform_(-1, 1, generator=generator) * (6 / m) ** 0.5 / 2
+            a = (
+                torch.empty(cfg.C, d_in, m).uniform_(-1, 1, generator=generator)
+                * (6 / d_in) ** 0.5
+                / 2
+            )
+            b = (
+                torch.empty(cfg.C, m, d_out).uniform_(-1, 1, generator=generator)
+                * (6 / m) ** 0.5
+                / 2
+            )
             self.A[self._key(name)] = nn.Parameter(a)
             self.B[self._key(name)] = nn.Parameter(b)
         if cfg.act_recon_coeff > 0 and not self.target.run(self.target.sample(1, generator)).hidden:
             raise ConfigError(
-                f"APDConfig.act_recon_coeff={cfg.act_recon_coeff} but {type(target).__name__} has no "
+                f"APDConfig.act_recon_coeff={cfg.act_recon_coeff} but {type(target).__name__} "
+                "has no "
                 "hidden MLP activations to reconstruct; set act_recon_coeff=0."
             )
         if cfg.a_norm == "unit":
@@ -112,12 +122,16 @@ class APD(nn.Module):
             eye = torch.eye(n_out, dtype=x.dtype)[:, None, :].expand(n_out, *run.output.shape)
             names = [s.name for s in self.target.sites]
             grads = torch.autograd.grad(
-                run.output, [probes[n] for n in names], grad_outputs=eye, is_grads_batched=True,
+                run.output,
+                [probes[n] for n in names],
+                grad_outputs=eye,
+                is_grads_batched=True,
                 allow_unused=True,
             )
         inputs = {k: v.detach() for k, v in run.inputs.items()}
         return inputs, {
-            n: (g if g is not None else torch.zeros(n_out, *probes[n].shape)) for n, g in zip(names, grads, strict=True)
+            n: (g if g is not None else torch.zeros(n_out, *probes[n].shape))
+            for n, g in zip(names, grads, strict=True)
         }
 
     @torch.no_grad()
@@ -156,7 +170,8 @@ class APD(nn.Module):
         return total / count
 
     def simplicity_loss(self, mask: Float[Tensor, "batch C"]) -> Tensor:
-        """Schatten-p of the active components: Σ mask·Σ_m (‖A_m‖²‖B_m‖² + ε)^{p/2} / (n_params·B)."""
+        """Schatten-p of the active components:
+        Σ mask·Σ_m (‖A_m‖²‖B_m‖² + ε)^{p/2} / (n_params·B)."""
         total, count = 0.0, 0
         for site in self.target.sites:
             first, second = self.factors(site)
@@ -166,7 +181,9 @@ class APD(nn.Module):
             count += first.shape[1] * second.shape[2]
         return total / (count * mask.shape[0])
 
-    def training_loss(self, x: Tensor, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+    def training_loss(
+        self, x: Tensor, generator: torch.Generator
+    ) -> tuple[Tensor, dict[str, float]]:
         cfg = self.cfg
         if cfg.a_norm == "unit":
             self.normalise_A()
@@ -179,7 +196,11 @@ class APD(nn.Module):
         simplicity = self.simplicity_loss(mask)
         loss = cfg.faithfulness_coeff * faith + cfg.minimality_coeff * minimality
         loss = loss + cfg.simplicity_coeff * simplicity
-        metrics = {"faithfulness": faith.item(), "minimality": minimality.item(), "simplicity": simplicity.item()}
+        metrics = {
+            "faithfulness": faith.item(),
+            "minimality": minimality.item(),
+            "simplicity": simplicity.item(),
+        }
         if cfg.act_recon_coeff > 0:
             act = sum(
                 (topk_run.hidden[k] - target_run.hidden[k]).pow(2).mean() for k in target_run.hidden

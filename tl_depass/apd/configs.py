@@ -48,20 +48,26 @@ class OptimConfig:
     def __post_init__(self) -> None:
         _require(self.lr > 0, f"OptimConfig.lr must be > 0, got {self.lr}.")
         _require(self.steps >= 1, f"OptimConfig.steps must be >= 1, got {self.steps}.")
-        _require(self.batch_size >= 1, f"OptimConfig.batch_size must be >= 1, got {self.batch_size}.")
+        _require(
+            self.batch_size >= 1, f"OptimConfig.batch_size must be >= 1, got {self.batch_size}."
+        )
         _require(
             0.0 <= self.warmup_frac < 1.0,
             f"OptimConfig.warmup_frac must be in [0, 1), got {self.warmup_frac}.",
         )
         _require(
             self.schedule in ("constant", "cosine", "linear"),
-            f"OptimConfig.schedule must be 'constant', 'cosine' or 'linear', got {self.schedule!r}.",
+            "OptimConfig.schedule must be 'constant', 'cosine' or 'linear', "
+            f"got {self.schedule!r}.",
         )
         _require(
             self.optimizer in ("adam", "adamw"),
             f"OptimConfig.optimizer must be 'adam' or 'adamw', got {self.optimizer!r}.",
         )
-        _require(self.weight_decay >= 0, f"OptimConfig.weight_decay must be >= 0, got {self.weight_decay}.")
+        _require(
+            self.weight_decay >= 0,
+            f"OptimConfig.weight_decay must be >= 0, got {self.weight_decay}.",
+        )
 
 
 @dataclass(frozen=True)
@@ -88,7 +94,8 @@ class TMSConfig:
         _require(self.n_hidden >= 1, f"TMSConfig.n_hidden must be >= 1, got {self.n_hidden}.")
         _require(
             self.hidden_identity in ("none", "identity"),
-            f"TMSConfig.hidden_identity must be 'none' or 'identity', got {self.hidden_identity!r}.",
+            "TMSConfig.hidden_identity must be 'none' or 'identity', "
+            f"got {self.hidden_identity!r}.",
         )
         _require(
             0.0 < self.feature_prob <= 1.0,
@@ -166,10 +173,16 @@ class APDConfig:
         )
         _require(
             self.topk * self.optim.batch_size >= 1,
-            f"APDConfig.topk * batch_size = {self.topk * self.optim.batch_size} keeps no component; "
+            f"APDConfig.topk * batch_size = {self.topk * self.optim.batch_size} keeps no "
+            "component; "
             "raise topk or batch_size.",
         )
-        for name in ("faithfulness_coeff", "minimality_coeff", "act_recon_coeff", "simplicity_coeff"):
+        for name in (
+            "faithfulness_coeff",
+            "minimality_coeff",
+            "act_recon_coeff",
+            "simplicity_coeff",
+        ):
             _require(getattr(self, name) >= 0, f"APDConfig.{name} must be >= 0.")
         _require(self.p > 0, f"APDConfig.p must be > 0, got {self.p}.")
         _require(
@@ -177,7 +190,10 @@ class APDConfig:
             f"APDConfig.attribution must be 'gradient', 'ablation' or 'activation', "
             f"got {self.attribution!r}.",
         )
-        _require(self.a_norm in ("free", "unit"), f"APDConfig.a_norm must be 'free' or 'unit', got {self.a_norm!r}.")
+        _require(
+            self.a_norm in ("free", "unit"),
+            f"APDConfig.a_norm must be 'free' or 'unit', got {self.a_norm!r}.",
+        )
 
 
 @dataclass(frozen=True)
@@ -204,7 +220,10 @@ class SPDConfig:
     def __post_init__(self) -> None:
         _require(self.C >= 1, f"SPDConfig.C must be >= 1, got {self.C}.")
         _require(self.ci_hidden >= 1, f"SPDConfig.ci_hidden must be >= 1, got {self.ci_hidden}.")
-        _require(self.n_mask_samples >= 1, f"SPDConfig.n_mask_samples must be >= 1, got {self.n_mask_samples}.")
+        _require(
+            self.n_mask_samples >= 1,
+            f"SPDConfig.n_mask_samples must be >= 1, got {self.n_mask_samples}.",
+        )
         for name in (
             "faithfulness_coeff",
             "stochastic_recon_coeff",
@@ -213,7 +232,10 @@ class SPDConfig:
         ):
             _require(getattr(self, name) >= 0, f"SPDConfig.{name} must be >= 0.")
         _require(self.p > 0, f"SPDConfig.p must be > 0, got {self.p}.")
-        _require(self.delta in ("none", "masked"), f"SPDConfig.delta must be 'none' or 'masked', got {self.delta!r}.")
+        _require(
+            self.delta in ("none", "masked"),
+            f"SPDConfig.delta must be 'none' or 'masked', got {self.delta!r}.",
+        )
 
 
 MethodConfig = APDConfig | SPDConfig
@@ -323,7 +345,9 @@ PRESETS: dict[str, ExperimentConfig] = {
         SPDConfig(C=20, optim=_SPD_TMS_OPTIM, importance_coeff=3e-3, p=1.0),
     ),
     "tms-40-10/spd": ExperimentConfig(
-        "tms-40-10/spd", _TMS_40_10, SPDConfig(C=200, optim=_SPD_TMS_OPTIM, importance_coeff=1e-4, p=2.0)
+        "tms-40-10/spd",
+        _TMS_40_10,
+        SPDConfig(C=200, optim=_SPD_TMS_OPTIM, importance_coeff=1e-4, p=2.0),
     ),
     "tms-40-10-id/spd": ExperimentConfig(
         "tms-40-10-id/spd",
@@ -362,7 +386,9 @@ def preset(experiment: str, method: Literal["apd", "spd"]) -> ExperimentConfig:
     return PRESETS[key]
 
 
-def shortened(config: ExperimentConfig, steps: int, batch_size: int | None = None) -> ExperimentConfig:
+def shortened(
+    config: ExperimentConfig, steps: int, batch_size: int | None = None
+) -> ExperimentConfig:
     """The same experiment with fewer decomposition steps (and optionally a smaller batch)."""
     optim = replace(
         config.method.optim,

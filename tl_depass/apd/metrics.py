@@ -82,7 +82,10 @@ def alive_count(method: APD | SPD, matrix: str, threshold: float = 0.1) -> int:
 @torch.no_grad()
 def ci_l0(spd: SPD, x: Tensor, threshold: float = 0.1) -> dict[str, float]:
     """Mean number of subcomponents per sample with causal importance above `threshold`."""
-    return {k: (g > threshold).float().sum(-1).mean().item() for k, g in spd.causal_importances(x).items()}
+    return {
+        k: (g > threshold).float().sum(-1).mean().item()
+        for k, g in spd.causal_importances(x).items()
+    }
 
 
 def one_hot_inputs(target: ToyTarget, value: float) -> Float[Tensor, "n_features n_features"]:
@@ -96,7 +99,8 @@ def one_hot_causal_importance(spd: SPD, value: float) -> dict[str, Float[Tensor,
 
 
 def permute_to_diagonal(matrix: Float[Tensor, "n_features C"]) -> list[int]:
-    """Column order putting each feature's strongest unused column on the diagonal, the rest after."""
+    """Column order putting each feature's strongest unused column on the diagonal, then
+    the rest."""
     order: list[int] = []
     for row in matrix:
         ranked = row.argsort(descending=True).tolist()

@@ -30,7 +30,9 @@ def plot_ci_heatmaps(ci: dict[str, Tensor], title: str) -> Figure:
     return fig
 
 
-def plot_tms_vectors(weight: Tensor, components: Tensor, title: str, threshold: float = 0.1) -> Figure:
+def plot_tms_vectors(
+    weight: Tensor, components: Tensor, title: str, threshold: float = 0.1
+) -> Figure:
     """TMS with 2 hidden dims: the target's feature directions (rows of W) and each component's,
     one panel per component whose norm exceeds `threshold`."""
     norms = components.flatten(1).norm(dim=-1)

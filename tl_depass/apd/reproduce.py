@@ -28,7 +28,13 @@ from tl_depass.apd.metrics import (
     one_hot_causal_importance,
     subcomponent_norms,
 )
-from tl_depass.apd.plots import plot_ci_heatmaps, plot_neuron_contributions, plot_norms, plot_tms_vectors, save
+from tl_depass.apd.plots import (
+    plot_ci_heatmaps,
+    plot_neuron_contributions,
+    plot_norms,
+    plot_tms_vectors,
+    save,
+)
 from tl_depass.apd.spd import SPD
 from tl_depass.apd.targets import ResidualMLP, ToyTarget, make_target
 from tl_depass.apd.train import TargetObjective, train
@@ -45,7 +51,9 @@ def with_seed(config: ExperimentConfig, seed: int) -> ExperimentConfig:
     )
 
 
-def train_target(config: ExperimentConfig, run_dir: Path | None, progress: Literal["bar", "none"]) -> ToyTarget:
+def train_target(
+    config: ExperimentConfig, run_dir: Path | None, progress: Literal["bar", "none"]
+) -> ToyTarget:
     target = make_target(config.target)
     history = train(
         TargetObjective(target),
@@ -61,9 +69,16 @@ def train_target(config: ExperimentConfig, run_dir: Path | None, progress: Liter
 
 
 def decompose(
-    config: ExperimentConfig, target: ToyTarget, run_dir: Path | None, progress: Literal["bar", "none"]
-) -> tuple[APD | SPD, list[dict[str, float]]]:
-    method = APD(target, config.method) if config.method.__class__.__name__ == "APDConfig" else SPD(target, config.method)
+    config: ExperimentConfig,
+    target: ToyTarget,
+    run_dir: Path | None,
+    progress: Literal["bar", "none"],
+) -> tuple[APD | SPD, list[dict[str, float | int]]]:
+    method = (
+        APD(target, config.method)
+        if config.method.__class__.__name__ == "APDConfig"
+        else SPD(target, config.method)
+    )
     history = train(
         method,
         target.sample,
@@ -111,7 +126,10 @@ def evaluate(method: APD | SPD, figures: Path | None, tag: str) -> dict:
         stoch = method.training_loss(eval_x, torch.Generator().manual_seed(7))[1]
         out["eval_losses"] = stoch
         if figures is not None:
-            save(plot_ci_heatmaps(ci, f"{tag}: causal importance, one-hot x={value}"), figures / f"{tag}_ci.png")
+            save(
+                plot_ci_heatmaps(ci, f"{tag}: causal importance, one-hot x={value}"),
+                figures / f"{tag}_ci.png",
+            )
     else:
         value = 0.75 if isinstance(target, ResidualMLP) else 1.0
         top1 = apd_top1_mse(method, value)
@@ -124,7 +142,9 @@ def evaluate(method: APD | SPD, figures: Path | None, tag: str) -> dict:
             w_in = component_weights(method, "layers.0.W_in")
             w_out = component_weights(method, "layers.0.W_out")
             idx = torch.arange(target.n_features)
-            per_component = torch.stack([neuron_contributions(target, w_in[c], w_out[c]) for c in range(w_in.shape[0])])
+            per_component = torch.stack(
+                [neuron_contributions(target, w_in[c], w_out[c]) for c in range(w_in.shape[0])]
+            )
             fig = plot_neuron_contributions(
                 neuron_contributions(target, target.layers__0__W_in, target.layers__0__W_out),
                 per_component[best, idx],
@@ -147,8 +167,16 @@ def run_experiment(
         runs.mkdir(parents=True, exist_ok=True)
         (runs / ".gitignore").write_text("*\n")
     slug = config.name.replace("/", "-")
-    target_dir = runs / slug.rsplit("-", 1)[0] / f"target_seed{seed}_steps{config.target.train.steps}" if runs else None
-    method_dir = runs / slug.rsplit("-", 1)[0] / f"{slug}_seed{seed}_steps{config.method.optim.steps}" if runs else None
+    target_dir = (
+        runs / slug.rsplit("-", 1)[0] / f"target_seed{seed}_steps{config.target.train.steps}"
+        if runs
+        else None
+    )
+    method_dir = (
+        runs / slug.rsplit("-", 1)[0] / f"{slug}_seed{seed}_steps{config.method.optim.steps}"
+        if runs
+        else None
+    )
     target = train_target(config, target_dir, progress)
     t1 = time.time()
     method, history = decompose(config, target, method_dir, progress)
@@ -162,7 +190,11 @@ def run_experiment(
         "target_loss": target.final_loss,
         "final_train_metrics": history[-1] if history else {},
         **evaluate(method, figures, tag),
-        "wall_s": {"target": round(t1 - t0, 1), "decomposition": round(t2 - t1, 1), "total": round(time.time() - t0, 1)},
+        "wall_s": {
+            "target": round(t1 - t0, 1),
+            "decomposition": round(t2 - t1, 1),
+            "total": round(time.time() - t0, 1),
+        },
         "machine": f"CPU, {torch.get_num_threads()} torch thread(s)",
         "config": dataclasses.asdict(config),
     }
@@ -172,11 +204,17 @@ def run_experiment(
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("experiment", help="tms-5-2, tms-5-2-id, tms-40-10, tms-40-10-id, resid-mlp-1, resid-mlp-2")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "experiment", help="tms-5-2, tms-5-2-id, tms-40-10, tms-40-10-id, resid-mlp-1, resid-mlp-2"
+    )
     parser.add_argument("--method", choices=["apd", "spd"], required=True)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=None, help="shorten the decomposition (default: paper)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="shorten the decomposition (default: paper)"
+    )
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--target-steps", type=int, default=None, help="shorten target training")
     parser.add_argument("--runs", type=Path, default=Path("runs/apd"))
@@ -190,9 +228,13 @@ def main(argv: list[str] | None = None) -> dict:
         config = shortened(config, args.steps or config.method.optim.steps, args.batch_size)
     if args.target_steps is not None:
         train_cfg = dataclasses.replace(config.target.train, steps=args.target_steps)
-        config = dataclasses.replace(config, target=dataclasses.replace(config.target, train=train_cfg))
+        config = dataclasses.replace(
+            config, target=dataclasses.replace(config.target, train=train_cfg)
+        )
     results = run_experiment(config, args.runs, args.figures, "none" if args.no_progress else "bar")
-    summary = {k: results[k] for k in results if k not in ("config", "norms", "best_component_per_feature")}
+    summary = {
+        k: results[k] for k in results if k not in ("config", "norms", "best_component_per_feature")
+    }
     print(json.dumps(summary, indent=1, default=str))
     return results
 

@@ -52,9 +52,13 @@ class SPD(nn.Module):
         self.ci = nn.ParameterDict()
         for site in target.sites:
             key = self._key(site.name)
-            self.ci[f"{key}__w1"] = nn.Parameter(torch.randn(cfg.C, h, generator=generator) * 2**0.5)
+            self.ci[f"{key}__w1"] = nn.Parameter(
+                torch.randn(cfg.C, h, generator=generator) * 2**0.5
+            )
             self.ci[f"{key}__b1"] = nn.Parameter(torch.zeros(cfg.C, h))
-            self.ci[f"{key}__w2"] = nn.Parameter(torch.randn(cfg.C, h, generator=generator) * h**-0.5)
+            self.ci[f"{key}__w2"] = nn.Parameter(
+                torch.randn(cfg.C, h, generator=generator) * h**-0.5
+            )
             self.ci[f"{key}__b2"] = nn.Parameter(torch.zeros(cfg.C))
 
     @staticmethod
@@ -85,7 +89,9 @@ class SPD(nn.Module):
             out[site.name] = (hidden * self.ci[f"{key}__w2"]).sum(-1) + self.ci[f"{key}__b2"]
         return out
 
-    def causal_importances(self, x: Float[Tensor, "batch n_features"]) -> dict[str, Float[Tensor, "batch C"]]:
+    def causal_importances(
+        self, x: Float[Tensor, "batch n_features"]
+    ) -> dict[str, Float[Tensor, "batch C"]]:
         """g = σ_lower(γ) per site on the target's own activations."""
         with torch.no_grad():
             inputs = self.target.run(x).inputs
@@ -126,13 +132,18 @@ class SPD(nn.Module):
 
     def importance_minimality_loss(self, ci_pre: dict[str, Tensor]) -> Tensor:
         """Σ_l Σ_c |σ_upper(γ)|^p, mean over the batch."""
-        total = sum(upper_leaky_hard_sigmoid(g).abs().pow(self.cfg.p).sum(-1) for g in ci_pre.values())
+        total = sum(
+            upper_leaky_hard_sigmoid(g).abs().pow(self.cfg.p).sum(-1) for g in ci_pre.values()
+        )
         return total.mean()
 
     def _stochastic_masks(
         self, ci: dict[str, Tensor], generator: torch.Generator
     ) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
-        masks = {k: g + (1 - g) * torch.rand(g.shape, generator=generator, dtype=g.dtype) for k, g in ci.items()}
+        masks = {
+            k: g + (1 - g) * torch.rand(g.shape, generator=generator, dtype=g.dtype)
+            for k, g in ci.items()
+        }
         if self.cfg.delta == "none":
             return masks, None
         deltas = {
@@ -140,7 +151,9 @@ class SPD(nn.Module):
         }
         return masks, deltas
 
-    def training_loss(self, x: Tensor, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+    def training_loss(
+        self, x: Tensor, generator: torch.Generator
+    ) -> tuple[Tensor, dict[str, float]]:
         cfg = self.cfg
         with torch.no_grad():
             target_run = self.target.run(x)
@@ -154,7 +167,9 @@ class SPD(nn.Module):
             for site in self.target.sites:
                 masks, deltas = self._stochastic_masks({site.name: ci[site.name]}, generator)
                 out = self.target.run(x, self.linear_fns(masks, deltas)).output
-                layerwise = layerwise + (out - target_run.output).pow(2).mean() / len(self.target.sites)
+                layerwise = layerwise + (out - target_run.output).pow(2).mean() / len(
+                    self.target.sites
+                )
         stochastic = stochastic / cfg.n_mask_samples
         layerwise = layerwise / cfg.n_mask_samples
         faith = self.faithfulness_loss()

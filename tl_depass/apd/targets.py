@@ -76,10 +76,14 @@ class ToyTarget(nn.Module):
         weight = getattr(self, site.matrix.replace(".", "__"))
         return weight if site.orientation == "as_is" else weight.T
 
-    def run(self, x: Float[Tensor, "batch n_features"], linear: Mapping[str, LinearFn] = {}) -> ToyRun:  # noqa: B006
+    def run(
+        self, x: Float[Tensor, "batch n_features"], linear: Mapping[str, LinearFn] = {}
+    ) -> ToyRun:  # noqa: B006
         unknown = set(linear) - {s.name for s in self.sites}
         if unknown:
-            raise KeyError(f"Unknown sites {sorted(unknown)}; this target has {[s.name for s in self.sites]}.")
+            raise KeyError(
+                f"Unknown sites {sorted(unknown)}; this target has {[s.name for s in self.sites]}."
+            )
         record = ToyRun(output=x, inputs={}, outputs={}, hidden={})
 
         def apply(name: str, a: Tensor) -> Tensor:
@@ -152,8 +156,13 @@ class ResidualMLP(ToyTarget):
         self.register_buffer("W_E", w_e / w_e.norm(dim=-1, keepdim=True))
         sites = []
         for layer in range(cfg.n_layers):
-            w_in = torch.randn(cfg.d_embed, cfg.d_mlp, generator=generator) * (2.0 / cfg.d_embed) ** 0.5
-            w_out = torch.randn(cfg.d_mlp, cfg.d_embed, generator=generator) * (1.0 / cfg.d_mlp) ** 0.5
+            w_in = (
+                torch.randn(cfg.d_embed, cfg.d_mlp, generator=generator)
+                * (2.0 / cfg.d_embed) ** 0.5
+            )
+            w_out = (
+                torch.randn(cfg.d_mlp, cfg.d_embed, generator=generator) * (1.0 / cfg.d_mlp) ** 0.5
+            )
             setattr(self, f"layers__{layer}__W_in", nn.Parameter(w_in))
             setattr(self, f"layers__{layer}__W_out", nn.Parameter(w_out))
             for kind in ("W_in", "W_out"):
@@ -187,4 +196,6 @@ def make_target(cfg: TMSConfig | ResidualMLPConfig) -> ToyTarget:
         return TMS(cfg, generator)
     if isinstance(cfg, ResidualMLPConfig):
         return ResidualMLP(cfg, generator)
-    raise TypeError(f"Unknown target config {type(cfg).__name__}; expected TMSConfig or ResidualMLPConfig.")
+    raise TypeError(
+        f"Unknown target config {type(cfg).__name__}; expected TMSConfig or ResidualMLPConfig."
+    )

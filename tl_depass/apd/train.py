@@ -10,7 +10,7 @@ import math
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +24,7 @@ __all__ = ["Objective", "TargetObjective", "train", "lr_factor", "CHECKPOINT_NAM
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
+@runtime_checkable
 class Objective(Protocol):
     """What `train` optimises: an nn.Module with a loss on a batch."""
 
@@ -33,7 +34,9 @@ class Objective(Protocol):
 
     def load_state_dict(self, state: dict): ...
 
-    def training_loss(self, x: Tensor, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]: ...
+    def training_loss(
+        self, x: Tensor, generator: torch.Generator
+    ) -> tuple[Tensor, dict[str, float]]: ...
 
     def before_optimizer_step(self) -> None: ...
 
@@ -45,7 +48,9 @@ class TargetObjective(nn.Module):
         super().__init__()
         self.target = target
 
-    def training_loss(self, x: Tensor, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+    def training_loss(
+        self, x: Tensor, generator: torch.Generator
+    ) -> tuple[Tensor, dict[str, float]]:
         loss = (self.target(x) - self.target.labels(x)).pow(2).mean()
         return loss, {"loss": loss.item()}
 
@@ -90,7 +95,7 @@ def train(
     stop_at: int | None = None,
     progress: Literal["bar", "none"] = "bar",
     description: str = "train",
-) -> list[dict[str, float]]:
+) -> list[dict[str, float | int]]:
     """Train `objective` for `cfg.steps` steps; returns the metric history.
 
     With a `run_dir`, a checkpoint is written every `checkpoint_every` steps and at the end, and
@@ -98,7 +103,9 @@ def train(
     split a run over several calls); None runs to the end. Metrics also go to `metrics.jsonl`.
     """
     if log_every < 1 or checkpoint_every < 1:
-        raise ValueError(f"log_every and checkpoint_every must be >= 1, got {log_every}, {checkpoint_every}.")
+        raise ValueError(
+            f"log_every and checkpoint_every must be >= 1, got {log_every}, {checkpoint_every}."
+        )
     params = [p for p in objective.parameters() if p.requires_grad]
     if not params:
         raise ValueError("The objective has no trainable parameters.")
@@ -134,7 +141,9 @@ def train(
             f.writelines(json.dumps(row) + "\n" for row in history)
 
     end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
-    bar = tqdm(total=cfg.steps, initial=step, desc=description, disable=progress == "none", mininterval=2.0)
+    bar = tqdm(
+        total=cfg.steps, initial=step, desc=description, disable=progress == "none", mininterval=2.0
+    )
     while step < end:
         x = sample(cfg.batch_size, generator)
         loss, metrics = objective.training_loss(x, generator)
