@@ -1,17 +1,20 @@
 """Matplotlib figures for decompositions. Each function returns a Figure; callers save it."""
 
-import matplotlib
+import matplotlib.pyplot as plt
+import torch
+from matplotlib.figure import Figure
+from torch import Tensor
 
-matplotlib.use("Agg")  # headless: reproduction runs write files; notebooks still display inline
+from tl_depass.apd.metrics import permute_to_diagonal
 
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from torch import Tensor  # noqa: E402
-
-from tl_depass.apd.metrics import permute_to_diagonal  # noqa: E402
-
-__all__ = ["plot_ci_heatmaps", "plot_tms_vectors", "plot_norms", "plot_neuron_contributions"]
+__all__ = [
+    "plot_ci_heatmaps",
+    "plot_tms_vectors",
+    "plot_norms",
+    "plot_neuron_contributions",
+    "plot_history",
+    "save",
+]
 
 
 def plot_ci_heatmaps(ci: dict[str, Tensor], title: str) -> Figure:
@@ -77,6 +80,20 @@ def plot_neuron_contributions(target: Tensor, best: Tensor, title: str, n_show: 
         ax.set_ylabel(f"{name}\nfeature")
     axes[1].set_xlabel("neuron")
     fig.suptitle(title)
+    return fig
+
+
+def plot_history(history: list[dict], keys: list[str], title: str) -> Figure:
+    """Logged training metrics against step, log scale."""
+    fig, ax = plt.subplots(figsize=(6, 3))
+    steps = [row["step"] for row in history]
+    for key in keys:
+        ax.plot(steps, [row[key] for row in history], label=key)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
     return fig
 
 
