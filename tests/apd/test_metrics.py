@@ -44,3 +44,31 @@ def test_neuron_contributions_sum_to_the_mlp_path_on_one_hot_inputs():
 def test_permute_to_diagonal_puts_each_features_column_first():
     ci = torch.tensor([[0.0, 0.1, 0.9, 0.0], [0.8, 0.0, 0.0, 0.1], [0.0, 0.7, 0.2, 0.0]])
     assert permute_to_diagonal(ci) == [2, 0, 1, 3]
+
+
+def test_report_table_lists_every_run(tmp_path):
+    from tl_depass.apd.report import load_results, markdown_table
+
+    row = {
+        "experiment": "tms-5-2/spd",
+        "seed": 1,
+        "steps": 10,
+        "batch_size": 8,
+        "mmcs": [0.99, 0.01],
+        "ml2r": [0.9, 0.1],
+        "alive": {"W": 5},
+        "ci_l0": {"W": 0.2},
+        "target_loss": 1e-3,
+        "wall_s": {"target": 6.0, "decomposition": 60.0},
+    }
+    for seed in (1, 0):
+        (tmp_path / f"s{seed}").mkdir()
+        (tmp_path / f"s{seed}" / "results.json").write_text(
+            __import__("json").dumps({**row, "seed": seed})
+        )
+    table = markdown_table(load_results(tmp_path))
+    lines = table.splitlines()
+    assert (
+        len(lines) == 4 and "| tms-5-2/spd | 0 |" in lines[2] and "| tms-5-2/spd | 1 |" in lines[3]
+    )
+    assert "0.9900 ± 0.0100" in lines[2] and "0.1 + 1.0 min" in lines[2]
