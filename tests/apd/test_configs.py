@@ -6,7 +6,6 @@ import pytest
 
 from tl_depass.apd.apd import APD
 from tl_depass.apd.configs import (
-    PRESETS,
     APDConfig,
     ConfigError,
     ExperimentConfig,
@@ -14,8 +13,8 @@ from tl_depass.apd.configs import (
     ResidualMLPConfig,
     SPDConfig,
     TMSConfig,
-    preset,
 )
+from tl_depass.apd.presets import PRESETS, preset
 from tl_depass.apd.targets import make_target
 
 OPTIM = OptimConfig(lr=1e-3, steps=10, batch_size=8)

@@ -12,7 +12,6 @@ papers; neither is the DePass `component` axis.
 
 from tl_depass.apd.apd import APD, batch_topk
 from tl_depass.apd.configs import (
-    PRESETS,
     APDConfig,
     ConfigError,
     ExperimentConfig,
@@ -20,9 +19,8 @@ from tl_depass.apd.configs import (
     ResidualMLPConfig,
     SPDConfig,
     TMSConfig,
-    preset,
-    shortened,
 )
+from tl_depass.apd.presets import PRESETS, preset, shortened
 from tl_depass.apd.spd import SPD
 from tl_depass.apd.targets import TMS, ResidualMLP, Site, ToyTarget, make_target, sparse_features
 from tl_depass.apd.train import TargetObjective, train

@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 
 from tl_depass.apd.apd import APD
-from tl_depass.apd.configs import ExperimentConfig, TMSConfig, preset, shortened
+from tl_depass.apd.configs import ExperimentConfig, TMSConfig
 from tl_depass.apd.metrics import (
     alive_count,
     apd_top1_mse,
@@ -35,6 +35,7 @@ from tl_depass.apd.plots import (
     plot_tms_vectors,
     save,
 )
+from tl_depass.apd.presets import preset, shortened
 from tl_depass.apd.spd import SPD
 from tl_depass.apd.targets import ResidualMLP, ToyTarget, make_target
 from tl_depass.apd.train import TargetObjective, train
