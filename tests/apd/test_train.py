@@ -107,26 +107,18 @@ def test_lr_schedule_warmup_then_cosine_to_zero():
     )
 
 
-def test_reproduce_cli_writes_results_and_figures(tmp_path):
+def test_reproduce_cli_stops_resumes_and_writes_results_and_figures(tmp_path):
     torch.set_default_dtype(torch.float32)
-    args = [
-        "tms-5-2",
-        "--method",
-        "spd",
-        "--steps",
-        "20",
-        "--target-steps",
-        "50",
-        "--batch-size",
-        "128",
-    ]
-    results = main(
-        args
-        + ["--runs", str(tmp_path / "runs"), "--figures", str(tmp_path / "fig"), "--no-progress"]
-    )
-    assert results["steps"] == 20 and set(results["alive"]) == {"W"}
-    assert 0.0 <= results["mmcs"][0] <= 1.0 + 1e-6
+    args = ["tms-5-2", "--method", "spd", "--steps", "20", "--target-steps", "50"]
+    args += ["--batch-size", "128", "--runs", str(tmp_path / "runs"), "--no-progress"]
+    args += ["--figures", str(tmp_path / "fig")]
+    partial = main(args + ["--stop-at", "10"])
+    assert partial["trained_steps"] == 10
+    results = main(args)  # resumes from the step-10 checkpoint
+    assert results["steps"] == results["trained_steps"] == 20
+    assert set(results["alive"]) == {"W"} and 0.0 <= results["mmcs"][0] <= 1.0 + 1e-6
     assert {p.name for p in (tmp_path / "fig").iterdir()} >= {
+        "tms-5-2-spd_seed0_steps20_stopped10_ci.png",
         "tms-5-2-spd_seed0_steps20_ci.png",
         "tms-5-2-spd_seed0_steps20_norms.png",
         "tms-5-2-spd_seed0_steps20_features.png",

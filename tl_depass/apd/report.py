@@ -30,10 +30,13 @@ def markdown_table(rows: list[dict]) -> str:
             extra = "CI-L0 " + ", ".join(f"{k} {v:.2f}" for k, v in r["ci_l0"].items())
         else:
             extra = f"top-1 MSE {r['top1_mse_per_feature']['mean']:.2e}"
+        steps = str(r["steps"])
+        if r.get("trained_steps", r["steps"]) < r["steps"]:
+            steps = f"{r['trained_steps']} of {r['steps']} (stopped)"
         alive = ", ".join(f"{k} {v}" for k, v in r["alive"].items())
         wall = f"{r['wall_s']['target'] / 60:.1f} + {r['wall_s']['decomposition'] / 60:.1f} min"
         lines.append(
-            f"| {r['experiment']} | {r['seed']} | {r['steps']} × {r['batch_size']} | "
+            f"| {r['experiment']} | {r['seed']} | {steps} × {r['batch_size']} | "
             f"{_pm(r.get('mmcs'), 4)} | {_pm(r.get('ml2r'), 3)} | {alive} | {extra} | "
             f"{r['target_loss']:.2e} | {wall} |"
         )

@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 
 from tl_depass.apd.apd import APD
-from tl_depass.apd.configs import ExperimentConfig, TMSConfig
+from tl_depass.apd.configs import APDConfig, ExperimentConfig, TMSConfig
 from tl_depass.apd.metrics import (
     alive_count,
     apd_top1_mse,
@@ -74,18 +74,20 @@ def decompose(
     target: ToyTarget,
     run_dir: Path | None,
     progress: Literal["bar", "none"],
+    stop_at: int | None = None,
 ) -> tuple[APD | SPD, list[dict[str, float | int]]]:
-    method = (
-        APD(target, config.method)
-        if config.method.__class__.__name__ == "APDConfig"
-        else SPD(target, config.method)
-    )
+    """Decompose `target`; `stop_at` ends early (resumable from the checkpoint in `run_dir`)."""
+    if isinstance(config.method, APDConfig):
+        method = APD(target, config.method)
+    else:
+        method = SPD(target, config.method)
     history = train(
         method,
         target.sample,
         config.method.optim,
         seed=config.method.seed + 10_000,  # data stream independent of the target's
         run_dir=run_dir,
+        stop_at=stop_at,
         progress=progress,
         description=config.name,
     )
@@ -160,8 +162,12 @@ def run_experiment(
     runs: Path | None,
     figures: Path | None,
     progress: Literal["bar", "none"] = "bar",
+    stop_at: int | None = None,
 ) -> dict:
-    """Train target, decompose, evaluate. Returns the results dictionary (also saved)."""
+    """Train target, decompose, evaluate. Returns the results dictionary (also saved).
+
+    With `stop_at`, the decomposition stops at that step (or resumes up to it) and the partial
+    result is evaluated and labelled with the steps actually trained."""
     t0 = time.time()
     seed = config.method.seed
     if runs is not None:  # run folders are outputs, never committed
@@ -180,13 +186,17 @@ def run_experiment(
     )
     target = train_target(config, target_dir, progress)
     t1 = time.time()
-    method, history = decompose(config, target, method_dir, progress)
+    method, history = decompose(config, target, method_dir, progress, stop_at)
     t2 = time.time()
+    trained = int(history[-1]["step"]) if history else 0
     tag = f"{slug}_seed{seed}_steps{config.method.optim.steps}"
+    if trained < config.method.optim.steps:
+        tag += f"_stopped{trained}"
     results = {
         "experiment": config.name,
         "seed": seed,
         "steps": config.method.optim.steps,
+        "trained_steps": trained,
         "batch_size": config.method.optim.batch_size,
         "target_loss": target.final_loss,
         "final_train_metrics": history[-1] if history else {},
@@ -221,6 +231,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--runs", type=Path, default=Path("runs/apd"))
     parser.add_argument("--figures", type=Path, default=Path("docs/apd_figures"))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--stop-at", type=int, default=None, help="stop (or resume up to) this decomposition step"
+    )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -232,7 +245,8 @@ def main(argv: list[str] | None = None) -> dict:
         config = dataclasses.replace(
             config, target=dataclasses.replace(config.target, train=train_cfg)
         )
-    results = run_experiment(config, args.runs, args.figures, "none" if args.no_progress else "bar")
+    progress = "none" if args.no_progress else "bar"
+    results = run_experiment(config, args.runs, args.figures, progress, args.stop_at)
     summary = {
         k: results[k] for k in results if k not in ("config", "norms", "best_component_per_feature")
     }
