@@ -38,7 +38,7 @@ from tl_depass.apd.plots import (
 from tl_depass.apd.presets import preset, shortened
 from tl_depass.apd.spd import SPD
 from tl_depass.apd.targets import ResidualMLP, ToyTarget, make_target
-from tl_depass.apd.train import TargetObjective, train
+from tl_depass.apd.train import CHECKPOINT_NAME, TargetObjective, train
 
 __all__ = ["with_seed", "run_experiment", "evaluate", "main"]
 
@@ -188,7 +188,10 @@ def run_experiment(
     t1 = time.time()
     method, history = decompose(config, target, method_dir, progress, stop_at)
     t2 = time.time()
-    trained = int(history[-1]["step"]) if history else 0
+    steps = config.method.optim.steps
+    trained = min(stop_at, steps) if stop_at is not None else steps
+    if method_dir is not None:  # a checkpoint may already be past stop_at
+        trained = torch.load(method_dir / CHECKPOINT_NAME, weights_only=False)["step"]
     tag = f"{slug}_seed{seed}_steps{config.method.optim.steps}"
     if trained < config.method.optim.steps:
         tag += f"_stopped{trained}"
