@@ -1,0 +1,74 @@
+"""Metrics on cases with known answers."""
+
+import torch
+from torch.testing import assert_close
+
+from tl_depass.apd.configs import ResidualMLPConfig
+from tl_depass.apd.metrics import mmcs_ml2r, neuron_contributions, permute_to_diagonal
+from tl_depass.apd.targets import make_target
+
+
+def test_mmcs_ml2r_one_component_per_feature():
+    weight = torch.randn(5, 2, generator=torch.Generator().manual_seed(0))
+    components = torch.zeros(5, 5, 2)
+    for j in range(5):
+        components[j, j] = 0.5 * weight[j]
+    match = mmcs_ml2r(weight, components)
+    assert_close(match.cosine, torch.ones(5))
+    assert_close(match.l2_ratio, torch.full((5,), 0.5))
+    assert match.best.tolist() == [0, 1, 2, 3, 4]
+    assert match.mmcs[1] < 1e-9
+
+
+def test_mmcs_detects_a_rotated_feature():
+    weight = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    components = torch.tensor([[[1.0, 1.0], [0.0, 1.0]]])  # feature 0 at 45 degrees
+    match = mmcs_ml2r(weight, components)
+    assert_close(match.cosine, torch.tensor([2**-0.5, 1.0]))
+    assert_close(match.l2_ratio, torch.tensor([2**0.5, 1.0]))
+
+
+def test_neuron_contributions_sum_to_the_mlp_path_on_one_hot_inputs():
+    target = make_target(ResidualMLPConfig(n_features=6, d_embed=8, d_mlp=4, seed=3))
+    w_in, w_out = target.layers__0__W_in.detach(), target.layers__0__W_out.detach()
+    contributions = neuron_contributions(target, w_in, w_out)
+    value = 0.75
+    out = target(torch.eye(6) * value).detach()
+    read = target.W_E @ w_in
+    for i in range(6):
+        via_mlp = out[i, i] - value  # the direct residual path gives value · ‖W_E[i]‖² = value
+        expected = value * contributions[i][read[i] > 0].sum()
+        assert_close(via_mlp, expected)
+
+
+def test_permute_to_diagonal_puts_each_features_column_first():
+    ci = torch.tensor([[0.0, 0.1, 0.9, 0.0], [0.8, 0.0, 0.0, 0.1], [0.0, 0.7, 0.2, 0.0]])
+    assert permute_to_diagonal(ci) == [2, 0, 1, 3]
+
+
+def test_report_table_lists_every_run(tmp_path):
+    from tl_depass.apd.report import load_results, markdown_table
+
+    row = {
+        "experiment": "tms-5-2/spd",
+        "seed": 1,
+        "steps": 10,
+        "batch_size": 8,
+        "mmcs": [0.99, 0.01],
+        "ml2r": [0.9, 0.1],
+        "alive": {"W": 5},
+        "ci_l0": {"W": 0.2},
+        "target_loss": 1e-3,
+        "wall_s": {"target": 6.0, "decomposition": 60.0},
+    }
+    for seed in (1, 0):
+        (tmp_path / f"s{seed}").mkdir()
+        (tmp_path / f"s{seed}" / "results.json").write_text(
+            __import__("json").dumps({**row, "seed": seed})
+        )
+    table = markdown_table(load_results(tmp_path))
+    lines = table.splitlines()
+    assert (
+        len(lines) == 4 and "| tms-5-2/spd | 0 |" in lines[2] and "| tms-5-2/spd | 1 |" in lines[3]
+    )
+    assert "0.9900 ± 0.0100" in lines[2] and "0.1 + 1.0 min" in lines[2]

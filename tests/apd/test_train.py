@@ -1,0 +1,127 @@
+"""Training: a short TMS 5-2 run whose loss falls, bit-identical resume, schedule, CLI smoke."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from tl_depass.apd.apd import APD
+from tl_depass.apd.configs import OptimConfig, TMSConfig
+from tl_depass.apd.presets import preset, shortened
+from tl_depass.apd.reproduce import main
+from tl_depass.apd.spd import SPD
+from tl_depass.apd.targets import make_target
+from tl_depass.apd.train import TargetObjective, lr_factor, train
+
+
+@pytest.fixture(scope="module")
+def tms_5_2():
+    """A TMS 5-2 target trained briefly (float32, as the reproduction runs)."""
+    target = make_target(TMSConfig(n_features=5, n_hidden=2, seed=0))
+    cfg = OptimConfig(lr=5e-3, steps=400, batch_size=256, optimizer="adamw", weight_decay=0.01)
+    history = train(
+        TargetObjective(target), target.sample, cfg, 0, None, log_every=50, progress="none"
+    )
+    assert history[-1]["loss"] < 0.5 * history[0]["loss"]
+    return target.float()
+
+
+@pytest.mark.parametrize("method", ["apd", "spd"])
+def test_short_tms_5_2_run_loss_falls(tms_5_2, method):
+    torch.set_default_dtype(torch.float32)
+    config = shortened(preset("tms-5-2", method), steps=200, batch_size=512)
+    model = APD(tms_5_2, config.method) if method == "apd" else SPD(tms_5_2, config.method)
+    history = train(
+        model, tms_5_2.sample, config.method.optim, 1, None, log_every=20, progress="none"
+    )
+    assert history[-1]["loss"] < 0.5 * history[0]["loss"]
+    assert history[-1]["faithfulness"] < history[0]["faithfulness"]
+
+
+@pytest.mark.parametrize("method", ["apd", "spd"])
+def test_resume_after_interruption_gives_identical_numbers(tmp_path, method):
+    target = make_target(TMSConfig(n_features=5, n_hidden=2, hidden_identity="identity", seed=2))
+    cfg = shortened(preset("tms-5-2", method), steps=30, batch_size=64).method
+    cfg = dataclasses.replace(
+        cfg, optim=dataclasses.replace(cfg.optim, warmup_frac=0.1, schedule="cosine")
+    )
+
+    def build():
+        return APD(target, cfg) if method == "apd" else SPD(target, cfg)
+
+    straight = build()
+    expected = train(
+        straight,
+        target.sample,
+        cfg.optim,
+        3,
+        tmp_path / "a",
+        checkpoint_every=10,
+        log_every=5,
+        progress="none",
+    )
+    first = build()
+    train(
+        first,
+        target.sample,
+        cfg.optim,
+        3,
+        tmp_path / "b",
+        checkpoint_every=10,
+        log_every=5,
+        stop_at=17,
+        progress="none",
+    )
+    resumed = build()  # a fresh process would start from scratch like this
+    history = train(
+        resumed,
+        target.sample,
+        cfg.optim,
+        3,
+        tmp_path / "b",
+        checkpoint_every=10,
+        log_every=5,
+        progress="none",
+    )
+    assert history == expected
+    for (name, a), (_, b) in zip(
+        straight.state_dict().items(), resumed.state_dict().items(), strict=True
+    ):
+        assert_close(a, b, rtol=0, atol=0, msg=f"{name} differs after resume")
+    logged = [
+        json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert logged == expected
+
+
+def test_lr_schedule_warmup_then_cosine_to_zero():
+    cfg = OptimConfig(lr=1.0, steps=100, batch_size=1, schedule="cosine", warmup_frac=0.1)
+    assert lr_factor(0, cfg) == pytest.approx(0.1)
+    assert lr_factor(9, cfg) == pytest.approx(1.0)
+    assert lr_factor(10, cfg) == pytest.approx(1.0)
+    assert lr_factor(55, cfg) == pytest.approx(0.5)
+    assert lr_factor(99, cfg) == pytest.approx(
+        0.5 * (1 + torch.cos(torch.tensor(89 / 90 * torch.pi)).item())
+    )
+
+
+def test_reproduce_cli_stops_resumes_and_writes_results_and_figures(tmp_path):
+    torch.set_default_dtype(torch.float32)
+    args = ["tms-5-2", "--method", "spd", "--steps", "20", "--target-steps", "50"]
+    args += ["--batch-size", "128", "--runs", str(tmp_path / "runs"), "--no-progress"]
+    args += ["--figures", str(tmp_path / "fig")]
+    partial = main(args + ["--stop-at", "10"])
+    assert partial["trained_steps"] == 10
+    results = main(args)  # resumes from the step-10 checkpoint
+    assert results["steps"] == results["trained_steps"] == 20
+    assert set(results["alive"]) == {"W"} and 0.0 <= results["mmcs"][0] <= 1.0 + 1e-6
+    assert {p.name for p in (tmp_path / "fig").iterdir()} >= {
+        "tms-5-2-spd_seed0_steps20_stopped10_ci.png",
+        "tms-5-2-spd_seed0_steps20_ci.png",
+        "tms-5-2-spd_seed0_steps20_norms.png",
+        "tms-5-2-spd_seed0_steps20_features.png",
+    }
+    saved = json.loads(next((tmp_path / "runs").rglob("results.json")).read_text())
+    assert saved["mmcs"] == list(results["mmcs"])

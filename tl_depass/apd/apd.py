@@ -1,0 +1,228 @@
+"""Attribution-based Parameter Decomposition (APD; Braun et al. 2025, arXiv 2501.14926).
+
+Paper notation: `C` components, each spanning every decomposed matrix l as a rank-`m` product
+`P_{c,l} = A_{c,l} @ B_{c,l}` (x @ W convention). A forward with a per-sample mask over components
+never builds per-sample weights: `(a @ A) → [batch, C, m]`, times the mask, then `@ B`,
+summed over C.
+"""
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from tl_depass.apd.configs import APDConfig, ConfigError
+from tl_depass.apd.targets import LinearFn, Site, ToyTarget
+
+__all__ = ["APD", "batch_topk"]
+
+
+def batch_topk(attributions: Float[Tensor, "batch C"], topk: float) -> Float[Tensor, "batch C"]:
+    """Keep the `int(topk · batch)` largest attributions of the whole batch (1.0), others 0.0."""
+    k = int(topk * attributions.shape[0])
+    if k < 1:
+        raise ValueError(f"topk={topk} keeps no component in a batch of {attributions.shape[0]}.")
+    flat = attributions.flatten()
+    mask = torch.zeros_like(flat)
+    mask[flat.topk(k).indices] = 1.0
+    return mask.reshape(attributions.shape)
+
+
+class APD(nn.Module):
+    """APD of a frozen toy target. `training_loss` is what `train` optimises."""
+
+    def __init__(self, target: ToyTarget, cfg: APDConfig):
+        super().__init__()
+        self.target = target.requires_grad_(False)
+        self.cfg = cfg
+        generator = torch.Generator().manual_seed(cfg.seed)
+        self.A, self.B = nn.ParameterDict(), nn.ParameterDict()
+        for name, weight in target.matrices().items():
+            d_in, d_out = weight.shape
+            m = min(d_in, d_out) if cfg.m is None else cfg.m
+            # kaiming-uniform over each factor's fan-in, as the reference code
+            a = (
+                torch.empty(cfg.C, d_in, m).uniform_(-1, 1, generator=generator)
+                * (6 / d_in) ** 0.5
+                / 2
+            )
+            b = (
+                torch.empty(cfg.C, m, d_out).uniform_(-1, 1, generator=generator)
+                * (6 / m) ** 0.5
+                / 2
+            )
+            self.A[self._key(name)] = nn.Parameter(a)
+            self.B[self._key(name)] = nn.Parameter(b)
+        if cfg.act_recon_coeff > 0 and not self.target.run(self.target.sample(1, generator)).hidden:
+            raise ConfigError(
+                f"APDConfig.act_recon_coeff={cfg.act_recon_coeff} but {type(target).__name__} "
+                "has no "
+                "hidden MLP activations to reconstruct; set act_recon_coeff=0."
+            )
+        if cfg.a_norm == "unit":
+            self.normalise_A()
+
+    @staticmethod
+    def _key(matrix: str) -> str:
+        return matrix.replace(".", "__")
+
+    def factors(self, site: Site) -> tuple[Float[Tensor, "C d_in m"], Float[Tensor, "C m d_out"]]:
+        """(first, second) factors for a site: `a @ W_site ≈ Σ_c (a @ first_c) @ second_c`."""
+        a, b = self.A[self._key(site.matrix)], self.B[self._key(site.matrix)]
+        if site.orientation == "as_is":
+            return a, b
+        return b.transpose(-1, -2), a.transpose(-1, -2)
+
+    def component_weights(self, matrix: str) -> Float[Tensor, "C d_in d_out"]:
+        """`P_{c,l}` for every component of one matrix."""
+        return self.A[self._key(matrix)] @ self.B[self._key(matrix)]
+
+    def linear_fns(self, mask: Float[Tensor, "batch C"]) -> dict[str, LinearFn]:
+        def make(site: Site) -> LinearFn:
+            first, second = self.factors(site)
+
+            def fn(a: Tensor) -> Tensor:
+                inner = torch.einsum("bi,cim->bcm", a, first) * mask[:, :, None]
+                return torch.einsum("bcm,cmo->bo", inner, second)
+
+            return fn
+
+        return {site.name: make(site) for site in self.target.sites}
+
+    def forward(
+        self, x: Float[Tensor, "batch n_features"], mask: Float[Tensor, "batch C"]
+    ) -> Float[Tensor, "batch n_out"]:
+        return self.target.run(x, self.linear_fns(mask)).output
+
+    # ---- attributions ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _component_site_outputs(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Each component's output at each site on the given site inputs: [batch, C, d_out]."""
+        outs = {}
+        for site in self.target.sites:
+            first, second = self.factors(site)
+            outs[site.name] = torch.einsum("bi,cim,cmo->bco", inputs[site.name], first, second)
+        return outs
+
+    def _target_output_grads(self, x: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Site inputs and ∂f_o/∂(site output) for every output o: [n_out, batch, d_out]."""
+        with torch.enable_grad():
+            probes: dict[str, Tensor] = {}
+
+            def make(site: Site) -> LinearFn:
+                def fn(a: Tensor) -> Tensor:
+                    out = a @ self.target.site_weight(site)
+                    probes[site.name] = torch.zeros_like(out, requires_grad=True)
+                    return out + probes[site.name]
+
+                return fn
+
+            run = self.target.run(x, {s.name: make(s) for s in self.target.sites})
+            n_out = run.output.shape[-1]
+            eye = torch.eye(n_out, dtype=x.dtype)[:, None, :].expand(n_out, *run.output.shape)
+            names = [s.name for s in self.target.sites]
+            grads = torch.autograd.grad(
+                run.output,
+                [probes[n] for n in names],
+                grad_outputs=eye,
+                is_grads_batched=True,
+                allow_unused=True,
+            )
+        inputs = {k: v.detach() for k, v in run.inputs.items()}
+        return inputs, {
+            n: (g if g is not None else torch.zeros(n_out, *probes[n].shape))
+            for n, g in zip(names, grads, strict=True)
+        }
+
+    @torch.no_grad()
+    def attributions(self, x: Float[Tensor, "batch n_features"]) -> Float[Tensor, "batch C"]:
+        """Per-sample, per-component attribution of the chosen kind (never differentiated)."""
+        kind = self.cfg.attribution
+        if kind == "gradient":
+            # sqrt(mean_o (Σ_l Σ_j ∂f_o/∂y_{l,j} (a_l P_{c,l})_j)²), all on the target
+            inputs, grads = self._target_output_grads(x)
+            outs = self._component_site_outputs(inputs)
+            total = sum(torch.einsum("obj,bcj->obc", grads[n], outs[n]) for n in outs)
+            return total.pow(2).mean(0).sqrt()
+        if kind == "activation":
+            outs = self._component_site_outputs(self.target.run(x).inputs)
+            return sum(o.pow(2).sum(-1) for o in outs.values())
+        # ablation: output change when one component is removed from the all-ones APD model
+        ones = torch.ones(x.shape[0], self.cfg.C, dtype=x.dtype)
+        full = self.forward(x, ones)
+        scores = []
+        for c in range(self.cfg.C):
+            ablated = ones.clone()
+            ablated[:, c] = 0.0
+            scores.append((full - self.forward(x, ablated)).pow(2).mean(-1).sqrt())
+        return torch.stack(scores, dim=-1)
+
+    # ---- losses ------------------------------------------------------------------------------
+
+    def faithfulness_loss(self) -> Tensor:
+        """Σ_l ‖W_l − Σ_c P_{c,l}‖² / (elements over sites; tied matrices count twice)."""
+        total, count = 0.0, 0
+        for site in self.target.sites:
+            first, second = self.factors(site)
+            diff = self.target.site_weight(site) - torch.einsum("cim,cmo->io", first, second)
+            total = total + diff.pow(2).sum()
+            count += diff.numel()
+        return total / count
+
+    def simplicity_loss(self, mask: Float[Tensor, "batch C"]) -> Tensor:
+        """Schatten-p of the active components:
+        Σ mask·Σ_m (‖A_m‖²‖B_m‖² + ε)^{p/2} / (n_params·B)."""
+        total, count = 0.0, 0
+        for site in self.target.sites:
+            first, second = self.factors(site)
+            per_rank = first.pow(2).sum(1) * second.pow(2).sum(2)  # [C, m]
+            schatten = (per_rank + 1e-16).pow(self.cfg.p / 2).sum(-1)  # [C]
+            total = total + (mask * schatten).sum()
+            count += first.shape[1] * second.shape[2]
+        return total / (count * mask.shape[0])
+
+    def training_loss(
+        self, x: Tensor, generator: torch.Generator
+    ) -> tuple[Tensor, dict[str, float]]:
+        cfg = self.cfg
+        if cfg.a_norm == "unit":
+            self.normalise_A()
+        with torch.no_grad():
+            target_run = self.target.run(x)
+        mask = batch_topk(self.attributions(x), cfg.topk)
+        topk_run = self.target.run(x, self.linear_fns(mask))
+        faith = self.faithfulness_loss()
+        minimality = (topk_run.output - target_run.output).pow(2).mean()
+        simplicity = self.simplicity_loss(mask)
+        loss = cfg.faithfulness_coeff * faith + cfg.minimality_coeff * minimality
+        loss = loss + cfg.simplicity_coeff * simplicity
+        metrics = {
+            "faithfulness": faith.item(),
+            "minimality": minimality.item(),
+            "simplicity": simplicity.item(),
+        }
+        if cfg.act_recon_coeff > 0:
+            act = sum(
+                (topk_run.hidden[k] - target_run.hidden[k]).pow(2).mean() for k in target_run.hidden
+            ) / len(target_run.hidden)
+            loss = loss + cfg.act_recon_coeff * act
+            metrics["act_recon"] = act.item()
+        metrics["loss"] = loss.item()
+        return loss, metrics
+
+    # ---- optional unit-norm A (residual MLP 1-layer) -------------------------------------------
+
+    @torch.no_grad()
+    def normalise_A(self) -> None:
+        """Rescale every A_{c,l,:,m} to unit norm over d_in."""
+        for a in self.A.values():
+            a.div_(a.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    @torch.no_grad()
+    def before_optimizer_step(self) -> None:
+        """With unit-norm A, drop the gradient component parallel to A (stay on the sphere)."""
+        if self.cfg.a_norm != "unit":
+            return
+        for a in self.A.values():
+            if a.grad is not None:
+                a.grad.sub_((a.grad * a).sum(dim=1, keepdim=True) * a)

@@ -1,0 +1,132 @@
+"""Evaluation: MMCS / ML2R, alive subcomponents, CI-L0, one-hot causal importances, top-1 MSE,
+neuron contributions. Everything here is read-only on the decomposition."""
+
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from tl_depass.apd.apd import APD
+from tl_depass.apd.spd import SPD
+from tl_depass.apd.targets import ResidualMLP, ToyTarget
+
+__all__ = [
+    "FeatureMatch",
+    "component_weights",
+    "mmcs_ml2r",
+    "subcomponent_norms",
+    "alive_count",
+    "ci_l0",
+    "one_hot_inputs",
+    "one_hot_causal_importance",
+    "permute_to_diagonal",
+    "apd_top1_mse",
+    "neuron_contributions",
+]
+
+
+@dataclass(frozen=True)
+class FeatureMatch:
+    """Per-feature best cosine similarity and norm ratio; mean ± std over features."""
+
+    cosine: Float[Tensor, " n_features"]
+    l2_ratio: Float[Tensor, " n_features"]
+    best: Tensor
+
+    @property
+    def mmcs(self) -> tuple[float, float]:
+        return self.cosine.mean().item(), self.cosine.std(unbiased=False).item()
+
+    @property
+    def ml2r(self) -> tuple[float, float]:
+        return self.l2_ratio.mean().item(), self.l2_ratio.std(unbiased=False).item()
+
+
+@torch.no_grad()
+def component_weights(method: APD | SPD, matrix: str) -> Float[Tensor, "C d_in d_out"]:
+    """Each (sub)component's weight for one matrix."""
+    if isinstance(method, APD):
+        return method.component_weights(matrix)
+    return method.subcomponent_weights(matrix)
+
+
+@torch.no_grad()
+def mmcs_ml2r(
+    weight: Float[Tensor, "n_features d_hidden"], components: Float[Tensor, "C n_features d_hidden"]
+) -> FeatureMatch:
+    """For each feature j (row j of W, column j in the paper's `W: [d_hidden, n_features]`),
+    the component whose row j points most in W's direction, and its norm relative to W's."""
+    eps = 1e-12
+    cos = torch.einsum("cjh,jh->cj", components, weight) / (
+        components.norm(dim=-1) * weight.norm(dim=-1)[None] + eps
+    )
+    best_cos, best = cos.max(dim=0)
+    best_rows = components[best, torch.arange(weight.shape[0])]
+    ratio = best_rows.norm(dim=-1) / (weight.norm(dim=-1) + eps)
+    return FeatureMatch(cosine=best_cos, l2_ratio=ratio, best=best)
+
+
+@torch.no_grad()
+def subcomponent_norms(method: APD | SPD, matrix: str) -> Float[Tensor, " C"]:
+    """Frobenius norm of each (sub)component's weight for one matrix."""
+    return component_weights(method, matrix).flatten(1).norm(dim=-1)
+
+
+@torch.no_grad()
+def alive_count(method: APD | SPD, matrix: str, threshold: float = 0.1) -> int:
+    """Subcomponents whose weight norm exceeds `threshold`."""
+    return int((subcomponent_norms(method, matrix) > threshold).sum())
+
+
+@torch.no_grad()
+def ci_l0(spd: SPD, x: Tensor, threshold: float = 0.1) -> dict[str, float]:
+    """Mean number of subcomponents per sample with causal importance above `threshold`."""
+    return {
+        k: (g > threshold).float().sum(-1).mean().item()
+        for k, g in spd.causal_importances(x).items()
+    }
+
+
+def one_hot_inputs(target: ToyTarget, value: float) -> Float[Tensor, "n_features n_features"]:
+    return torch.eye(target.n_features) * value
+
+
+@torch.no_grad()
+def one_hot_causal_importance(spd: SPD, value: float) -> dict[str, Float[Tensor, "n_features C"]]:
+    """Causal importances when exactly one feature is on, at `value`."""
+    return spd.causal_importances(one_hot_inputs(spd.target, value))
+
+
+def permute_to_diagonal(matrix: Float[Tensor, "n_features C"]) -> list[int]:
+    """Column order putting each feature's strongest unused column on the diagonal, then
+    the rest."""
+    order: list[int] = []
+    for row in matrix:
+        ranked = row.argsort(descending=True).tolist()
+        pick = next(c for c in ranked if c not in order) if len(order) < matrix.shape[1] else None
+        if pick is not None:
+            order.append(pick)
+    return order + [c for c in range(matrix.shape[1]) if c not in order]
+
+
+@torch.no_grad()
+def apd_top1_mse(apd: APD, value: float) -> Float[Tensor, " n_features"]:
+    """Per feature: MSE to the target of the APD forward keeping only the one component with the
+    highest attribution on that feature's one-hot input."""
+    x = one_hot_inputs(apd.target, value)
+    attributions = apd.attributions(x)
+    mask = torch.zeros_like(attributions)
+    mask[torch.arange(x.shape[0]), attributions.argmax(-1)] = 1.0
+    return (apd(x, mask) - apd.target(x)).pow(2).mean(-1)
+
+
+@torch.no_grad()
+def neuron_contributions(
+    target: ResidualMLP, w_in: Float[Tensor, "d_embed d_mlp"], w_out: Float[Tensor, "d_mlp d_embed"]
+) -> Float[Tensor, "n_features d_mlp"]:
+    """How much each neuron carries feature i straight back to output i:
+    `(W_E[i] @ W_in)[n] · (W_out @ W_U[:, i])[n]` (paper's `(W_U W_out) ⊙ (W_in W_E)`)."""
+    read = target.W_E @ w_in  # [n_features, d_mlp]
+    write = (w_out @ target.W_U).T  # [n_features, d_mlp]
+    return read * write

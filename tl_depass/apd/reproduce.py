@@ -1,0 +1,261 @@
+"""Reproduction runs, one command each:
+
+    python -m tl_depass.apd.reproduce tms-5-2 --method spd --seed 0
+
+Trains the target (checkpointed, resumable), decomposes it (checkpointed, resumable), evaluates,
+writes `results.json` into the run folder and figures into `--figures`. `--steps` shortens the
+decomposition; the result records which settings actually ran.
+"""
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from tl_depass.apd.apd import APD
+from tl_depass.apd.configs import APDConfig, ExperimentConfig, TMSConfig
+from tl_depass.apd.metrics import (
+    alive_count,
+    apd_top1_mse,
+    ci_l0,
+    component_weights,
+    mmcs_ml2r,
+    neuron_contributions,
+    one_hot_causal_importance,
+    subcomponent_norms,
+)
+from tl_depass.apd.plots import (
+    plot_ci_heatmaps,
+    plot_neuron_contributions,
+    plot_norms,
+    plot_tms_vectors,
+    save,
+)
+from tl_depass.apd.presets import preset, shortened
+from tl_depass.apd.spd import SPD
+from tl_depass.apd.targets import ResidualMLP, ToyTarget, make_target
+from tl_depass.apd.train import CHECKPOINT_NAME, TargetObjective, train
+
+__all__ = ["with_seed", "run_experiment", "evaluate", "main"]
+
+
+def with_seed(config: ExperimentConfig, seed: int) -> ExperimentConfig:
+    """Same experiment, target and decomposition both seeded with `seed`."""
+    return dataclasses.replace(
+        config,
+        target=dataclasses.replace(config.target, seed=seed),
+        method=dataclasses.replace(config.method, seed=seed),
+    )
+
+
+def train_target(
+    config: ExperimentConfig, run_dir: Path | None, progress: Literal["bar", "none"]
+) -> ToyTarget:
+    target = make_target(config.target)
+    history = train(
+        TargetObjective(target),
+        target.sample,
+        config.target.train,
+        seed=config.target.seed,
+        run_dir=run_dir,
+        progress=progress,
+        description="target",
+    )
+    target.final_loss = history[-1]["loss"] if history else float("nan")
+    return target
+
+
+def decompose(
+    config: ExperimentConfig,
+    target: ToyTarget,
+    run_dir: Path | None,
+    progress: Literal["bar", "none"],
+    stop_at: int | None = None,
+) -> tuple[APD | SPD, list[dict[str, float | int]]]:
+    """Decompose `target`; `stop_at` ends early (resumable from the checkpoint in `run_dir`)."""
+    if isinstance(config.method, APDConfig):
+        method = APD(target, config.method)
+    else:
+        method = SPD(target, config.method)
+    history = train(
+        method,
+        target.sample,
+        config.method.optim,
+        seed=config.method.seed + 10_000,  # data stream independent of the target's
+        run_dir=run_dir,
+        stop_at=stop_at,
+        progress=progress,
+        description=config.name,
+    )
+    return method, history
+
+
+@torch.no_grad()
+def evaluate(method: APD | SPD, figures: Path | None, tag: str) -> dict:
+    """The issue's metrics for this target; figures saved as `<figures>/<tag>_*.png`."""
+    target = method.target
+    out: dict = {}
+    norms = {m: subcomponent_norms(method, m) for m in target.matrix_names}
+    out["alive"] = {m: alive_count(method, m) for m in target.matrix_names}
+    out["norms"] = {m: sorted(n.tolist(), reverse=True)[:12] for m, n in norms.items()}
+    out["faithfulness"] = method.faithfulness_loss().item()
+    if figures is not None:
+        figures.mkdir(parents=True, exist_ok=True)
+        save(plot_norms(norms, f"{tag}: weight norms"), figures / f"{tag}_norms.png")
+    eval_x = target.sample(10_000, torch.Generator().manual_seed(123))
+    if isinstance(target.cfg, TMSConfig):
+        match = mmcs_ml2r(target.W.detach(), component_weights(method, "W"))
+        out["mmcs"], out["ml2r"] = match.mmcs, match.ml2r
+        out["best_component_per_feature"] = match.best.tolist()
+        if figures is not None and target.cfg.n_hidden == 2:
+            fig = plot_tms_vectors(target.W.detach(), component_weights(method, "W"), tag)
+            save(fig, figures / f"{tag}_features.png")
+    if isinstance(method, SPD):
+        out["ci_l0"] = ci_l0(method, eval_x)
+        value = 0.75 if isinstance(target, ResidualMLP) else 1.0
+        ci = one_hot_causal_importance(method, value)
+        out["one_hot_ci"] = {
+            site: {
+                "features_with_a_subcomponent": int((g.max(-1).values > 0.1).sum()),
+                "distinct_argmax_subcomponents": len(set(g.argmax(-1).tolist())),
+                "always_on_subcomponents": int((g > 0.5).float().mean(0).ge(0.9).sum()),
+            }
+            for site, g in ci.items()
+        }
+        stoch = method.training_loss(eval_x, torch.Generator().manual_seed(7))[1]
+        out["eval_losses"] = stoch
+        if figures is not None:
+            save(
+                plot_ci_heatmaps(ci, f"{tag}: causal importance, one-hot x={value}"),
+                figures / f"{tag}_ci.png",
+            )
+    else:
+        value = 0.75 if isinstance(target, ResidualMLP) else 1.0
+        top1 = apd_top1_mse(method, value)
+        out["top1_mse_per_feature"] = {"mean": top1.mean().item(), "max": top1.max().item()}
+        out["eval_losses"] = method.training_loss(eval_x, torch.Generator())[1]
+        attributions = method.attributions(torch.eye(target.n_features) * value)
+        best = attributions.argmax(-1)
+        out["distinct_top1_components"] = len(set(best.tolist()))
+        if isinstance(target, ResidualMLP) and target.cfg.n_layers == 1 and figures is not None:
+            w_in = component_weights(method, "layers.0.W_in")
+            w_out = component_weights(method, "layers.0.W_out")
+            idx = torch.arange(target.n_features)
+            per_component = torch.stack(
+                [neuron_contributions(target, w_in[c], w_out[c]) for c in range(w_in.shape[0])]
+            )
+            fig = plot_neuron_contributions(
+                neuron_contributions(target, target.layers__0__W_in, target.layers__0__W_out),
+                per_component[best, idx],
+                f"{tag}: neuron contributions",
+            )
+            save(fig, figures / f"{tag}_neurons.png")
+    return out
+
+
+def run_experiment(
+    config: ExperimentConfig,
+    runs: Path | None,
+    figures: Path | None,
+    progress: Literal["bar", "none"] = "bar",
+    stop_at: int | None = None,
+) -> dict:
+    """Train target, decompose, evaluate. Returns the results dictionary (also saved).
+
+    With `stop_at`, the decomposition stops at that step (or resumes up to it) and the partial
+    result is evaluated and labelled with the steps actually trained."""
+    t0 = time.time()
+    seed = config.method.seed
+    if runs is not None:  # run folders are outputs, never committed
+        runs.mkdir(parents=True, exist_ok=True)
+        (runs / ".gitignore").write_text("*\n")
+    slug = config.name.replace("/", "-")
+    target_dir = (
+        runs / slug.rsplit("-", 1)[0] / f"target_seed{seed}_steps{config.target.train.steps}"
+        if runs
+        else None
+    )
+    method_dir = (
+        runs / slug.rsplit("-", 1)[0] / f"{slug}_seed{seed}_steps{config.method.optim.steps}"
+        if runs
+        else None
+    )
+    target = train_target(config, target_dir, progress)
+    t1 = time.time()
+    method, history = decompose(config, target, method_dir, progress, stop_at)
+    t2 = time.time()
+    steps = config.method.optim.steps
+    trained = min(stop_at, steps) if stop_at is not None else steps
+    if method_dir is not None:  # a checkpoint may already be past stop_at
+        trained = torch.load(method_dir / CHECKPOINT_NAME, weights_only=False)["step"]
+    tag = f"{slug}_seed{seed}_steps{config.method.optim.steps}"
+    if trained < config.method.optim.steps:
+        tag += f"_stopped{trained}"
+    results = {
+        "experiment": config.name,
+        "seed": seed,
+        "steps": config.method.optim.steps,
+        "trained_steps": trained,
+        "batch_size": config.method.optim.batch_size,
+        "target_loss": target.final_loss,
+        "final_train_metrics": history[-1] if history else {},
+        **evaluate(method, figures, tag),
+        "wall_s": {
+            "target": round(t1 - t0, 1),
+            "decomposition": round(t2 - t1, 1),
+            "total": round(time.time() - t0, 1),
+        },
+        "machine": f"CPU, {torch.get_num_threads()} torch thread(s)",
+        "config": dataclasses.asdict(config),
+    }
+    if method_dir is not None:
+        (method_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "experiment", help="tms-5-2, tms-5-2-id, tms-40-10, tms-40-10-id, resid-mlp-1, resid-mlp-2"
+    )
+    parser.add_argument("--method", choices=["apd", "spd"], required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--steps", type=int, default=None, help="shorten the decomposition (default: paper)"
+    )
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--target-steps", type=int, default=None, help="shorten target training")
+    parser.add_argument("--runs", type=Path, default=Path("runs/apd"))
+    parser.add_argument("--figures", type=Path, default=Path("docs/apd_figures"))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--stop-at", type=int, default=None, help="stop (or resume up to) this decomposition step"
+    )
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    config = with_seed(preset(args.experiment, args.method), args.seed)
+    if args.steps is not None or args.batch_size is not None:
+        config = shortened(config, args.steps or config.method.optim.steps, args.batch_size)
+    if args.target_steps is not None:
+        train_cfg = dataclasses.replace(config.target.train, steps=args.target_steps)
+        config = dataclasses.replace(
+            config, target=dataclasses.replace(config.target, train=train_cfg)
+        )
+    progress = "none" if args.no_progress else "bar"
+    results = run_experiment(config, args.runs, args.figures, progress, args.stop_at)
+    summary = {
+        k: results[k] for k in results if k not in ("config", "norms", "best_component_per_feature")
+    }
+    print(json.dumps(summary, indent=1, default=str))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""One training loop for targets, APD and SPD: schedule, progress bar, metrics, checkpoints.
+
+Determinism: all randomness after construction (data, SPD masks) comes from one
+`torch.Generator` whose state is checkpointed with the model, optimiser and scheduler, so an
+interrupted run resumed from its checkpoint produces the same numbers as an uninterrupted one.
+"""
+
+import json
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from tl_depass.apd.configs import OptimConfig
+from tl_depass.apd.targets import ToyTarget
+
+__all__ = ["Objective", "TargetObjective", "train", "lr_factor", "CHECKPOINT_NAME"]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+@runtime_checkable
+class Objective(Protocol):
+    """What `train` optimises: an nn.Module with a loss on a batch."""
+
+    def parameters(self): ...
+
+    def state_dict(self): ...
+
+    def load_state_dict(self, state: dict): ...
+
+    def training_loss(
+        self, x: Tensor, generator: torch.Generator
+    ) -> tuple[Tensor, dict[str, float]]: ...
+
+    def before_optimizer_step(self) -> None: ...
+
+
+class TargetObjective(nn.Module):
+    """Trains a toy target on its labels with MSE (TMS: importance 1 everywhere)."""
+
+    def __init__(self, target: ToyTarget):
+        super().__init__()
+        self.target = target
+
+    def training_loss(
+        self, x: Tensor, generator: torch.Generator
+    ) -> tuple[Tensor, dict[str, float]]:
+        loss = (self.target(x) - self.target.labels(x)).pow(2).mean()
+        return loss, {"loss": loss.item()}
+
+    def before_optimizer_step(self) -> None:
+        pass
+
+
+def lr_factor(step: int, cfg: OptimConfig) -> float:
+    """Linear warmup over `warmup_frac · steps`, then constant, cosine or linear decay to 0."""
+    warmup = int(cfg.warmup_frac * cfg.steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, cfg.steps - warmup)
+    if cfg.schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0 - progress
+
+
+def _optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _atomic_save(state: dict, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def train(
+    objective: Objective,
+    sample: Callable[[int, torch.Generator], Tensor],
+    cfg: OptimConfig,
+    seed: int,
+    run_dir: Path | None,
+    *,
+    log_every: int = 100,
+    checkpoint_every: int = 1000,
+    stop_at: int | None = None,
+    progress: Literal["bar", "none"] = "bar",
+    description: str = "train",
+) -> list[dict[str, float | int]]:
+    """Train `objective` for `cfg.steps` steps; returns the metric history.
+
+    With a `run_dir`, a checkpoint is written every `checkpoint_every` steps and at the end, and
+    an existing checkpoint there is resumed from. `stop_at` ends the call early at that step (to
+    split a run over several calls); None runs to the end. Metrics also go to `metrics.jsonl`.
+    """
+    if log_every < 1 or checkpoint_every < 1:
+        raise ValueError(
+            f"log_every and checkpoint_every must be >= 1, got {log_every}, {checkpoint_every}."
+        )
+    params = [p for p in objective.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("The objective has no trainable parameters.")
+    optimizer = _optimizer(params, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    generator = torch.Generator().manual_seed(seed)
+    step, history = 0, []
+    checkpoint = run_dir / CHECKPOINT_NAME if run_dir is not None else None
+    if checkpoint is not None and checkpoint.exists():
+        state = torch.load(checkpoint, weights_only=False)
+        objective.load_state_dict(state["objective"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"])
+        step, history = state["step"], state["history"]
+
+    def save() -> None:
+        if checkpoint is None:
+            return
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_save(
+            {
+                "objective": objective.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "generator": generator.get_state(),
+                "step": step,
+                "history": history,
+            },
+            checkpoint,
+        )
+        with open(checkpoint.parent / "metrics.jsonl", "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in history)
+
+    end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
+    bar = tqdm(
+        total=cfg.steps, initial=step, desc=description, disable=progress == "none", mininterval=2.0
+    )
+    while step < end:
+        x = sample(cfg.batch_size, generator)
+        loss, metrics = objective.training_loss(x, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        objective.before_optimizer_step()
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        if step % log_every == 0 or step == cfg.steps:
+            row = {"step": step, "lr": scheduler.get_last_lr()[0], **metrics}
+            history.append(row)
+            bar.set_postfix(loss=f"{metrics.get('loss', loss.item()):.3g}")
+        if step % checkpoint_every == 0:
+            save()
+        bar.update(1)
+    bar.close()
+    save()
+    return history
