@@ -4,6 +4,8 @@ The bundled trained models and the `tl-depass` command come later; until then th
 mechanics on a random 2-layer GPT-2-shaped model (random weights: no mechanism to find).
 """
 
+import warnings
+
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
@@ -14,7 +16,9 @@ def small_model(seed: int = 0) -> HookedTransformer:
     cfg = HookedTransformerConfig(n_layers=2, d_model=64, n_heads=4, d_head=16, d_mlp=256,
                                   d_vocab=50, n_ctx=32, act_fn="gelu_new", normalization_type="LN",
                                   seed=seed)
-    model = HookedTransformer(cfg).eval()
+    with warnings.catch_warnings():  # TL 3.x announces HookedTransformer's removal in 4.0
+        warnings.simplefilter("ignore", DeprecationWarning)
+        model = HookedTransformer(cfg).eval()
     with torch.no_grad():  # TL initialises biases to 0 and norm weights to 1: randomise them
         for name, p in model.named_parameters():
             if name.endswith((".b", "b_in", "b_out", "b_O", "b_Q", "b_K", "b_V", "b_U")):

@@ -60,10 +60,6 @@ class Split:
     labels: tuple[str, ...] | None = None
 
 
-Components = Literal["tokens"] | TokensAt | Split
-
-POSITIONAL = (TokensAt,)
-
 
 def as_components(components):
     if isinstance(components, str) and components == "tokens":
