@@ -92,14 +92,14 @@ def shares(
     also receives `facts.extra` and any neuron with no contributor). `total` holds the statistics
     over all components (None: the slots here are all of them)."""
     if rule == "ratio":
-        out = g * facts.ratio
-        out[-1] += facts.extra
-        return out
+        return finish(g * facts.ratio, facts)
     out_mask = _excluded(g, excluded)
     if rule == "softmax" and total is None:
-        weight = torch.softmax((g / temperature).masked_fill(out_mask, -torch.inf), dim=0)
+        scaled = torch.where(out_mask, -torch.inf, g / temperature)
         orphan = out_mask.all(0)
-    elif rule == "softmax":
+        scaled[-1] = torch.where(orphan, 0.0, scaled[-1])  # nobody left: all to the bias
+        return finish(torch.softmax(scaled, dim=0).mul_(facts.act), facts)
+    if rule == "softmax":
         safe = torch.where(torch.isfinite(total.top), total.top, torch.zeros_like(total.top))
         weight = torch.exp((g / temperature - safe).masked_fill(out_mask, -torch.inf)) / total.rest
         orphan = total.rest == 0
@@ -107,6 +107,12 @@ def shares(
         total = total or stats(rule, g, excluded, index, temperature)
         orphan = ~torch.isfinite(total.top)
         weight = ((index[:, None, None, None] == total.rest) & ~orphan).to(g.dtype)
-    out = torch.nan_to_num(weight, nan=0.0) * facts.act
-    out[-1] += torch.where(orphan, facts.act, 0) + facts.extra
+    out = torch.nan_to_num(weight, nan=0.0).mul_(facts.act)
+    out[-1] += torch.where(orphan, facts.act, 0)
+    return finish(out, facts)
+
+
+def finish(out: Tensor, facts: NeuronFacts) -> Tensor:
+    """Add what the model adds after the activation (TL's gated b_in) to the bias (last slot)."""
+    out[-1] += facts.extra
     return out
