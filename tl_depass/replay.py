@@ -1,8 +1,8 @@
 """One decomposed forward: the component axis folded into the batch axis, frozen values replayed.
 
 Slots of a folded forward, per group of components (one group per layer for heads, say): `k`
-components, a zero probe, the group's bias. Every bias term the
-model adds lands in every slot; at each hook that follows a bias (and at every norm output) the
+components, a zero probe, the group's bias. Every bias term the model adds lands in every slot;
+at each hook that follows a bias (and at every norm output) the
 probe, which started at zero, holds exactly what was added, so subtracting it leaves each
 component its pure share and the bias slot the whole bias path. Exact zeros stay exact zeros.
 """
@@ -51,7 +51,6 @@ class Plan:
     mlps: list[MLPSite]
     keep: list[str]  # hooks whose per-component values are returned
     correct: list[str]  # hooks where the probe is subtracted
-    logits_hook: str = "unembed.hook_out"
 
 
 @dataclass
