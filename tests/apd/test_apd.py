@@ -6,7 +6,7 @@ import torch
 from torch.testing import assert_close
 
 from tl_depass.apd.apd import APD, batch_topk
-from tl_depass.apd.configs import APDConfig, OptimConfig, TMSConfig
+from tl_depass.apd.configs import APDConfig, OptimConfig, ResidualMLPConfig, TMSConfig
 from tl_depass.apd.targets import make_target
 
 OPTIM = OptimConfig(lr=1e-3, steps=10, batch_size=4)
@@ -143,3 +143,16 @@ def test_unit_norm_A_stays_on_the_sphere_after_a_step():
     a = apd.A["W"]
     assert_close((a.grad * a).sum(1), torch.zeros(3, 2), atol=1e-12, rtol=0)
     assert_close(a.norm(dim=1), torch.ones(3, 2))
+
+
+def test_hidden_activation_reconstruction_with_every_component_active():
+    """topk = C keeps every component, so the top-k forward uses Σ_c P_c in each matrix."""
+    target = make_target(ResidualMLPConfig(n_features=6, d_embed=8, d_mlp=4, seed=7))
+    cfg = APDConfig(C=3, m=None, topk=3.0, optim=OPTIM, act_recon_coeff=1.0, seed=7)
+    apd = APD(target, cfg)
+    x = target.sample(16, torch.Generator().manual_seed(8)) + 0.5  # dense inputs
+    resid = x @ target.W_E
+    w_in = apd.component_weights("layers.0.W_in").sum(0).detach()
+    expected = (torch.relu(resid @ w_in) - torch.relu(resid @ target.layers__0__W_in)).pow(2).mean()
+    _, metrics = apd.training_loss(x, torch.Generator())
+    assert metrics["act_recon"] == pytest.approx(expected.item(), rel=1e-10)

@@ -54,7 +54,8 @@ def with_seed(config: ExperimentConfig, seed: int) -> ExperimentConfig:
 
 def train_target(
     config: ExperimentConfig, run_dir: Path | None, progress: Literal["bar", "none"]
-) -> ToyTarget:
+) -> tuple[ToyTarget, float]:
+    """The trained target and its final training loss."""
     target = make_target(config.target)
     history = train(
         TargetObjective(target),
@@ -65,8 +66,7 @@ def train_target(
         progress=progress,
         description="target",
     )
-    target.final_loss = history[-1]["loss"] if history else float("nan")
-    return target
+    return target, float(history[-1]["loss"]) if history else float("nan")
 
 
 def decompose(
@@ -184,7 +184,7 @@ def run_experiment(
         if runs
         else None
     )
-    target = train_target(config, target_dir, progress)
+    target, target_loss = train_target(config, target_dir, progress)
     t1 = time.time()
     method, history = decompose(config, target, method_dir, progress, stop_at)
     t2 = time.time()
@@ -201,7 +201,7 @@ def run_experiment(
         "steps": config.method.optim.steps,
         "trained_steps": trained,
         "batch_size": config.method.optim.batch_size,
-        "target_loss": target.final_loss,
+        "target_loss": target_loss,
         "final_train_metrics": history[-1] if history else {},
         **evaluate(method, figures, tag),
         "wall_s": {

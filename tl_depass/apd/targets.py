@@ -8,6 +8,7 @@ their own parameters. Biases and fixed embeddings are never decomposed.
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Literal
 
 import torch
@@ -28,6 +29,7 @@ __all__ = [
 ]
 
 LinearFn = Callable[[Tensor], Tensor]
+_TARGET_WEIGHTS: Mapping[str, LinearFn] = MappingProxyType({})  # no site replaced
 
 
 @dataclass(frozen=True)
@@ -77,8 +79,11 @@ class ToyTarget(nn.Module):
         return weight if site.orientation == "as_is" else weight.T
 
     def run(
-        self, x: Float[Tensor, "batch n_features"], linear: Mapping[str, LinearFn] = {}
-    ) -> ToyRun:  # noqa: B006
+        self,
+        x: Float[Tensor, "batch n_features"],
+        linear: Mapping[str, LinearFn] = _TARGET_WEIGHTS,
+    ) -> ToyRun:
+        """Forward pass; `linear[site]` replaces `a @ W_site` at the sites it names."""
         unknown = set(linear) - {s.name for s in self.sites}
         if unknown:
             raise KeyError(
