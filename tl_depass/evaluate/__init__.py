@@ -1,0 +1,14 @@
+"""The paper's faithfulness protocols, with DePass as one method among the baselines.
+
+- `tl_depass.evaluate.tokens`: Disrupt-top / Recover-top by deleting tokens, AOPC, hit rate.
+- `tl_depass.evaluate.components`: zero-ablate the top-k / bottom-k heads or neurons; correlation
+  of each method's scores with exact activation patching.
+- `tl_depass.evaluate.run.evaluate(model, batch, name)`: everything on one model and task batch.
+- `python -m tl_depass.evaluate --all`: every protocol on the bundled models, written to
+  docs/results.md.
+"""
+
+from tl_depass.evaluate import components, tokens
+from tl_depass.evaluate.run import Result, evaluate
+
+__all__ = ["Result", "components", "evaluate", "tokens"]

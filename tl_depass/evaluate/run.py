@@ -1,0 +1,159 @@
+"""Every method through every protocol on one model and one task batch.
+
+A task batch has `tokens [batch pos]` (BOS first), `answers [batch]` and `wrong [batch]` (the
+answer and a competitor at the last position), `corrupted [batch pos]` and `key_positions
+[batch pos]` (the positions that truly matter), as `tl_depass.tasks.generate` returns them.
+"""
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from tl_depass import baselines as B
+from tl_depass.evaluate import components as C
+from tl_depass.evaluate import tokens as T
+
+RANDOM_DRAWS = 20  # unit-level "random" is the mean over this many random rankings
+
+
+@dataclass
+class Result:
+    """Tables (pandas) and curves of one model on one task."""
+
+    model: str
+    tokens: pd.DataFrame | None = None  # method, disrupt_aopc, recover_aopc, area_between, hit_rate, seconds
+    curves: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # method -> disrupt/recover
+    chance_hit_rate: float = float("nan")
+    clean: dict[str, float] = field(default_factory=dict)  # accuracy, logit_diff
+    heads: dict[str, pd.DataFrame] = field(default_factory=dict)  # ablation, correlation, seconds
+    neurons: dict[int, dict[str, pd.DataFrame]] = field(default_factory=dict)  # per layer, as heads
+    # "heads" or "L1 neurons" -> method -> scores
+    scores: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def timed(fn: Callable[[], Tensor]) -> tuple[Tensor, float]:
+    start = time.perf_counter()
+    out = fn()
+    return out.detach().to(torch.float64).cpu(), time.perf_counter() - start
+
+
+def token_methods(model, batch, seed: int = 0) -> dict[str, Callable[[], Tensor]]:
+    tokens, answers = batch.tokens, batch.answers
+    bos = int(tokens[0, 0])
+    return {
+        "DePass (softmax)": lambda: B.depass_tokens(model, tokens, answers, "softmax", bos),
+        "DePass (ratio)": lambda: B.depass_tokens(model, tokens, answers, "ratio", bos),
+        "Integrated Gradients": lambda: B.integrated_gradients(
+            model, tokens, answers, internal_batch_size=max(tokens.shape[0], 2048 // tokens.shape[1])),
+        "input x gradient": lambda: B.input_x_gradient(model, tokens, answers),
+        "gradient norm": lambda: B.gradient_norm(model, tokens, answers),
+        "occlusion (leave one out)": lambda: B.occlusion(model, tokens, answers),
+        "attention (mean)": lambda: B.attention_mean(model, tokens),
+        "attention (last layer)": lambda: B.attention_last_layer(model, tokens),
+        "attention rollout": lambda: B.attention_rollout(model, tokens),
+        "random": lambda: B.random_scores(tuple(tokens.shape), seed),
+    }
+
+
+def evaluate_tokens(model, batch, result: Result, seed: int = 0) -> None:
+    rows = []
+    methods = token_methods(model, batch, seed)
+    for name, fn in tqdm(methods.items(), desc=f"{result.model}: tokens", leave=False):
+        scores, seconds = timed(fn)
+        curves = T.deletion_curves(model, batch.tokens, batch.answers, scores.to(batch.tokens.device))
+        result.curves[name] = {k: v.cpu() for k, v in curves.items()}
+        rows.append({"method": name, **T.summarise(curves),
+                     "hit_rate": T.hit_rate(scores, batch.key_positions.cpu()), "seconds": seconds})
+    result.tokens = pd.DataFrame(rows)
+    result.chance_hit_rate = T.chance_hit_rate(batch.key_positions)
+
+
+def unit_methods(model, batch, level: str, layer: int | None, seed: int = 0
+                 ) -> dict[str, Callable[[], Tensor]]:
+    tokens, answers, wrong, corrupted = batch.tokens, batch.answers, batch.wrong, batch.corrupted
+    metric = B.logit_diff_metric(answers, wrong)
+    shape = ((model.cfg.n_layers, model.cfg.n_heads) if level == "heads" else (model.cfg.d_mlp,))
+    if level == "heads":
+        def depass(rule: str) -> Callable[[], Tensor]:
+            return lambda: B.depass_heads(model, tokens, answers, wrong, rule)
+    else:
+        def depass(rule: str) -> Callable[[], Tensor]:
+            return lambda: B.depass_neurons(model, tokens, answers, wrong, layer, rule)
+    methods = {
+        "DePass (softmax)": depass("softmax"),
+        "DePass (ratio)": depass("ratio"),
+        "|AtP| vs zero": lambda: B.attribution_patching(model, tokens, metric, level, layer),
+        "|AtP| vs corrupted": lambda: B.attribution_patching(model, tokens, metric, level, layer,
+                                                             corrupted=corrupted),
+        "AtP vs zero (signed)": lambda: B.attribution_patching(model, tokens, metric, level, layer,
+                                                               absolute=False),
+        "activation norm": lambda: B.activation_norm(model, tokens, level, layer),
+    }
+    if level == "neurons":
+        methods["raw activation"] = lambda: B.neuron_activation(model, tokens, layer)
+    methods["random"] = lambda: torch.stack([B.random_scores(shape, seed + i) for i in range(RANDOM_DRAWS)])
+    return methods
+
+
+def evaluate_units(model, batch, level: str, layer: int | None = None, seed: int = 0
+                   ) -> tuple[dict[str, pd.DataFrame], dict[str, Tensor]]:
+    """Score every unit with every method, then ablate and correlate. The exact references
+    (zero-ablation and corrupted patching, one forward per unit) are ranked too, as a bar no
+    cheap method is expected to clear. "random" is averaged over RANDOM_DRAWS rankings."""
+    metric = B.logit_diff_metric(batch.answers, batch.wrong)
+    scores, seconds = {}, {}
+    methods = unit_methods(model, batch, level, layer, seed)
+    methods["exact zero-ablation"] = lambda: B.activation_patching(model, batch.tokens, metric, level, layer)
+    methods["exact patching (corrupted)"] = lambda: B.activation_patching(
+        model, batch.tokens, metric, level, layer, corrupted=batch.corrupted)
+    what = "heads" if level == "heads" else f"L{layer} neurons"
+    for name, fn in tqdm(methods.items(), desc=f"{what}: scores", leave=False):
+        scores[name], seconds[name] = timed(fn)
+    device = batch.tokens.device
+    args = (model, batch.tokens, batch.answers, batch.wrong)
+    draws = scores.pop("random")
+    ablation = C.ablation_table(*args, {k: v.to(device) for k, v in scores.items()}, level, layer)
+    random_rows = pd.concat([C.ablation_table(*args, {"random": d.to(device)}, level, layer)
+                             for d in draws])
+    random_rows = random_rows.groupby(["method", "k", "percent", "ablated"], as_index=False,
+                                      sort=False).mean()
+    ablation = pd.concat([ablation, random_rows], ignore_index=True)
+    corr = []
+    for ref in ("exact zero-ablation", "exact patching (corrupted)"):
+        table = C.correlations(scores, scores[ref])
+        rnd = pd.concat([C.correlations({"random": d}, scores[ref]) for d in draws])
+        table = pd.concat([table, rnd.groupby("method", as_index=False).mean()], ignore_index=True)
+        table.insert(1, "reference", ref)
+        corr.append(table[table.method != ref])
+    correlation = pd.concat(corr, ignore_index=True)
+    correlation["seconds"] = correlation.method.map(seconds)
+    scores["random"] = draws[0]
+    frames = {"ablation": ablation, "correlation": correlation,
+              "seconds": pd.DataFrame({"method": list(seconds), "seconds": list(seconds.values())})}
+    return frames, scores
+
+
+def mlp_layers(model) -> list[int]:
+    return [] if model.cfg.attn_only else list(range(model.cfg.n_layers))
+
+
+def evaluate(model, batch, name: str, neuron_layers: list[int] | None = None, seed: int = 0
+             ) -> Result:
+    """Every protocol on one model and task batch (neurons: every MLP layer by default)."""
+    start = time.perf_counter()
+    result = Result(name)
+    with torch.no_grad():
+        result.clean = C.task_metrics(model(batch.tokens), batch.answers, batch.wrong)
+    evaluate_tokens(model, batch, result, seed)
+    result.heads, result.scores["heads"] = evaluate_units(model, batch, "heads", seed=seed)
+    for layer in mlp_layers(model) if neuron_layers is None else neuron_layers:
+        result.neurons[layer], result.scores[f"L{layer} neurons"] = evaluate_units(
+            model, batch, "neurons", layer, seed)
+    result.seconds = time.perf_counter() - start
+    return result
