@@ -1,0 +1,314 @@
+"""Explain one prediction at every level and write it as a self-contained HTML report.
+
+`explain(...)` runs DePass at the token level (from every layer's residual stream), on all heads,
+on attention and MLP modules and on one layer's neurons, checks completeness, and, given a
+corrupted prompt, runs activation patching at the same levels (`tl_depass.compare` and
+`transformer_lens.patching`). `write_html(...)` assembles the plotly figures of `tl_depass.viz`.
+
+Why plotly and not CircuitsVis in the report: CircuitsVis' HTML (`str(...)`, and Jupyter's
+display whenever the machine is online) imports its JavaScript from the unpkg CDN, so a saved
+page is blank without network. Its offline form inlines a 1.3 MB bundle per picture. The report
+must open offline (the browser test runs with no network), so it uses plotly figures with
+plotly.js inlined once (about 4.6 MB per report). CircuitsVis stays available in Jupyter through
+`dec.show(kind="circuitsvis")`.
+"""
+
+import html
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import plotly.offline
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from tl_depass import compare, viz
+from tl_depass.components import TokensAt
+from tl_depass.decompose import decompose
+from tl_depass.levels import Heads, Modules, Neurons
+from tl_depass.tolerances import completeness_rtol
+
+LEVELS = ("tokens", "heads", "modules", "neurons")
+
+
+@dataclass
+class Level:
+    """DePass scores (each component's share of the metric) at one level, and, when a corrupted
+    prompt was given, the activation patching effect of each component (metric with that clean
+    activation restored in the corrupted run, minus the corrupted metric)."""
+
+    labels: list[str]
+    depass: Float[Tensor, " component"]
+    patching: Float[Tensor, " component"] | None = None
+    pearson: float = float("nan")
+    spearman: float = float("nan")
+    completeness: dict[str, float] = field(default_factory=dict)  # hook -> worst relative error
+
+
+@dataclass
+class Explanation:
+    model_name: str
+    str_tokens: list[str]
+    target: str
+    wrong: str | None
+    metric: float  # the clean metric: logit(target) [- logit(wrong)] at the last position
+    rule: str
+    tolerance: float
+    corrupted: list[str] | None
+    neuron_layer: int | None
+    levels: dict[str, Level]
+    tokens_by_layer: Float[Tensor, "layer pos"]  # token contributions entering each layer
+    tokens_patching: Float[Tensor, "layer pos"] | None  # patching each position's resid_pre
+
+    @property
+    def metric_name(self) -> str:
+        return f"logit({self.target!r})" + ("" if self.wrong is None else f" - logit({self.wrong!r})")
+
+
+def correlations(x: Tensor, y: Tensor) -> tuple[float, float]:
+    """Pearson and Spearman (Pearson of ranks) correlations."""
+    frame = pd.DataFrame({"x": x.double().flatten().tolist(), "y": y.double().flatten().tolist()})
+    return float(frame.x.corr(frame.y)), float(frame.x.rank().corr(frame.y.rank()))
+
+
+def worst_per_hook(dec) -> dict[str, float]:
+    """Completeness error per hook, worst over groups (keys "hook [group]" collapse to "hook")."""
+    out: dict[str, float] = {}
+    for key, err in dec.completeness_error().items():
+        hook = key.split(" [")[0]
+        out[hook] = max(out.get(hook, 0.0), err)
+    return out
+
+
+def patch_effects(model, corrupted: Tensor, metric_rows: Callable[[Tensor], Tensor],
+                  sites: list[tuple[str, Callable[[Tensor, Tensor], Tensor]]], clean_cache,
+                  batch_size: int = 64) -> Float[Tensor, " site"]:
+    """metric(corrupted run with one clean activation restored) - metric(corrupted), one site at a
+    time; sites are (hook, patch(value, clean_value) -> patched value), run `batch_size` at once."""
+    base = metric_rows(model(corrupted)).mean()
+    n = corrupted.shape[0]
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(sites), batch_size):
+            chunk = sites[start:start + batch_size]
+            tokens = corrupted.repeat(len(chunk), 1)
+            hooks = []
+            for i, (hook, patch) in enumerate(chunk):
+                rows = slice(i * n, (i + 1) * n)
+
+                def fn(value, hook, rows=rows, patch=patch, name=hook):
+                    value = value.clone()
+                    value[rows] = patch(value[rows], clean_cache[name])
+                    return value
+                hooks.append((hook, fn))
+            values = metric_rows(model.run_with_hooks(tokens, fwd_hooks=hooks))
+            out.append(values.reshape(len(chunk), n).mean(1) - base)
+    return torch.cat(out)
+
+
+def explain(model, tokens: Tensor, target: int, wrong: int | None, corrupted: Tensor | None,
+            rule: str = "softmax", neuron_layer: int | None = None, model_name: str = "model",
+            progress: bool = True) -> Explanation:
+    """DePass at every level for `target` (minus `wrong`) at the last position of `tokens`
+    ([1, pos]); activation patching at the same levels when `corrupted` is given."""
+    cfg = model.cfg
+
+    def metric_rows(logits: Tensor) -> Tensor:
+        score = logits[:, -1, target]
+        return score - logits[:, -1, wrong] if wrong is not None else score
+
+    def metric(logits: Tensor) -> Tensor:
+        return metric_rows(logits).mean()
+
+    has_mlp = not cfg.attn_only
+    if has_mlp and neuron_layer is None:
+        neuron_layer = cfg.n_layers - 1
+    steps = ["tokens", "heads", "modules"] + (["neurons"] if has_mlp else [])
+    bar = tqdm(total=len(steps) * (2 if corrupted is not None else 1), desc="tl-depass",
+               disable=not progress, leave=False)
+    levels: dict[str, Level] = {}
+    tokens_patching = None
+    cache = model.run_with_cache(tokens)[1] if corrupted is not None else None
+
+    # Tokens: each position's residual entering each layer (layer 0 = the token level).
+    by_layer, completeness = [], {}
+    for layer in range(cfg.n_layers):
+        dec = decompose(model, tokens, TokensAt(layer), mlp_rule=rule)
+        by_layer.append(compare.metric_scores(model, dec, metric))
+        if layer == 0:
+            token_dec, completeness = dec, worst_per_hook(dec)
+    n = tokens.shape[1]
+    levels["tokens"] = Level(token_dec.labels, by_layer[0], completeness=completeness)
+    tokens_by_layer = torch.stack([s[:n] for s in by_layer])
+    bar.update()
+    if corrupted is not None:
+        found = compare.with_patching(model, tokens, corrupted, metric, "positions", rule)
+        base = metric(model(corrupted))
+        # Restoring layer 0's residual at every position restores the token level's parts.
+        tokens_patching = (found.patching - base).to(tokens_by_layer)
+        effect = torch.cat([tokens_patching[0], base.new_zeros(len(token_dec.labels) - n)])
+        levels["tokens"].patching = effect.to(by_layer[0])
+        # Agreement over every (layer, position): position p's residual entering layer l.
+        levels["tokens"].pearson, levels["tokens"].spearman = found.pearson, found.spearman
+        bar.update()
+
+    # Heads: every head of every layer in one folded forward.
+    dec = decompose(model, tokens, Heads(), mlp_rule=rule)
+    scores = compare.metric_scores(model, dec, metric)
+    parts = [i for i, label in enumerate(dec.labels) if viz.HEAD.fullmatch(label)]
+    levels["heads"] = Level([dec.labels[i] for i in parts], scores[parts],
+                            completeness=worst_per_hook(dec))
+    bar.update()
+    if corrupted is not None:
+        found = compare.with_patching(model, tokens, corrupted, metric, "heads", rule)
+        _set_patching(levels["heads"], (found.patching - metric(model(corrupted))).flatten())
+        bar.update()
+
+    # Modules: attention and MLP outputs of each layer.
+    dec = decompose(model, tokens, Modules(), mlp_rule=rule)
+    scores = compare.metric_scores(model, dec, metric)
+    parts = [i for i, label in enumerate(dec.labels) if label.endswith((" attn", " mlp"))]
+    labels = [dec.labels[i] for i in parts]
+    levels["modules"] = Level(labels, scores[parts], completeness=worst_per_hook(dec))
+    bar.update()
+    if corrupted is not None:
+        sites = [(f"blocks.{label.split()[0][1:]}.hook_{label.split()[1]}_out", _whole)
+                 for label in labels]
+        _set_patching(levels["modules"], patch_effects(model, corrupted, metric_rows, sites, cache))
+        bar.update()
+
+    if has_mlp:
+        dec = decompose(model, tokens, Neurons(neuron_layer), mlp_rule=rule)
+        scores = compare.metric_scores(model, dec, metric)
+        levels["neurons"] = Level(dec.labels[1:-1], scores[1:-1], completeness=worst_per_hook(dec))
+        bar.update()
+        if corrupted is not None:
+            hook = f"blocks.{neuron_layer}.mlp.hook_post"
+            sites = [(hook, lambda v, c, i=i: _neuron(v, c, i)) for i in range(cfg.d_mlp)]
+            _set_patching(levels["neurons"], patch_effects(model, corrupted, metric_rows, sites, cache))
+            bar.update()
+    bar.close()
+
+    str_tokens = list(model.to_str_tokens(tokens[0])) if model.tokenizer is not None else [
+        f"[{int(t)}]" for t in tokens[0]]
+    name = (lambda i: model.to_string([i])) if model.tokenizer is not None else (lambda i: f"[{i}]")
+    with torch.no_grad():
+        value = metric(model(tokens)).item()
+    return Explanation(
+        model_name, str_tokens, name(target), None if wrong is None else name(wrong), value, rule,
+        completeness_rtol(token_dec.logits.dtype),
+        None if corrupted is None else [name(int(t)) for t in corrupted[0]],
+        neuron_layer if has_mlp else None, levels, tokens_by_layer, tokens_patching)
+
+
+def _whole(value: Tensor, clean: Tensor) -> Tensor:
+    return clean.expand_as(value)
+
+
+def _neuron(value: Tensor, clean: Tensor, i: int) -> Tensor:
+    value[..., i] = clean[..., i]
+    return value
+
+
+def _set_patching(level: Level, effect: Tensor) -> None:
+    level.patching = effect.to(level.depass)
+    level.pearson, level.spearman = correlations(level.depass, level.patching)
+
+
+# --- HTML ---
+
+def figures(ex: Explanation) -> list[tuple[str, object]]:
+    """(section title, plotly figure) in report order."""
+    what = ex.metric_name
+    rows = ["tokens (embeddings)"] + [f"resid entering L{i}" for i in range(1, len(ex.tokens_by_layer))]
+    heads = ex.levels["heads"]
+    n_layers = len(ex.tokens_by_layer)
+    grid = heads.depass.reshape(n_layers, -1)
+    out = [("Token contributions", viz.token_heatmap(ex.tokens_by_layer, ex.str_tokens, rows,
+                                                      f"Each position's share of {what}")),
+           ("Heads", viz.head_heatmap(grid, f"Each head's total effect on {what}")),
+           ("Modules", viz.top_bar(ex.levels["modules"].depass, ex.levels["modules"].labels, 40,
+                                   f"Attention and MLP blocks: share of {what}"))]
+    if "neurons" in ex.levels:
+        neurons = ex.levels["neurons"]
+        out.append(("Top neurons", viz.top_bar(neurons.depass, neurons.labels, 20,
+                                               f"Layer {ex.neuron_layer} neurons: share of {what}")))
+    out.append(("Completeness", viz.completeness_plot(
+        {name: level.completeness for name, level in ex.levels.items()}, ex.tolerance)))
+    panels = {name: (lv.depass[: len(lv.labels)], lv.patching[: len(lv.labels)], lv.labels,
+                     lv.pearson, lv.spearman)
+              for name, lv in ex.levels.items() if lv.patching is not None}
+    if panels:
+        if "tokens" in panels:  # every (layer, position), as in transformer_lens.patching
+            lv = ex.levels["tokens"]
+            labels = [f"entering L{i}, {p}: {t}" for i in range(n_layers)
+                      for p, t in enumerate(ex.str_tokens)]
+            panels["tokens"] = (ex.tokens_by_layer.flatten(), ex.tokens_patching.flatten(), labels,
+                                lv.pearson, lv.spearman)
+        out.append(("DePass vs activation patching", viz.patching_scatter(panels)))
+    return out
+
+
+def top_table(level: Level, k: int = 10) -> list[tuple[str, float, float | None]]:
+    order = level.depass.abs().argsort(descending=True)[:k].tolist()
+    return [(level.labels[i], level.depass[i].item(),
+             None if level.patching is None else level.patching[i].item()) for i in order]
+
+
+def write_html(ex: Explanation, path: str | Path) -> Path:
+    """Write the report; plotly.js is inlined, so the file opens with no network."""
+    path = Path(path)
+    figs = figures(ex)
+    esc = html.escape
+    parts = [f"<h1>DePass: why does <code>{esc(ex.model_name)}</code> predict "
+             f"<code>{esc(ex.target)}</code>?</h1>",
+             "<table class='facts'>",
+             f"<tr><th>prompt</th><td><code>{esc(' '.join(ex.str_tokens))}</code></td></tr>",
+             f"<tr><th>metric</th><td><code>{esc(ex.metric_name)}</code> at the last position = "
+             f"{ex.metric:+.4f}</td></tr>",
+             f"<tr><th>MLP rule</th><td>{esc(ex.rule)}</td></tr>",
+             "<tr><th>corrupted prompt</th><td>" + (
+                 f"<code>{esc(' '.join(ex.corrupted))}</code>" if ex.corrupted else
+                 "none given: no activation patching comparison") + "</td></tr>"]
+    worst = max(max(lv.completeness.values()) for lv in ex.levels.values())
+    parts.append(f"<tr><th>completeness</th><td>worst relative error {worst:.1e} (tolerance "
+                 f"{ex.tolerance:.0e}): {'OK' if worst <= ex.tolerance else 'FAILED'}</td></tr>")
+    for name, lv in ex.levels.items():
+        if lv.patching is not None:
+            parts.append(f"<tr><th>agreement ({name})</th><td>Pearson {lv.pearson:.2f}, "
+                         f"Spearman {lv.spearman:.2f}</td></tr>")
+    parts.append("</table><div class='tables'>")
+    for name, lv in ex.levels.items():
+        rows = "".join(f"<tr><td>{esc(lab)}</td><td>{d:+.3f}</td><td>"
+                       f"{'' if p is None else f'{p:+.3f}'}</td></tr>"
+                       for lab, d, p in top_table(lv, 8))
+        parts.append(f"<table class='top'><caption>top {name}</caption><tr><th>component</th>"
+                     f"<th>DePass</th><th>patching</th></tr>{rows}</table>")
+    parts.append("</div>")
+    for title, fig in figs:
+        parts.append(f"<h2>{esc(title)}</h2><div class='depass-figure'>"
+                     + fig.to_html(full_html=False, include_plotlyjs=False) + "</div>")
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'>"
+            f"<meta name='depass-figures' content='{len(figs)}'>"
+            f"<title>DePass report: {esc(ex.model_name)}</title><style>{STYLE}</style>"
+            f"<script type='text/javascript'>{plotly.offline.get_plotlyjs()}</script></head>"
+            f"<body>{''.join(parts)}<p class='note'>{esc(NOTE)}</p></body></html>")
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
+NOTE = ("DePass splits the clean run's metric into each component's share with attention "
+        "patterns, norm scales and MLP activations frozen; activation patching measures the effect "
+        "of restoring one clean activation in the corrupted run with everything downstream free. "
+        "They agree where effects are direct and roughly linear. Made by tl_depass.")
+STYLE = """body{font-family:system-ui,sans-serif;margin:24px auto;max-width:1100px;color:#222}
+code{background:#f3f3f3;padding:1px 4px;border-radius:3px}
+table.facts th{text-align:left;padding-right:16px;vertical-align:top}
+.tables{display:flex;flex-wrap:wrap;gap:24px;margin:16px 0}
+table.top{border-collapse:collapse;font-size:13px}
+table.top td,table.top th{border-bottom:1px solid #ddd;padding:2px 8px;text-align:right}
+table.top td:first-child{text-align:left}caption{font-weight:600;text-align:left}
+.note{color:#666;font-size:13px}"""
