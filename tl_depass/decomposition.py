@@ -168,3 +168,12 @@ class Decomposition:
             {"component": label, "batch": b, "score": score[c, b].item()}
             for c, label in enumerate(self.labels) for b in range(score.shape[1])
         ])
+
+    def show(self, answer: Answer | None = None, wrong: Answer | None = None, pos: int = -1,
+             batch: int = 0, kind: str = "plotly"):
+        """A picture of the logit attribution that fits the level (tokens: a heatmap over
+        positions; heads: layer x head; others: the top components), displayable in Jupyter.
+        `kind="circuitsvis"`: CircuitsVis' colored tokens (token level). See `tl_depass.viz`."""
+        from tl_depass.viz import show
+
+        return show(self, answer, wrong, pos=pos, batch=batch, kind=kind)
