@@ -26,10 +26,10 @@ def n_units(fraction: float, total: int) -> int:
 
 def selection(scores: Tensor, k: int, which: str) -> Tensor:
     """Bool mask (shape of `scores`) of the k highest ("top") or k lowest ("bottom") scores;
-    ties are broken by index, NaN never selected for "top" and always last."""
-    flat = scores.flatten().nan_to_num(nan=-torch.inf)
+    ties are broken by index; NaN scores come last either way."""
     if which not in ("top", "bottom"):
         raise ValueError(f"which must be 'top' or 'bottom', got {which!r}")
+    flat = scores.flatten().nan_to_num(nan=-torch.inf if which == "top" else torch.inf)
     order = torch.argsort(flat, descending=which == "top", stable=True)
     mask = torch.zeros(flat.shape, dtype=torch.bool, device=scores.device)
     mask[order[:k]] = True

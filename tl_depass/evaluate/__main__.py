@@ -1,0 +1,89 @@
+"""`python -m tl_depass.evaluate --all`: every protocol on every bundled model and its task;
+writes docs/results.md (+ figures) and prints the tables.
+
+    python -m tl_depass.evaluate --all
+    python -m tl_depass.evaluate --models ioi --n 32 --out /tmp/results.md
+"""
+
+import argparse
+import os
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tl_depass.evaluate", description=(
+        "Faithfulness protocols (token deletion, head/neuron ablation, agreement with exact "
+        "patching) for DePass and the baselines on the bundled models."))
+    p.add_argument("--all", action="store_true", help="every bundled model and its task")
+    p.add_argument("--models", nargs="+", help="bundled model names (default with --all: all of them)")
+    p.add_argument("--n", type=int, default=64, help="prompts per task (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="task and random-method seed (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "results.md",
+                   help="the Markdown file to write; figures go to <its folder>/results_figures")
+    return p
+
+
+def conditions(args, seconds: float, names: list[str]) -> str:
+    import transformer_lens
+
+    try:
+        tl_version = transformer_lens.__version__
+    except AttributeError:
+        from importlib.metadata import version
+
+        tl_version = version("transformer_lens")
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return (f"Run {when}: models {', '.join(names)}; {args.n} prompts per task "
+            f"(`tl_depass.tasks.generate(task, {args.n}, seed={args.seed})`), float32. "
+            f"Wall time {seconds:.0f} s in all on {platform.machine()} "
+            f"({os.cpu_count()} CPU cores visible, torch threads {torch.get_num_threads()}, "
+            f"shared with other jobs), Python {platform.python_version()}, torch {torch.__version__}, "
+            f"TransformerLens {tl_version}.")
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    if not args.all and not args.models:
+        parser().print_help()
+        return 2
+    import pandas as pd
+
+    from tl_depass import models, tasks
+    from tl_depass.evaluate import report
+    from tl_depass.evaluate.run import evaluate
+
+    torch.set_num_threads(args.threads)
+    names = args.models or models.names()
+    if not names:
+        raise SystemExit("no bundled models found: train them with `python -m tl_depass.models.train`")
+    start = time.perf_counter()
+    results, describe = [], {}
+    for name in names:
+        model = models.load(name)
+        describe[name] = models.describe(name)
+        batch = tasks.generate(models.info(name)["task"], args.n, seed=args.seed)
+        print(f"{name}: {describe[name]}", flush=True)
+        results.append(evaluate(model, batch, name, seed=args.seed))
+    seconds = time.perf_counter() - start
+    folder = args.out.parent / "results_figures"
+    text = report.markdown(results, conditions(args, seconds, names), describe, folder,
+                           "results_figures")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(report.headline(results).to_string(index=False))
+    print(f"\nwrote {args.out} and {folder}/ in {seconds:.0f} s")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
