@@ -11,6 +11,8 @@ with activation patching, and writes a self-contained HTML report (see `tl_depas
 """
 
 import argparse
+import os
+import socket
 import sys
 import warnings
 from collections.abc import Sequence
@@ -68,7 +70,8 @@ def parser() -> argparse.ArgumentParser:
                    help="how MLP activations are shared (docs/rules.md). Default: %(default)s")
     e.add_argument("--top", type=int, default=8, help="components to list (default: %(default)s)")
     e.add_argument("--out", default="report.html", help="HTML report path (default: %(default)s)")
-    e.add_argument("--no-report", action="store_true", help="do not write the HTML report")
+    e.add_argument("--no-report", action="store_true",
+                   help="do not write the HTML report (and compute only --level)")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     sub.add_parser("models", help="list the bundled models and their tasks")
     return p
@@ -119,6 +122,11 @@ def load_model(name: str):
                        "OFFICIAL_MODEL_NAMES)")
     from transformer_lens import HookedTransformer
 
+    if not hub_reachable():
+        raise CliError(f"{name!r} is a TransformerLens pretrained model: its weights come from the "
+                       "Hugging Face hub, which this machine cannot reach (no network). Set "
+                       "HF_HUB_OFFLINE=1 to use a copy already in the Hugging Face cache, or use "
+                       f"a bundled model: {', '.join(models.names())}")
     try:
         return HookedTransformer.from_pretrained(name, device="cpu"), None
     except Exception as e:  # offline: OSError, requests/httpx errors, HF hub errors
@@ -127,6 +135,23 @@ def load_model(name: str):
                        f"its weights from the Hugging Face hub, which needs network access "
                        f"({type(e).__name__}: {first}). Offline, use a bundled model: "
                        f"{', '.join(models.names())}") from None
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers (always True with HF_HUB_OFFLINE set: the cache is
+    used). Checked first because an unreachable hub costs ~30 s of retries before failing."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return True
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 def to_tokens(model, text: str, what: str) -> Tensor:
@@ -219,8 +244,9 @@ def explain(args) -> int:
     if args.top < 1:
         raise CliError("--top must be at least 1")
     prompt = read_prompt(model, task, args)
+    levels = (args.level,) if args.no_report else report.LEVELS  # the report shows every level
     ex = report.explain(model, prompt.tokens, prompt.target, prompt.wrong, prompt.corrupted,
-                        args.rule, args.layer, Path(args.model).stem, progress=not args.quiet)
+                        args.rule, args.layer, Path(args.model).stem, levels, not args.quiet)
     print(summary(ex, args.level, args.top, model))
     if not args.no_report:
         path = report.write_html(ex, args.out)

@@ -14,7 +14,7 @@ plotly.js inlined once (about 4.6 MB per report). CircuitsVis stays available in
 """
 
 import html
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from tl_depass import compare, viz
 from tl_depass.components import TokensAt
 from tl_depass.decompose import decompose
+from tl_depass.errors import DepassError
 from tl_depass.levels import Heads, Modules, Neurons
 from tl_depass.tolerances import completeness_rtol
 
@@ -60,7 +61,7 @@ class Explanation:
     corrupted: list[str] | None
     neuron_layer: int | None
     levels: dict[str, Level]
-    tokens_by_layer: Float[Tensor, "layer pos"]  # token contributions entering each layer
+    tokens_by_layer: Float[Tensor, "layer pos"] | None  # each position's share entering each layer
     tokens_patching: Float[Tensor, "layer pos"] | None  # patching each position's resid_pre
 
     @property
@@ -111,97 +112,111 @@ def patch_effects(model, corrupted: Tensor, metric_rows: Callable[[Tensor], Tens
 
 def explain(model, tokens: Tensor, target: int, wrong: int | None, corrupted: Tensor | None,
             rule: str = "softmax", neuron_layer: int | None = None, model_name: str = "model",
-            progress: bool = True) -> Explanation:
-    """DePass at every level for `target` (minus `wrong`) at the last position of `tokens`
-    ([1, pos]); activation patching at the same levels when `corrupted` is given."""
+            levels: Sequence[str] = LEVELS, progress: bool = True) -> Explanation:
+    """DePass at `levels` (default all; "neurons" only where the model has MLPs) for `target`
+    (minus `wrong`) at the last position of `tokens` ([1, pos]); activation patching at the same
+    levels when `corrupted` is given."""
     cfg = model.cfg
-
-    def metric_rows(logits: Tensor) -> Tensor:
-        score = logits[:, -1, target]
-        return score - logits[:, -1, wrong] if wrong is not None else score
-
-    def metric(logits: Tensor) -> Tensor:
-        return metric_rows(logits).mean()
-
-    has_mlp = not cfg.attn_only
-    if has_mlp and neuron_layer is None:
+    unknown = [name for name in levels if name not in LEVELS]
+    if unknown:
+        raise DepassError(f"unknown levels {unknown}; use some of {list(LEVELS)}")
+    if cfg.attn_only:
+        levels = [name for name in levels if name != "neurons"]
+    elif neuron_layer is None:
         neuron_layer = cfg.n_layers - 1
-    steps = ["tokens", "heads", "modules"] + (["neurons"] if has_mlp else [])
-    bar = tqdm(total=len(steps) * (2 if corrupted is not None else 1), desc="tl-depass",
-               disable=not progress, leave=False)
-    levels: dict[str, Level] = {}
-    tokens_patching = None
-    cache = model.run_with_cache(tokens)[1] if corrupted is not None else None
-
-    # Tokens: each position's residual entering each layer (layer 0 = the token level).
-    by_layer, completeness = [], {}
-    for layer in range(cfg.n_layers):
-        dec = decompose(model, tokens, TokensAt(layer), mlp_rule=rule)
-        by_layer.append(compare.metric_scores(model, dec, metric))
-        if layer == 0:
-            token_dec, completeness = dec, worst_per_hook(dec)
-    n = tokens.shape[1]
-    levels["tokens"] = Level(token_dec.labels, by_layer[0], completeness=completeness)
-    tokens_by_layer = torch.stack([s[:n] for s in by_layer])
-    bar.update()
-    if corrupted is not None:
-        found = compare.with_patching(model, tokens, corrupted, metric, "positions", rule)
-        base = metric(model(corrupted))
-        # Restoring layer 0's residual at every position restores the token level's parts.
-        tokens_patching = (found.patching - base).to(tokens_by_layer)
-        effect = torch.cat([tokens_patching[0], base.new_zeros(len(token_dec.labels) - n)])
-        levels["tokens"].patching = effect.to(by_layer[0])
-        # Agreement over every (layer, position): position p's residual entering layer l.
-        levels["tokens"].pearson, levels["tokens"].spearman = found.pearson, found.spearman
-        bar.update()
-
-    # Heads: every head of every layer in one folded forward.
-    dec = decompose(model, tokens, Heads(), mlp_rule=rule)
-    scores = compare.metric_scores(model, dec, metric)
-    parts = [i for i, label in enumerate(dec.labels) if viz.HEAD.fullmatch(label)]
-    levels["heads"] = Level([dec.labels[i] for i in parts], scores[parts],
-                            completeness=worst_per_hook(dec))
-    bar.update()
-    if corrupted is not None:
-        found = compare.with_patching(model, tokens, corrupted, metric, "heads", rule)
-        _set_patching(levels["heads"], (found.patching - metric(model(corrupted))).flatten())
-        bar.update()
-
-    # Modules: attention and MLP outputs of each layer.
-    dec = decompose(model, tokens, Modules(), mlp_rule=rule)
-    scores = compare.metric_scores(model, dec, metric)
-    parts = [i for i, label in enumerate(dec.labels) if label.endswith((" attn", " mlp"))]
-    labels = [dec.labels[i] for i in parts]
-    levels["modules"] = Level(labels, scores[parts], completeness=worst_per_hook(dec))
-    bar.update()
-    if corrupted is not None:
-        sites = [(f"blocks.{label.split()[0][1:]}.hook_{label.split()[1]}_out", _whole)
-                 for label in labels]
-        _set_patching(levels["modules"], patch_effects(model, corrupted, metric_rows, sites, cache))
-        bar.update()
-
-    if has_mlp:
-        dec = decompose(model, tokens, Neurons(neuron_layer), mlp_rule=rule)
-        scores = compare.metric_scores(model, dec, metric)
-        levels["neurons"] = Level(dec.labels[1:-1], scores[1:-1], completeness=worst_per_hook(dec))
-        bar.update()
-        if corrupted is not None:
-            hook = f"blocks.{neuron_layer}.mlp.hook_post"
-            sites = [(hook, lambda v, c, i=i: _neuron(v, c, i)) for i in range(cfg.d_mlp)]
-            _set_patching(levels["neurons"], patch_effects(model, corrupted, metric_rows, sites, cache))
-            bar.update()
-    bar.close()
-
+    run = Run(model, tokens, corrupted, target, wrong, rule)
+    bar = tqdm(levels, desc="tl-depass", disable=not progress, leave=False)
+    out: dict[str, Level] = {}
+    tokens_by_layer = tokens_patching = None
+    for name in bar:
+        bar.set_postfix_str(name)
+        if name == "tokens":
+            out[name], tokens_by_layer, tokens_patching = run.positions()
+        elif name == "heads":
+            out[name] = run.heads()
+        elif name == "modules":
+            out[name] = run.modules()
+        else:
+            out[name] = run.neurons(neuron_layer)
     str_tokens = list(model.to_str_tokens(tokens[0])) if model.tokenizer is not None else [
         f"[{int(t)}]" for t in tokens[0]]
     name = (lambda i: model.to_string([i])) if model.tokenizer is not None else (lambda i: f"[{i}]")
     with torch.no_grad():
-        value = metric(model(tokens)).item()
+        value = run.metric(model(tokens)).item()
     return Explanation(
         model_name, str_tokens, name(target), None if wrong is None else name(wrong), value, rule,
-        completeness_rtol(token_dec.logits.dtype),
-        None if corrupted is None else [name(int(t)) for t in corrupted[0]],
-        neuron_layer if has_mlp else None, levels, tokens_by_layer, tokens_patching)
+        completeness_rtol(cfg.dtype), None if corrupted is None else [name(int(t)) for t in corrupted[0]],
+        neuron_layer if "neurons" in out else None, out, tokens_by_layer, tokens_patching)
+
+
+class Run:
+    """One prompt, one metric: the DePass scores and patching effects of each level."""
+
+    def __init__(self, model, tokens, corrupted, target: int, wrong: int | None, rule: str):
+        self.model, self.tokens, self.corrupted, self.rule = model, tokens, corrupted, rule
+        self.target, self.wrong = target, wrong
+        self.cache = model.run_with_cache(tokens)[1] if corrupted is not None else None
+
+    def metric_rows(self, logits: Tensor) -> Tensor:
+        score = logits[:, -1, self.target]
+        return score - logits[:, -1, self.wrong] if self.wrong is not None else score
+
+    def metric(self, logits: Tensor) -> Tensor:
+        return self.metric_rows(logits).mean()
+
+    def corrupted_metric(self) -> Tensor:
+        with torch.no_grad():
+            return self.metric(self.model(self.corrupted))
+
+    def depass(self, spec, parts: Callable[[str], bool]) -> Level:
+        dec = decompose(self.model, self.tokens, spec, mlp_rule=self.rule)
+        scores = compare.metric_scores(self.model, dec, self.metric)
+        keep = [i for i, label in enumerate(dec.labels) if parts(label)]
+        return Level([dec.labels[i] for i in keep], scores[keep], completeness=worst_per_hook(dec))
+
+    def positions(self) -> tuple[Level, Tensor, Tensor | None]:
+        """Each position's residual entering each layer (layer 0: the token level)."""
+        n = self.tokens.shape[1]
+        level = self.depass(TokensAt(0), lambda label: True)
+        rows = [level.depass[:n]] + [self.depass(TokensAt(layer), lambda label: True).depass[:n]
+                                     for layer in range(1, self.model.cfg.n_layers)]
+        by_layer, patched = torch.stack(rows), None
+        if self.corrupted is not None:
+            found = compare.with_patching(self.model, self.tokens, self.corrupted, self.metric,
+                                          "positions", self.rule)
+            patched = (found.patching - self.corrupted_metric()).to(by_layer)
+            # Restoring position p's embedding restores token p's part; the bias has no site.
+            level.patching = torch.cat([patched[0], patched.new_zeros(len(level.labels) - n)])
+            # Agreement over every (layer, position), as transformer_lens.patching lays it out.
+            level.pearson, level.spearman = found.pearson, found.spearman
+        return level, by_layer, patched
+
+    def heads(self) -> Level:
+        level = self.depass(Heads(), lambda label: viz.HEAD.fullmatch(label) is not None)
+        if self.corrupted is not None:
+            found = compare.with_patching(self.model, self.tokens, self.corrupted, self.metric,
+                                          "heads", self.rule)
+            _set_patching(level, (found.patching - self.corrupted_metric()).flatten())
+        return level
+
+    def modules(self) -> Level:
+        level = self.depass(Modules(), lambda label: label.endswith((" attn", " mlp")))
+        if self.corrupted is not None:
+            sites = [(f"blocks.{label.split()[0][1:]}.hook_{label.split()[1]}_out", _whole)
+                     for label in level.labels]
+            _set_patching(level, self.patch(sites))
+        return level
+
+    def neurons(self, layer: int) -> Level:
+        level = self.depass(Neurons(layer), lambda label: viz.NEURON.fullmatch(label) is not None)
+        if self.corrupted is not None:
+            hook = f"blocks.{layer}.mlp.hook_post"
+            _set_patching(level, self.patch([(hook, lambda v, c, i=i: _neuron(v, c, i))
+                                             for i in range(self.model.cfg.d_mlp)]))
+        return level
+
+    def patch(self, sites) -> Tensor:
+        return patch_effects(self.model, self.corrupted, self.metric_rows, sites, self.cache)
 
 
 def _whole(value: Tensor, clean: Tensor) -> Tensor:
@@ -221,33 +236,34 @@ def _set_patching(level: Level, effect: Tensor) -> None:
 # --- HTML ---
 
 def figures(ex: Explanation) -> list[tuple[str, object]]:
-    """(section title, plotly figure) in report order."""
-    what = ex.metric_name
-    rows = ["tokens (embeddings)"] + [f"resid entering L{i}" for i in range(1, len(ex.tokens_by_layer))]
-    heads = ex.levels["heads"]
-    n_layers = len(ex.tokens_by_layer)
-    grid = heads.depass.reshape(n_layers, -1)
-    out = [("Token contributions", viz.token_heatmap(ex.tokens_by_layer, ex.str_tokens, rows,
-                                                      f"Each position's share of {what}")),
-           ("Heads", viz.head_heatmap(grid, f"Each head's total effect on {what}")),
-           ("Modules", viz.top_bar(ex.levels["modules"].depass, ex.levels["modules"].labels, 40,
-                                   f"Attention and MLP blocks: share of {what}"))]
-    if "neurons" in ex.levels:
-        neurons = ex.levels["neurons"]
-        out.append(("Top neurons", viz.top_bar(neurons.depass, neurons.labels, 20,
+    """(section title, plotly figure) in report order, for the levels that were computed."""
+    what, lv = ex.metric_name, ex.levels
+    out = []
+    if "tokens" in lv:
+        rows = ["tokens (embeddings)"] + [f"resid entering L{i}"
+                                          for i in range(1, len(ex.tokens_by_layer))]
+        out.append(("Token contributions", viz.token_heatmap(
+            ex.tokens_by_layer, ex.str_tokens, rows, f"Each position's share of {what}")))
+    if "heads" in lv:
+        grid = lv["heads"].depass.reshape(-1, len([x for x in lv["heads"].labels
+                                                    if x.startswith("L0H")]))
+        out.append(("Heads", viz.head_heatmap(grid, f"Each head's total effect on {what}")))
+    if "modules" in lv:
+        out.append(("Modules", viz.top_bar(lv["modules"].depass, lv["modules"].labels, 40,
+                                           f"Attention and MLP blocks: share of {what}")))
+    if "neurons" in lv:
+        out.append(("Top neurons", viz.top_bar(lv["neurons"].depass, lv["neurons"].labels, 20,
                                                f"Layer {ex.neuron_layer} neurons: share of {what}")))
     out.append(("Completeness", viz.completeness_plot(
-        {name: level.completeness for name, level in ex.levels.items()}, ex.tolerance)))
-    panels = {name: (lv.depass[: len(lv.labels)], lv.patching[: len(lv.labels)], lv.labels,
-                     lv.pearson, lv.spearman)
-              for name, lv in ex.levels.items() if lv.patching is not None}
+        {name: level.completeness for name, level in lv.items()}, ex.tolerance)))
+    panels = {name: (level.depass, level.patching, level.labels, level.pearson, level.spearman)
+              for name, level in lv.items() if level.patching is not None}
+    if "tokens" in panels:  # every (layer, position), as in transformer_lens.patching
+        labels = [f"entering L{i}, {p}: {t}" for i in range(len(ex.tokens_by_layer))
+                  for p, t in enumerate(ex.str_tokens)]
+        panels["tokens"] = (ex.tokens_by_layer.flatten(), ex.tokens_patching.flatten(), labels,
+                            lv["tokens"].pearson, lv["tokens"].spearman)
     if panels:
-        if "tokens" in panels:  # every (layer, position), as in transformer_lens.patching
-            lv = ex.levels["tokens"]
-            labels = [f"entering L{i}, {p}: {t}" for i in range(n_layers)
-                      for p, t in enumerate(ex.str_tokens)]
-            panels["tokens"] = (ex.tokens_by_layer.flatten(), ex.tokens_patching.flatten(), labels,
-                                lv.pearson, lv.spearman)
         out.append(("DePass vs activation patching", viz.patching_scatter(panels)))
     return out
 
