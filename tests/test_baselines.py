@@ -202,3 +202,32 @@ def test_depass_scorers(model, tokens):
             tokens, fwd_hooks=[*frozen, ("blocks.0.mlp.hook_post", zero)]))
     # layer 0's neuron 4 flows through layer 1's frozen MLP ratio: exactly its DePass share
     torch.testing.assert_close(neurons[4], drop)
+
+
+def test_baselines_run_on_a_transformer_bridge():
+    """Everything goes through hook names, so a TransformerBridge (compatibility mode, same hook
+    names) gives the same checks as a HookedTransformer."""
+    from bridges import make_bridge
+
+    bridge, _ = make_bridge("GPT2LMHeadModel", compat=True)
+    tokens = torch.randint(0, 61, (2, 8), generator=torch.Generator().manual_seed(0))
+    answers, wrong = torch.tensor([3, 4]), torch.tensor([5, 6])
+    metric = B.logit_diff_metric(answers, wrong)
+    rows = B.rollout_matrix(bridge, tokens).sum(-1)
+    torch.testing.assert_close(rows, torch.ones(2, 8, dtype=torch.float64))
+    scores, delta = B.integrated_gradients(bridge, tokens, answers, return_delta=True)
+    assert delta.abs().max() < 1e-2 * scores.sum(1).abs().max()
+    signed = B.attribution_patching(bridge, tokens, metric, absolute=False)
+    fd = finite_difference_effect(bridge, tokens, metric, "blocks.1.attn.hook_z", 2, None)
+    torch.testing.assert_close(signed[1, 2], fd, rtol=1e-6, atol=1e-9)
+
+    def zero(z, hook):
+        z = z.clone()
+        z[:, :, 2] = 0
+        return z
+    with torch.no_grad():
+        want = metric(bridge(tokens)) - metric(bridge.run_with_hooks(
+            tokens, fwd_hooks=[("blocks.1.attn.hook_z", zero)]))
+    torch.testing.assert_close(B.activation_patching(bridge, tokens, metric)[1, 2], want)
+    assert B.attribution_patching(bridge, tokens, metric, "neurons", 1).shape == (bridge.cfg.d_mlp,)
+    assert no_hooks(bridge)
