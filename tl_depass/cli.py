@@ -278,8 +278,7 @@ def summary(ex: report.Explanation, level: str, k: int, model) -> str:
     if lv.patching is None:
         lines.append("activation patching: skipped (no corrupted prompt: pass --corrupted)")
     else:
-        lines.append(f"agreement with activation patching ({WHAT[level]}): Pearson "
-                     f"{lv.pearson:.2f}, Spearman {lv.spearman:.2f}")
+        lines.append(f"agreement with activation patching ({WHAT[level]}): {lv.agreement()}")
         lines.append(f"  corrupted prompt {' '.join(ex.corrupted)}")
     return "\n".join(lines)
 

@@ -48,6 +48,13 @@ class Level:
     spearman: float = float("nan")
     completeness: dict[str, float] = field(default_factory=dict)  # hook -> worst relative error
 
+    def agreement(self) -> str:
+        if self.patching is None:
+            return "no activation patching (no corrupted prompt)"
+        if self.pearson != self.pearson:
+            return "n/a (fewer than 3 components)"
+        return f"Pearson {self.pearson:.2f}, Spearman {self.spearman:.2f}"
+
 
 @dataclass
 class Explanation:
@@ -70,7 +77,9 @@ class Explanation:
 
 
 def correlations(x: Tensor, y: Tensor) -> tuple[float, float]:
-    """Pearson and Spearman (Pearson of ranks) correlations."""
+    """Pearson and Spearman (Pearson of ranks) correlations; NaN below 3 points (meaningless)."""
+    if x.numel() < 3:
+        return float("nan"), float("nan")
     frame = pd.DataFrame({"x": x.double().flatten().tolist(), "y": y.double().flatten().tolist()})
     return float(frame.x.corr(frame.y)), float(frame.x.rank().corr(frame.y.rank()))
 
@@ -256,13 +265,13 @@ def figures(ex: Explanation) -> list[tuple[str, object]]:
                                                f"Layer {ex.neuron_layer} neurons: share of {what}")))
     out.append(("Completeness", viz.completeness_plot(
         {name: level.completeness for name, level in lv.items()}, ex.tolerance)))
-    panels = {name: (level.depass, level.patching, level.labels, level.pearson, level.spearman)
+    panels = {name: (level.depass, level.patching, level.labels, level.agreement())
               for name, level in lv.items() if level.patching is not None}
     if "tokens" in panels:  # every (layer, position), as in transformer_lens.patching
         labels = [f"entering L{i}, {p}: {t}" for i in range(len(ex.tokens_by_layer))
                   for p, t in enumerate(ex.str_tokens)]
         panels["tokens"] = (ex.tokens_by_layer.flatten(), ex.tokens_patching.flatten(), labels,
-                            lv["tokens"].pearson, lv["tokens"].spearman)
+                            lv["tokens"].agreement())
     if panels:
         out.append(("DePass vs activation patching", viz.patching_scatter(panels)))
     return out
@@ -294,8 +303,7 @@ def write_html(ex: Explanation, path: str | Path) -> Path:
                  f"{ex.tolerance:.0e}): {'OK' if worst <= ex.tolerance else 'FAILED'}</td></tr>")
     for name, lv in ex.levels.items():
         if lv.patching is not None:
-            parts.append(f"<tr><th>agreement ({name})</th><td>Pearson {lv.pearson:.2f}, "
-                         f"Spearman {lv.spearman:.2f}</td></tr>")
+            parts.append(f"<tr><th>agreement ({name})</th><td>{lv.agreement()}</td></tr>")
     parts.append("</table><div class='tables'>")
     for name, lv in ex.levels.items():
         rows = "".join(f"<tr><td>{esc(lab)}</td><td>{d:+.3f}</td><td>"
@@ -320,10 +328,11 @@ NOTE = ("DePass splits the clean run's metric into each component's share with a
         "patterns, norm scales and MLP activations frozen; activation patching measures the effect "
         "of restoring one clean activation in the corrupted run with everything downstream free. "
         "They agree where effects are direct and roughly linear. Made by tl_depass.")
-STYLE = """body{font-family:system-ui,sans-serif;margin:24px auto;max-width:1100px;color:#222}
+STYLE = """body{font-family:system-ui,sans-serif;margin:24px auto;padding:0 24px;max-width:1100px;
+color:#222}
 code{background:#f3f3f3;padding:1px 4px;border-radius:3px}
 table.facts th{text-align:left;padding-right:16px;vertical-align:top}
-.tables{display:flex;flex-wrap:wrap;gap:24px;margin:16px 0}
+.tables{display:flex;flex-wrap:wrap;gap:24px;margin:16px 0;align-items:flex-start}
 table.top{border-collapse:collapse;font-size:13px}
 table.top td,table.top th{border-bottom:1px solid #ddd;padding:2px 8px;text-align:right}
 table.top td:first-child{text-align:left}caption{font-weight:600;text-align:left}

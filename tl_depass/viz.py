@@ -107,15 +107,15 @@ def completeness_plot(errors: Mapping[str, Mapping[str, float]], tolerance: floa
     return _layout(fig, title, 420)
 
 
-def patching_scatter(panels: Mapping[str, tuple[Tensor, Tensor, Sequence[str], float, float]],
+def patching_scatter(panels: Mapping[str, tuple[Tensor, Tensor, Sequence[str], str]],
                      title: str = "DePass vs activation patching") -> go.Figure:
     """One panel per level: x = DePass share of the metric, y = activation patching effect;
-    `panels[level] = (depass, patching, labels, pearson, spearman)`."""
+    `panels[level] = (depass, patching, labels, agreement text)`."""
     names = list(panels)
     fig = make_subplots(rows=1, cols=max(len(names), 1), subplot_titles=[
-        f"{n}: Pearson {p[3]:.2f}, Spearman {p[4]:.2f}" for n, p in panels.items()])
+        f"{n}: {p[3]}" for n, p in panels.items()])
     for col, name in enumerate(names, start=1):
-        depass, patched, labels, _, _ = panels[name]
+        depass, patched, labels, _ = panels[name]
         x, y = depass.detach().double().flatten().tolist(), patched.detach().double().flatten().tolist()
         fig.add_trace(go.Scatter(x=x, y=y, mode="markers", text=list(labels), name=name,
                                  hovertemplate="%{text}<br>DePass %{x:+.3f}<br>patching %{y:+.3f}"

@@ -1,0 +1,138 @@
+"""The `tl-depass` command, in process through `main(argv)`, on the bundled models."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import tl_depass
+from tl_depass import cli, models, tasks
+from tl_depass.report import LEVELS
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def top_lines(out: str, level: str) -> list[tuple[str, float]]:
+    """The (label, DePass score) rows printed under "top <level>"."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"top {level}"))
+    rows = []
+    for line in lines[start + 1:]:
+        m = re.fullmatch(r"  (\S.*?)\s+([+-]\d+\.\d+)(\s+[+-]\d+\.\d+)?", line)
+        if not m or m.group(1).startswith("("):
+            break
+        rows.append((m.group(1), float(m.group(2))))
+    return rows
+
+
+def test_explain_with_no_arguments(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the report goes to ./report.html by default
+    code, out, err = run(capsys, "explain", "--quiet")
+    assert code == 0, err
+    assert out.startswith("model induction:")
+    batch = tasks.generate("induction", 1, seed=0)
+    model = models.load("induction")
+    assert f"prompt    {' '.join(model.to_str_tokens(batch.tokens[0]))}" in out
+    # the trained induction model attends to the token after the earlier occurrence
+    key = int(batch.key_positions[0].nonzero())
+    assert top_lines(out, "tokens")[0][0].startswith(f"tok {key} ")
+    assert re.search(r"completeness \(tokens\): worst relative error \S+ at \S+ \(tolerance "
+                     r"1e-05\): OK", out)
+    assert re.search(r"agreement with activation patching .*: Pearson -?\d\.\d\d, Spearman", out)
+    html = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert html.count("class='depass-figure'") == 5
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_each_level_matches_the_library(level, capsys):
+    """The listed components and scores are DePass' own readouts for the same logit difference."""
+    code, out, err = run(capsys, "explain", "--model", "recall", "--level", level, "--no-report",
+                         "--quiet", "--top", "3")
+    assert code == 0, err
+    model = models.load("recall")
+    batch = tasks.generate("recall", 1, seed=0)
+    answer = int(model(batch.tokens)[0, -1].argmax())
+    wrong = int(batch.wrong[0])
+    spec = {"tokens": "tokens", "heads": tl_depass.Heads(), "modules": tl_depass.Modules(),
+            "neurons": tl_depass.Neurons(model.cfg.n_layers - 1)}[level]
+    dec = tl_depass.decompose(model, batch.tokens, spec)
+    scores = dec.logit_attribution(answer, wrong)[:, 0]
+    keep = [i for i, label in enumerate(dec.labels) if level == "tokens" or (
+        "rest" not in label and "bias" not in label)]
+    order = sorted(keep, key=lambda i: -abs(scores[i].item()))[:3]
+    expected = [(dec.labels[i], scores[i].item()) for i in order]
+    printed = top_lines(out, level)
+    assert [label for label, _ in printed] == [label for label, _ in expected]
+    torch.testing.assert_close(torch.tensor([s for _, s in printed]),
+                               torch.tensor([s for _, s in expected]), atol=1e-4, rtol=0)
+    if level == "neurons":
+        assert "top neurons (layer 1)" in out  # default: the last layer
+
+
+def test_custom_prompt_target_and_corrupted(capsys):
+    code, out, err = run(capsys, "explain", "--prompt", "t1 t2 t3 t4 t5 t1 t2", "--target", "t3",
+                         "--wrong", "t4", "--corrupted", "t1 t2 t9 t4 t5 t1 t2", "--level",
+                         "heads", "--no-report", "--quiet")
+    assert code == 0, err
+    assert "explains  logit('t3') - logit('t4')" in out
+    assert "corrupted prompt <bos> t1 t2 t9 t4 t5 t1 t2" in out
+    code, out, _ = run(capsys, "explain", "--prompt", "t1 t2 t3 t1", "--no-report", "--quiet")
+    assert code == 0 and "activation patching: skipped" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "no-such-model"], "unknown model 'no-such-model'"),
+    (["--target", "zebra"], "--target 'zebra' is not one token"),
+    (["--prompt", " ".join(["t1"] * 40)], "n_ctx=32"),
+    (["--prompt", "t1 hello t2"], "not in the model's vocabulary: ['hello']"),
+    (["--prompt", "  "], "the prompt is empty"),
+    (["--prompt", "t1 t2 t3", "--corrupted", "t1 t2"], "needs the same length"),
+    (["--level", "neurons"], "attention-only"),
+    (["--model", "recall", "--level", "neurons", "--layer", "7"], "--layer 7 is not a layer"),
+])
+def test_errors_exit_nonzero_with_a_message(argv, message, capsys):
+    code, out, err = run(capsys, "explain", "--no-report", "--quiet", *argv)
+    assert code == 1
+    assert err.startswith("tl-depass: error: ") and message in err
+    assert "Traceback" not in err
+
+
+def test_pretrained_names_need_network(capsys, monkeypatch):
+    monkeypatch.setattr(cli, "hub_reachable", lambda timeout=3.0: False)  # never download here
+    code, _, err = run(capsys, "explain", "--model", "gpt2", "--no-report")
+    assert code == 1 and "Hugging Face hub" in err and "no network" in err
+
+    from transformer_lens import HookedTransformer
+
+    def offline(cls, *args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+
+    monkeypatch.setattr(cli, "hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr(HookedTransformer, "from_pretrained", classmethod(offline))
+    code, _, err = run(capsys, "explain", "--model", "gpt2", "--no-report")
+    assert code == 1 and "needs network access" in err and "OSError" in err
+
+
+def test_models_lists_bundled_models_and_tasks(capsys):
+    code, out, _ = run(capsys, "models")
+    assert code == 0
+    for name in models.names():
+        assert models.describe(name) in out
+    for name in tasks.TASKS:
+        assert re.search(rf"^  {name}\s+{re.escape(tasks.TASKS[name])}$", out, re.M)
+
+
+def test_python_dash_m_is_the_command():
+    done = subprocess.run([sys.executable, "-m", "tl_depass", "models"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert all(name in done.stdout for name in ["induction", "recall", "ioi"])
+    bare = subprocess.run([sys.executable, "-m", "tl_depass"], capture_output=True, text=True,
+                          timeout=120)
+    assert bare.returncode == 0 and "tl-depass explain" in bare.stdout
