@@ -15,6 +15,7 @@ plotly.js inlined once (about 4.6 MB per report). CircuitsVis stays available in
 
 import html
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,6 +120,37 @@ def patch_effects(model, corrupted: Tensor, metric_rows: Callable[[Tensor], Tens
     return torch.cat(out)
 
 
+@contextmanager
+def patching_progress(show: bool):
+    """transformer_lens.patching draws its own progress bars; hide them when `show` is False."""
+    if show:
+        yield
+        return
+    from transformer_lens import patching
+
+    original = patching.tqdm
+    patching.tqdm = lambda iterable, *args, **kwargs: iterable
+    try:
+        yield
+    finally:
+        patching.tqdm = original
+
+
+def run_levels(run, bar, out: dict, neuron_layer: int | None) -> tuple:
+    tokens_by_layer = tokens_patching = None
+    for name in bar:
+        bar.set_postfix_str(name)
+        if name == "tokens":
+            out[name], tokens_by_layer, tokens_patching = run.positions()
+        elif name == "heads":
+            out[name] = run.heads()
+        elif name == "modules":
+            out[name] = run.modules()
+        else:
+            out[name] = run.neurons(neuron_layer)
+    return tokens_by_layer, tokens_patching
+
+
 def explain(model, tokens: Tensor, target: int, wrong: int | None, corrupted: Tensor | None,
             rule: str = "softmax", neuron_layer: int | None = None, model_name: str = "model",
             levels: Sequence[str] = LEVELS, progress: bool = True) -> Explanation:
@@ -136,17 +168,8 @@ def explain(model, tokens: Tensor, target: int, wrong: int | None, corrupted: Te
     run = Run(model, tokens, corrupted, target, wrong, rule)
     bar = tqdm(levels, desc="tl-depass", disable=not progress, leave=False)
     out: dict[str, Level] = {}
-    tokens_by_layer = tokens_patching = None
-    for name in bar:
-        bar.set_postfix_str(name)
-        if name == "tokens":
-            out[name], tokens_by_layer, tokens_patching = run.positions()
-        elif name == "heads":
-            out[name] = run.heads()
-        elif name == "modules":
-            out[name] = run.modules()
-        else:
-            out[name] = run.neurons(neuron_layer)
+    with patching_progress(progress):
+        tokens_by_layer, tokens_patching = run_levels(run, bar, out, neuron_layer)
     str_tokens = list(model.to_str_tokens(tokens[0])) if model.tokenizer is not None else [
         f"[{int(t)}]" for t in tokens[0]]
     name = (lambda i: model.to_string([i])) if model.tokenizer is not None else (lambda i: f"[{i}]")
