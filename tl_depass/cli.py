@@ -162,7 +162,7 @@ def to_tokens(model, text: str, what: str) -> Tensor:
         raise CliError(f"the {what} is empty")
     if model.tokenizer is None:
         raise CliError(f"this model has no tokenizer, so a {what} cannot be read")
-    tokens = model.to_tokens(text)
+    tokens = model.to_tokens(text, truncate=False)  # TransformerLens would cut at n_ctx silently
     unknown = unknown_words(model, text)
     if unknown:
         raise CliError(f"the {what} has words that are not in the model's vocabulary: {unknown}"

@@ -112,18 +112,21 @@ def patching_scatter(panels: Mapping[str, tuple[Tensor, Tensor, Sequence[str], s
     """One panel per level: x = DePass share of the metric, y = activation patching effect;
     `panels[level] = (depass, patching, labels, agreement text)`."""
     names = list(panels)
-    fig = make_subplots(rows=1, cols=max(len(names), 1), subplot_titles=[
+    cols = min(len(names), 2)
+    rows = -(-len(names) // cols)
+    fig = make_subplots(rows=rows, cols=cols, vertical_spacing=0.18 / rows, subplot_titles=[
         f"{n}: {p[3]}" for n, p in panels.items()])
-    for col, name in enumerate(names, start=1):
+    for i, name in enumerate(names):
+        row, col = i // cols + 1, i % cols + 1
         depass, patched, labels, _ = panels[name]
         x, y = depass.detach().double().flatten().tolist(), patched.detach().double().flatten().tolist()
         fig.add_trace(go.Scatter(x=x, y=y, mode="markers", text=list(labels), name=name,
                                  hovertemplate="%{text}<br>DePass %{x:+.3f}<br>patching %{y:+.3f}"
-                                 "<extra></extra>"), row=1, col=col)
-        fig.update_xaxes(title_text="DePass share of the metric", row=1, col=col)
-        fig.update_yaxes(title_text="patching effect" if col == 1 else None, row=1, col=col)
+                                 "<extra></extra>"), row=row, col=col)
+        fig.update_xaxes(title_text="DePass share of the metric", row=row, col=col)
+        fig.update_yaxes(title_text="patching effect" if col == 1 else None, row=row, col=col)
     fig.update_layout(showlegend=False)
-    return _layout(fig, title, 420)
+    return _layout(fig, title, 120 + 340 * rows)
 
 
 def show(dec, answer=None, wrong=None, *, pos: int = -1, batch: int = 0, k: int = 20,
