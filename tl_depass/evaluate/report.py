@@ -66,11 +66,15 @@ def headline(results: list[Result]) -> pd.DataFrame:
 
 
 def token_table(r: Result) -> str:
-    t = r.tokens.rename(columns={"disrupt_aopc": "Disrupt-top AOPC ↑", "recover_aopc": "Recover-top AOPC ↓",
-                                 "area_between": "Disrupt − Recover ↑", "hit_rate": "hit rate ↑",
-                                 "seconds": "seconds"})
-    chance = f"Chance hit rate (a uniformly random processable position): {r.chance_hit_rate:.2f}."
-    return md_table(t) + "\n\n" + chance
+    t = r.tokens
+    columns = {"disrupt_aopc": "Disrupt-top AOPC ↑", "recover_aopc": "Recover-top AOPC ↓",
+               "area_between": "Disrupt − Recover ↑"}
+    frame = pd.DataFrame({"method": t.method, **{
+        title: [f"{m:.1f} ± {se:.1f}" for m, se in zip(t[key], t[f"{key}_se"], strict=True)]
+        for key, title in columns.items()}, "hit rate ↑": t.hit_rate, "seconds": t.seconds})
+    chance = (f"Mean ± standard error over prompts. Chance hit rate (a uniformly random "
+              f"processable position): {r.chance_hit_rate:.2f}.")
+    return md_table(frame) + "\n\n" + chance
 
 
 def ablation_table(frames: dict[str, pd.DataFrame], total: int) -> str:

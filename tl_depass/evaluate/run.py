@@ -67,7 +67,7 @@ def evaluate_tokens(model, batch, result: Result, seed: int = 0) -> None:
     for name, fn in tqdm(methods.items(), desc=f"{result.model}: tokens", leave=False):
         scores, seconds = timed(fn)
         curves = T.deletion_curves(model, batch.tokens, batch.answers, scores.to(batch.tokens.device))
-        result.curves[name] = {k: v.cpu() for k, v in curves.items()}
+        result.curves[name] = {k: v.mean(1).cpu() for k, v in curves.items()}
         rows.append({"method": name, **T.summarise(curves),
                      "hit_rate": T.hit_rate(scores, batch.key_positions.cpu()), "seconds": seconds})
     result.tokens = pd.DataFrame(rows)

@@ -70,21 +70,31 @@ def answer_prob(model, tokens: Int[Tensor, "batch pos"], answers: Int[Tensor, " 
 
 def deletion_curves(model, tokens: Int[Tensor, "batch pos"], answers: Int[Tensor, " batch"],
                     scores: Float[Tensor, "batch pos"], percents: Sequence[int] = PERCENTS
-                    ) -> dict[str, Float[Tensor, " percent"]]:
-    """The Disrupt-top and Recover-top curves (mean relative change, %, per p)."""
+                    ) -> dict[str, Float[Tensor, "percent batch"]]:
+    """The Disrupt-top and Recover-top curves: the relative change (%) of each prompt at each p
+    (average over the batch axis for the curve)."""
     p_clean = answer_prob(model, tokens, answers)
     curves: dict[str, list[Tensor]] = {"disrupt": [], "recover": []}
     for percent in percents:
         for mode, values in curves.items():
             shorter = delete_positions(tokens, deletion_mask(scores, percent, mode))
-            values.append(relative_change(p_clean, answer_prob(model, shorter, answers)).mean())
+            values.append(relative_change(p_clean, answer_prob(model, shorter, answers)))
     return {mode: torch.stack(values) for mode, values in curves.items()}
 
 
-def summarise(curves: dict[str, Tensor]) -> dict[str, float]:
-    """AOPC-style areas: the mean of each curve over p, and the mean gap between them."""
-    disrupt, recover = curves["disrupt"].mean().item(), curves["recover"].mean().item()
-    return {"disrupt_aopc": disrupt, "recover_aopc": recover, "area_between": disrupt - recover}
+def summarise(curves: dict[str, Float[Tensor, "percent batch"]]) -> dict[str, float]:
+    """AOPC-style areas: the mean of each curve over p, the mean gap between them, and the
+    standard error over prompts of each."""
+    aopc = {mode: c.mean(0) for mode, c in curves.items()}  # per prompt
+    aopc["area_between"] = aopc["disrupt"] - aopc["recover"]
+    out = {}
+    for name, key in [("disrupt", "disrupt_aopc"), ("recover", "recover_aopc"),
+                      ("area_between", "area_between")]:
+        values = aopc[name]
+        out[key] = values.mean().item()
+        se = values.std() / values.numel() ** 0.5 if values.numel() > 1 else values.new_tensor(0.0)
+        out[f"{key}_se"] = se.item()
+    return out
 
 
 def hit_rate(scores: Float[Tensor, "batch pos"], key_positions: Bool[Tensor, "batch pos"]) -> float:
