@@ -59,8 +59,13 @@ def test_each_level_matches_the_library(level, capsys):
     batch = tasks.generate("recall", 1, seed=0)
     answer = int(model(batch.tokens)[0, -1].argmax())
     wrong = int(batch.wrong[0])
+    if level == "neurons":  # default layer: the one whose MLP has the largest share
+        modules = tl_depass.decompose(model, batch.tokens, tl_depass.Modules())
+        mlp = modules.logit_attribution(answer, wrong)[:, 0].abs()
+        busiest = max(range(model.cfg.n_layers), key=lambda i: mlp[modules.index(f"L{i} mlp")])
+        assert f"top neurons (layer {busiest})" in out
     spec = {"tokens": "tokens", "heads": tl_depass.Heads(), "modules": tl_depass.Modules(),
-            "neurons": tl_depass.Neurons(model.cfg.n_layers - 1)}[level]
+            "neurons": tl_depass.Neurons(busiest) if level == "neurons" else None}[level]
     dec = tl_depass.decompose(model, batch.tokens, spec)
     scores = dec.logit_attribution(answer, wrong)[:, 0]
     keep = [i for i, label in enumerate(dec.labels) if level == "tokens" or (
@@ -71,8 +76,6 @@ def test_each_level_matches_the_library(level, capsys):
     assert [label for label, _ in printed] == [label for label, _ in expected]
     torch.testing.assert_close(torch.tensor([s for _, s in printed]),
                                torch.tensor([s for _, s in expected]), atol=1e-4, rtol=0)
-    if level == "neurons":
-        assert "top neurons (layer 1)" in out  # default: the last layer
 
 
 def test_custom_prompt_target_and_corrupted(capsys):

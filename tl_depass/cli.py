@@ -68,7 +68,7 @@ def parser() -> argparse.ArgumentParser:
                    help="which components the summary lists (the report shows all). "
                    "Default: %(default)s")
     e.add_argument("--layer", type=int, help="the layer whose neurons are decomposed "
-                   "(default: the last layer)")
+                   "(default: the layer whose MLP has the largest share of the metric)")
     e.add_argument("--rule", choices=("softmax", "max", "ratio"), default="softmax",
                    help="how MLP activations are shared (docs/rules.md). Default: %(default)s")
     e.add_argument("--top", type=int, default=8, help="components to list (default: %(default)s)")

@@ -147,8 +147,13 @@ def run_levels(run, bar, out: dict, neuron_layer: int | None) -> tuple:
         elif name == "modules":
             out[name] = run.modules()
         else:
+            if neuron_layer is None:  # the MLP with the largest share of the metric
+                mlps = out.get("modules") or run.depass(Modules(), lambda label: label.endswith(" mlp"))
+                shares = {int(label.split()[0][1:]): abs(score.item()) for label, score in
+                          zip(mlps.labels, mlps.depass, strict=True) if label.endswith(" mlp")}
+                neuron_layer = max(shares, key=shares.get)
             out[name] = run.neurons(neuron_layer)
-    return tokens_by_layer, tokens_patching
+    return tokens_by_layer, tokens_patching, neuron_layer
 
 
 def explain(model, tokens: Tensor, target: int, wrong: int | None, corrupted: Tensor | None,
@@ -156,20 +161,19 @@ def explain(model, tokens: Tensor, target: int, wrong: int | None, corrupted: Te
             levels: Sequence[str] = LEVELS, progress: bool = True) -> Explanation:
     """DePass at `levels` (default all; "neurons" only where the model has MLPs) for `target`
     (minus `wrong`) at the last position of `tokens` ([1, pos]); activation patching at the same
-    levels when `corrupted` is given."""
+    levels when `corrupted` is given. `neuron_layer=None`: the layer whose MLP has the largest
+    share of the metric."""
     cfg = model.cfg
     unknown = [name for name in levels if name not in LEVELS]
     if unknown:
         raise DepassError(f"unknown levels {unknown}; use some of {list(LEVELS)}")
     if cfg.attn_only:
         levels = [name for name in levels if name != "neurons"]
-    elif neuron_layer is None:
-        neuron_layer = cfg.n_layers - 1
     run = Run(model, tokens, corrupted, target, wrong, rule)
     bar = tqdm(levels, desc="tl-depass", disable=not progress, leave=False)
     out: dict[str, Level] = {}
     with patching_progress(progress):
-        tokens_by_layer, tokens_patching = run_levels(run, bar, out, neuron_layer)
+        tokens_by_layer, tokens_patching, neuron_layer = run_levels(run, bar, out, neuron_layer)
     str_tokens = list(model.to_str_tokens(tokens[0])) if model.tokenizer is not None else [
         f"[{int(t)}]" for t in tokens[0]]
     name = (lambda i: model.to_string([i])) if model.tokenizer is not None else (lambda i: f"[{i}]")
