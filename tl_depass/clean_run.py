@@ -7,6 +7,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from tl_depass.backends import canonical_names, clean_hook_value, forward_as_recorded
+
 #: Hook-name endings whose clean values the decomposed pass replays.
 FROZEN = ("hook_scale", "hook_pattern", "attn.hook_z", "mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_mid",
           "mlp.hook_post", "hook_embed", "hook_pos_embed", "unembed.hook_out")
@@ -26,25 +28,34 @@ class CleanRun:
         return self.order[self.order.index(name) + 1:]
 
 
+def unflatten_rows(x: Tensor, batch: int, pos: int) -> Tensor:
+    """[batch*pos, d] -> [batch, pos, d]: some Hugging Face blocks (OPT's MLP) flatten the token
+    axes; DePass keeps TransformerLens's [batch, pos, ...] everywhere."""
+    if x.is_floating_point() and x.ndim == 2 and x.shape[0] == batch * pos:
+        return x.unflatten(0, (batch, pos))
+    return x
+
+
 def record_clean_run(
     model, tokens: Int[Tensor, "batch pos"], attention_mask: Tensor | None,
     record: Callable[[str], bool],
 ) -> CleanRun:
-    """Run `model` once, unchanged (recording hooks return nothing), keeping what `record` names."""
+    """Run `model` once, unchanged (recording hooks change no value), keeping what `record` names."""
     order: list[str] = []
     seen: set[str] = set()
     values: dict[str, Tensor] = {}
 
     def recorder(name: str):
-        def hook(x: Tensor, hook) -> None:
+        def hook(x: Tensor, hook) -> Tensor | None:
             if name not in seen:
                 seen.add(name)
                 order.append(name)
             if record(name):
-                values[name] = x.detach().clone()
+                values[name] = unflatten_rows(x.detach().clone(), *tokens.shape)
+            return clean_hook_value(name, x)
         return hook
 
-    hooks = [(name, recorder(name)) for name in model.hook_dict]
-    with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+    hooks = [(name, recorder(name)) for name in dict.fromkeys(canonical_names(model).values())]
+    with torch.no_grad(), forward_as_recorded(model), model.hooks(fwd_hooks=hooks):
         logits = model(tokens, attention_mask=attention_mask)
     return CleanRun(order, values, logits)

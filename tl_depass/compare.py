@@ -19,12 +19,13 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from tl_depass.backends import forward_as_recorded
 from tl_depass.clean_run import record_clean_run
 from tl_depass.components import Entry, Group, TokensAt
 from tl_depass.decompose import decompose
 from tl_depass.decomposition import Decomposition
 from tl_depass.levels import Heads, check_layers, rest_entry
-from tl_depass.replay import mlp_site
+from tl_depass.replay import attend, mlp_site
 
 Level = Literal["heads", "positions", "mlp"]
 Metric = Callable[[Tensor], Tensor]
@@ -133,18 +134,23 @@ def zero_ablation(model, tokens, metric: Metric, frozen: bool = True
                              lambda n: n.endswith(("hook_scale", "hook_pattern", "mlp.hook_pre",
                                                    "hook_pre_linear", "hook_mid", "hook_post")))
     hooks = []
-    if frozen:
-        hooks += [(n, lambda x, hook, v=v: v) for n, v in clean.values.items()
-                  if n.endswith(("hook_scale", "hook_pattern"))]
+    if frozen:  # replayed like the decomposed pass: attention at hook_z, not at hook_pattern
+        hooks += [(n, lambda x, hook, v=v: v.reshape(x.shape)) for n, v in clean.values.items()
+                  if n.endswith("hook_scale")]
+        for layer in range(model.cfg.n_layers):
+            state, attn = {}, f"blocks.{layer}.attn"
+            pattern = clean[f"{attn}.hook_pattern"]
+            hooks += [(f"{attn}.hook_v", lambda x, hook, s=state: s.update(v=x)),
+                      (f"{attn}.hook_z", lambda x, hook, s=state, p=pattern: attend(p, s["v"][None]))]
         for layer in range(model.cfg.n_layers if not model.cfg.attn_only else 0):
             site = mlp_site(model, clean, f"blocks.{layer}.mlp")
             state = {}
             hooks += [(f"{site.prefix}.hook_pre", lambda x, hook, s=state: s.update(pre=x)),
                       (site.act_hook, lambda x, hook, s=state, f=site.facts:
-                       s["pre"] * f.ratio + f.extra)]
+                       (s["pre"].reshape(f.ratio.shape) * f.ratio + f.extra).reshape(x.shape))]
     base = metric(clean.logits)
     out = torch.zeros(model.cfg.n_layers, model.cfg.n_heads, dtype=base.dtype)
-    with torch.no_grad():
+    with torch.no_grad(), forward_as_recorded(model):
         for layer in range(model.cfg.n_layers):
             for head in range(model.cfg.n_heads):
                 def ablate(z, hook, head=head):

@@ -1,5 +1,6 @@
 """decompose(): clean run -> initial components -> folded, replayed forward(s) -> Decomposition."""
 
+import dataclasses
 import difflib
 import re
 from collections.abc import Callable, Sequence
@@ -10,8 +11,9 @@ from jaxtyping import jaxtyped
 from torch import Tensor
 
 from tl_depass import rules
+from tl_depass.backends import canonical_names, check_model
 from tl_depass.clean_run import FROZEN, CleanRun, record_clean_run
-from tl_depass.components import Group, PosEmbed, TokensAt, as_components, groups
+from tl_depass.components import Group, PosEmbed, Split, TokensAt, as_components, groups
 from tl_depass.decomposition import Decomposition
 from tl_depass.errors import DepassError
 from tl_depass.replay import FoldedForward, Plan, RuleSetup, mlp_site
@@ -19,23 +21,10 @@ from tl_depass.support import check_supported
 
 RESIDUAL = re.compile(r"blocks\.\d+\.hook_resid_(pre|mid|post)$")
 NOT_DECOMPOSABLE = ("hook_scale", "hook_attn_scores", "hook_pattern", "hook_tokens")
-BIASED = ("hook_attn_out", "hook_mlp_out", "unembed.hook_out")
+# Hooks right after a bias is added (a Bridge's raw `o.hook_out` / `out.hook_out` fire where an
+# adapter that delegates attention to HF has no `hook_attn_out`; correcting twice is a no-op).
+BIASED = ("hook_attn_out", "hook_mlp_out", "unembed.hook_out", "attn.o.hook_out", "mlp.out.hook_out")
 Keep = str | Sequence[str] | Callable[[str], bool] | None
-
-
-def check_model(model) -> None:
-    try:
-        from transformer_lens import HookedTransformer
-    except ImportError:  # TransformerLens 4 removed it (even hasattr raises there)
-        raise DepassError(
-            "this transformer_lens has no HookedTransformer (4.x removed it) and tl_depass does "
-            "not support TransformerBridge yet: pip install 'transformer-lens>=3,<4'"
-        ) from None
-    if not isinstance(model, HookedTransformer):
-        raise DepassError(
-            f"decompose needs a transformer_lens.HookedTransformer, got {type(model).__name__}"
-        )
-    check_supported(model.cfg)
 
 
 def prepare_tokens(model, tokens, attention_mask) -> tuple[Tensor, Tensor | None]:
@@ -84,25 +73,31 @@ def prepare_tokens(model, tokens, attention_mask) -> tuple[Tensor, Tensor | None
 
 
 def keep_names(model, keep: Keep) -> list[str] | Callable[[str], bool]:
-    """Explicit hook names to keep (checked now), or a filter applied to the hooks DePass
-    decomposes (those after the entry point)."""
+    """Explicit hook names to keep (checked now, aliases resolved), or a filter applied to the
+    hooks DePass decomposes (those after the entry point)."""
     if keep is None:
         return lambda name: RESIDUAL.match(name) is not None
     if callable(keep) and not isinstance(keep, str):
         return keep
     names = [keep] if isinstance(keep, str) else list(keep)
+    names = [n if n == "logits" else resolve(model, n) for n in names]
     for name in names:
-        if name == "logits":
-            continue
-        if name not in model.hook_dict:
-            close = difflib.get_close_matches(name, list(model.hook_dict), n=3)
-            raise DepassError(f"unknown hook name {name!r}; did you mean {close}?")
         if name.endswith(NOT_DECOMPOSABLE):
             raise DepassError(
                 f"{name} is not a sum of component shares (DePass freezes it); keep residual, "
                 "attention or MLP activations instead"
             )
     return [n for n in names if n != "logits"]
+
+
+def resolve(model, name: str) -> str:
+    """The canonical name of hook `name` (a Bridge alias or raw name maps to the HookedTransformer
+    name of the same hook point)."""
+    names = canonical_names(model)
+    if name not in names:
+        close = difflib.get_close_matches(name, list(names), n=3)
+        raise DepassError(f"unknown hook name {name!r}; did you mean {close}?")
+    return names[name]
 
 
 def make_plan(model, clean: CleanRun, entries: list[str], keep: list[str] | Callable) -> Plan:
@@ -170,6 +165,7 @@ def decompose(
     shares of `components` (plus a last "bias" component), with attention patterns, norm scales
     and MLP activations frozen at their clean values. See docs/rules.md for the rules."""
     check_model(model)
+    check_supported(model.cfg)
     if mlp_rule not in rules.RULES:
         raise DepassError(f"unknown mlp_rule {mlp_rule!r}; use one of {rules.RULES}")
     if not temperature > 0:
@@ -179,8 +175,12 @@ def decompose(
     tokens, mask = prepare_tokens(model, tokens, attention_mask)
     spec = as_components(components)
     entry = getattr(spec, "hook", None)  # None: the level knows its entry points
-    if entry is not None and entry not in model.hook_dict:
-        raise DepassError(f"no hook {entry!r} in this model (n_layers={model.cfg.n_layers})")
+    if entry is not None:
+        if entry not in canonical_names(model):
+            raise DepassError(f"no hook {entry!r} in this model (n_layers={model.cfg.n_layers})")
+        entry = resolve(model, entry)
+        if isinstance(spec, Split):
+            spec = dataclasses.replace(spec, hook=entry)
     keep_list = keep_names(model, keep)
     clean = record_clean_run(
         model, tokens, mask,

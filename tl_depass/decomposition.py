@@ -7,6 +7,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from tl_depass.backends import canonical_names
 from tl_depass.errors import DepassError
 from tl_depass.tolerances import relative_error
 
@@ -31,6 +32,8 @@ class Decomposition:
         self.groups = [slice(g * size, (g + 1) * size) for g in range(n_groups)]
 
     def __getitem__(self, name: str) -> Tensor:
+        if name not in self.results and name != "logits":  # a Bridge's raw name or alias
+            name = canonical_names(self.model).get(name, name)
         if name not in self.results:
             raise KeyError(
                 f"{name!r} was not kept; kept: {sorted(self.results)}. Pass keep=[..., {name!r}] "

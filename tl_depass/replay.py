@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 
 import einops
 import torch
-from jaxtyping import Bool, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from tl_depass import rules
+from tl_depass.backends import act_fn, forward_as_recorded
 from tl_depass.clean_run import CleanRun
 from tl_depass.components import Entry, Group
 
@@ -36,7 +37,7 @@ def mlp_site(model, clean: CleanRun, prefix: str) -> MLPSite:
     act_hook = f"{prefix}.hook_mid" if f"{prefix}.hook_mid" in clean.order else f"{prefix}.hook_post"
     gated = model.cfg.gated_mlp and act_hook.endswith("hook_post")
     up = clean[f"{prefix}.hook_pre_linear"] if gated else None
-    facts = rules.neuron_facts(model.get_submodule(prefix).act_fn, clean[f"{prefix}.hook_pre"],
+    facts = rules.neuron_facts(act_fn(model, prefix), clean[f"{prefix}.hook_pre"],
                                clean[act_hook], up)
     return MLPSite(prefix, act_hook, facts)
 
@@ -60,6 +61,15 @@ class RuleSetup:
     excluded: Bool[Tensor, "component batch pos"]  # ignore_bos exclusions
     stats: dict[str, rules.Stats] = field(default_factory=dict)  # over all components, per MLP
     collect: str | None = None  # MLP whose statistics this sweep gathers, then stops
+
+
+def attend(pattern: Float[Tensor, "batch head_index query_pos key_pos"],
+           v: Float[Tensor, "slot batch key_pos kv_head d_head"]
+           ) -> Float[Tensor, "slot_batch query_pos head_index d_head"]:
+    """hook_z from the clean pattern and each slot's values (GQA: kv heads repeated)."""
+    v = v.repeat_interleave(pattern.shape[1] // v.shape[3], dim=3)
+    z = einops.einsum(pattern.to(v.dtype), v, "b h q k, s b k h d -> s b q h d")
+    return z.flatten(0, 1)
 
 
 def fold(x: Tensor) -> Tensor:
@@ -119,14 +129,11 @@ class FoldedForward:
             return x
         return hook
 
-    def attend(self, attn: str) -> Callable:
+    def attention(self, attn: str) -> Callable:
         pattern = self.clean[f"{attn}.hook_pattern"]
 
         def hook(z, hook):
-            v = self.stash.pop(attn).unflatten(0, (self.slots, self.batch))
-            v = v.repeat_interleave(pattern.shape[1] // v.shape[3], dim=3)  # GQA
-            z = einops.einsum(pattern.to(v.dtype), v, "b h q k, s b k h d -> s b q h d")
-            return z.flatten(0, 1)
+            return attend(pattern, self.stash.pop(attn).unflatten(0, (self.slots, self.batch)))
         return hook
 
     def activate(self, site: MLPSite) -> Callable:
@@ -161,7 +168,18 @@ class FoldedForward:
         return hook
 
     def norm_hook(self, module, args, out):
-        return fold(correct(self.view(out)))
+        return self.rowwise(lambda x, hook: fold(correct(self.view(x))))(out, None)
+
+    def rowwise(self, fn: Callable) -> Callable:
+        """`fn` on [slots*batch, pos, ...] also where the model flattens the token axes."""
+        pos = self.clean.logits.shape[1]
+
+        def hook(x, hook):
+            if not (x.is_floating_point() and x.ndim == 2 and x.shape[0] == self.slots * self.batch * pos):
+                return fn(x, hook)
+            out = fn(x.unflatten(0, (-1, pos)), hook)
+            return None if out is None else out.flatten(0, 1)
+        return hook
 
     # --- wiring ---
     def hooks(self) -> list[tuple[str, Callable]]:
@@ -170,7 +188,7 @@ class FoldedForward:
         hooks = [(n, self.replay(n)) for n in after if n.endswith("hook_scale")]
         for attn in p.attn:
             hooks += [(f"{attn}.hook_v", self.stash_corrected(attn)),
-                      (f"{attn}.hook_z", self.attend(attn))]
+                      (f"{attn}.hook_z", self.attention(attn))]
         for site in p.mlps:
             hooks += [(f"{site.prefix}.hook_pre", self.stash_corrected(site.prefix)),
                       (site.act_hook, self.activate(site))]
@@ -181,7 +199,7 @@ class FoldedForward:
                 entries.setdefault(entry.hook, []).append((g, entry))
         hooks += [(hook, self.enter(es)) for hook, es in entries.items()]  # after the replay
         hooks += [(n, self.keeper(n)) for n in p.keep]
-        return hooks
+        return [(n, self.rowwise(fn)) for n, fn in hooks]
 
     def run(self, tokens: Int[Tensor, "batch pos"], attention_mask: Tensor | None) -> None:
         model = self.model
@@ -190,7 +208,7 @@ class FoldedForward:
         handles = [model.get_submodule(n).register_forward_hook(self.norm_hook)
                    for n in self.plan.norms]
         try:
-            with model.hooks(fwd_hooks=self.hooks()):
+            with forward_as_recorded(model), model.hooks(fwd_hooks=self.hooks()):
                 model(folded, attention_mask=mask)
         except StopPass:
             pass

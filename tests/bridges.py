@@ -1,0 +1,60 @@
+"""Tiny TransformerBridge models built offline from randomly initialised Hugging Face models,
+every parameter randomised (HF, like TL, starts biases at 0 and norm weights at 1)."""
+
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+COMMON = dict(vocab_size=61, tie_word_embeddings=False)
+LLAMA = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+             max_position_embeddings=32, rms_norm_eps=1e-6)
+
+# architecture -> HF config class name and its fields (2 layers, d_model 32, 4 heads)
+CONFIGS = {
+    "GPT2LMHeadModel": ("GPT2Config", dict(n_layer=2, n_embd=32, n_head=4, n_positions=32)),
+    "GPTNeoXForCausalLM": ("GPTNeoXConfig", dict(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=32, rotary_pct=0.5, use_parallel_residual=True)),
+    "GPTJForCausalLM": ("GPTJConfig", dict(n_layer=2, n_embd=32, n_head=4, n_positions=32,
+                                           rotary_dim=4)),
+    "OPTForCausalLM": ("OPTConfig", dict(hidden_size=32, ffn_dim=48, num_hidden_layers=2,
+                                         num_attention_heads=4, max_position_embeddings=32,
+                                         word_embed_proj_dim=32)),
+    "LlamaForCausalLM": ("LlamaConfig", dict(LLAMA, num_key_value_heads=2)),
+    "Qwen2ForCausalLM": ("Qwen2Config", dict(LLAMA, num_key_value_heads=2)),
+    "Qwen3ForCausalLM": ("Qwen3Config", dict(LLAMA, num_key_value_heads=2, head_dim=8)),
+    "Gemma2ForCausalLM": ("Gemma2Config", dict(
+        LLAMA, num_key_value_heads=2, head_dim=8, attn_logit_softcapping=5.0,
+        final_logit_softcapping=3.0, query_pre_attn_scalar=8, sliding_window=4)),
+    "PhiForCausalLM": ("PhiConfig", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, max_position_embeddings=32,
+                                         partial_rotary_factor=0.5)),
+    "BloomForCausalLM": ("BloomConfig", dict(hidden_size=32, n_layer=2, n_head=4)),
+}
+ARCHITECTURES = list(CONFIGS)
+
+
+def hf_model(arch: str, seed: int = 0, dtype=torch.float64):
+    name, fields = CONFIGS[arch]
+    cfg = getattr(transformers, name)(**COMMON, **fields, architectures=[arch])
+    torch.manual_seed(seed)
+    model = getattr(transformers, arch)(cfg).eval().to(dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    return model
+
+
+def make_bridge(arch: str, seed: int = 0, dtype=torch.float64, compat: bool = False):
+    from transformer_lens.model_bridge.sources import build_bridge_from_module
+
+    hf = hf_model(arch, seed, dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bridge = build_bridge_from_module(hf, arch, hf_config=hf.config)
+        if compat:
+            bridge.enable_compatibility_mode()
+    return bridge, hf
