@@ -9,8 +9,10 @@ Each model is a `<name>.safetensors` (HookedTransformer state dict, parameters o
 `python -m tl_depass.models.train` rebuilds them.
 """
 
+import atexit
 import functools
 import json
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Literal
@@ -85,6 +87,7 @@ def tokenizer_dir(vocab: tuple[str, ...]) -> str:
     fast = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<bos>", pad_token="<pad>",
                                    unk_token="<pad>", eos_token="<bos>")
     path = tempfile.mkdtemp(prefix="tl_depass_tokenizer_")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
     fast.save_pretrained(path)
     return path
 

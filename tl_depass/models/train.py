@@ -44,11 +44,12 @@ SPECS = {
     "ioi": dict(
         config=dict(COMMON, n_layers=2, n_ctx=16, d_mlp=128, act_fn="relu"),
         steps=3000, batch=64, lr=1e-3,
-        mechanism="at the repeated name S2 (position 10 in every template), layer-0 heads gather "
-                  "the two earlier names and the layer-0 MLP there works out the name that is not "
-                  "repeated; L1H0 (with L1H1) attends from the last position to S2 and copies that "
-                  "name out. The indirect object's token is the top input position; L1H0 is the "
-                  "top head for DePass and for activation patching alike."),
+        mechanism="L1H0 (with L1H1) attends from the last position to the repeated name S2 "
+                  "(position 10 in every template) and copies out the other name: at S2, layer-0 "
+                  "heads gather the two earlier names and the layer-0 MLP works on them; layer-0 "
+                  "heads at the last position also read the two earlier names directly. The "
+                  "indirect object's token is the top input position, and L1H0 the top head for "
+                  "DePass and for activation patching alike."),
 }
 
 
