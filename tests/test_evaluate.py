@@ -176,3 +176,15 @@ def test_end_to_end_on_a_tiny_model(model, tmp_path):
     assert "| DePass (softmax) |" in text and "\\|AtP\\| vs zero" in text
     assert (tmp_path / "figs" / "tiny_tokens.png").exists()
     assert (tmp_path / "figs" / "tiny_ablation.png").exists()
+
+
+def test_depass_in_prompt_chunks_equals_one_pass(model, monkeypatch):
+    from tl_depass.evaluate import run
+
+    tokens = random_tokens(model, batch=5, pos=8, bos=0)
+    answers, wrong = torch.tensor([1, 4, 7, 9, 12]), torch.tensor([2, 3, 5, 8, 11])
+    monkeypatch.setattr(run, "PROMPTS_PER_PASS", 2)
+    heads = run.by_prompts(lambda t, a, w: B.depass_heads(model, t, a, w), tokens, answers, wrong, mean=True)
+    torch.testing.assert_close(heads, B.depass_heads(model, tokens, answers, wrong))
+    per_token = run.by_prompts(lambda t, a: B.depass_tokens(model, t, a, bos=0), tokens, answers, mean=False)
+    torch.testing.assert_close(per_token, B.depass_tokens(model, tokens, answers, bos=0))

@@ -25,7 +25,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--models", nargs="+", help="bundled model names (default with --all: all of them)")
     p.add_argument("--n", type=int, default=64, help="prompts per task (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="task and random-method seed (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s; the models "
+                   "are tiny, and one thread is faster than two busy ones)")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "results.md",
                    help="the Markdown file to write; figures go to <its folder>/results_figures")
     return p

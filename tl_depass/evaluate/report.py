@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from tl_depass.evaluate import components as C
 from tl_depass.evaluate.run import Result
 
 DEPASS = ("DePass (softmax)", "DePass (ratio)")
@@ -39,13 +40,21 @@ def value(frame: pd.DataFrame, method: str, column: str) -> float:
     return float(frame.loc[frame.method == method, column].iloc[0])
 
 
+def rank(frame: pd.DataFrame, method: str, column: str, higher: bool) -> str:
+    """`method`'s place among the non-exact methods (ties share the better place)."""
+    others = frame[~frame.method.isin(EXACT)]
+    ranks = others[column].rank(ascending=not higher, method="min")
+    return f"{int(ranks[others.method == method].iloc[0])}/{len(others)}"
+
+
 def headline(results: list[Result]) -> pd.DataFrame:
-    """One row per (model, measure): both DePass rules, the best baseline, random."""
+    """One row per (model, measure): both DePass rules, their ranks, the best baseline, random."""
     rows = []
 
     def add(model: str, measure: str, frame: pd.DataFrame, column: str, higher: bool):
         rows.append({"model": model, "measure": measure,
                      **{m: value(frame, m, column) for m in DEPASS},
+                     "ranks (softmax, ratio)": ", ".join(rank(frame, m, column, higher) for m in DEPASS),
                      "best baseline": best_baseline(frame, column, higher),
                      "random": value(frame, "random", column)})
 
@@ -55,7 +64,7 @@ def headline(results: list[Result]) -> pd.DataFrame:
         add(r.model, "tokens: hit rate ↑", r.tokens, "hit_rate", True)
         for what, frames in [("heads", r.heads), *[(f"L{lay} neurons", f) for lay, f in r.neurons.items()]]:
             ab = frames["ablation"]
-            k = ab.k.min()
+            k = C.n_units(0.1, r.scores[what]["random"].numel())  # the top 10%, at least one
             top = ab[(ab.ablated == "top") & (ab.k == k)]
             add(r.model, f"{what}: accuracy, top {k} ablated ↓", top, "accuracy", False)
             add(r.model, f"{what}: logit diff, top {k} ablated ↓", top, "logit_diff", False)
@@ -211,10 +220,11 @@ neuron, higher meaning "more responsible for the answer"; DePass is one method a
 - "seconds" is the scoring time of a method on the whole batch (noisy: shared machine)."""
 
 HEADLINE_NOTE = """\
-Arrows: ↑ higher is better, ↓ lower is better. "best baseline" is the best of the non-DePass,
-non-exact, non-random methods on that measure, picked after the fact for each row (so it is an
-optimistic bar: no single baseline wins every row). The smallest k of each ablation table is
-used here; the full tables follow."""
+Arrows: ↑ higher is better, ↓ lower is better. "ranks": the place of each DePass rule among all
+non-exact methods (DePass's two rules, the baselines and random; ties share the better place).
+"best baseline" is the best of the non-DePass, non-exact, non-random methods on that measure,
+picked after the fact for each row (an optimistic bar: no single baseline wins every row).
+Ablation rows use the top 10% of the units (at least one); the full tables follow."""
 
 CAVEATS = """\
 ## Caveats

@@ -19,6 +19,18 @@ from tl_depass.evaluate import components as C
 from tl_depass.evaluate import tokens as T
 
 RANDOM_DRAWS = 20  # unit-level "random" is the mean over this many random rankings
+PROMPTS_PER_PASS = 64  # DePass runs on this many prompts at a time (bounds the folded batch's memory)
+
+
+def by_prompts(fn: Callable[..., Tensor], *per_prompt: Tensor, mean: bool) -> Tensor:
+    """`fn` on chunks of PROMPTS_PER_PASS prompts: the chunks' outputs concatenated over prompts
+    ([batch ...] outputs), or their prompt-weighted mean (batch-mean outputs)."""
+    n = per_prompt[0].shape[0]
+    parts = [(fn(*(x[i:i + PROMPTS_PER_PASS] for x in per_prompt)), min(PROMPTS_PER_PASS, n - i))
+             for i in range(0, n, PROMPTS_PER_PASS)]
+    if mean:
+        return sum(out * size for out, size in parts) / n
+    return torch.cat([out for out, _ in parts])
 
 
 @dataclass
@@ -47,8 +59,10 @@ def token_methods(model, batch, seed: int = 0) -> dict[str, Callable[[], Tensor]
     tokens, answers = batch.tokens, batch.answers
     bos = int(tokens[0, 0])
     return {
-        "DePass (softmax)": lambda: B.depass_tokens(model, tokens, answers, "softmax", bos),
-        "DePass (ratio)": lambda: B.depass_tokens(model, tokens, answers, "ratio", bos),
+        "DePass (softmax)": lambda: by_prompts(lambda t, a: B.depass_tokens(model, t, a, "softmax", bos),
+                                               tokens, answers, mean=False),
+        "DePass (ratio)": lambda: by_prompts(lambda t, a: B.depass_tokens(model, t, a, "ratio", bos),
+                                             tokens, answers, mean=False),
         "Integrated Gradients": lambda: B.integrated_gradients(
             model, tokens, answers, internal_batch_size=max(tokens.shape[0], 2048 // tokens.shape[1])),
         "input x gradient": lambda: B.input_x_gradient(model, tokens, answers),
@@ -79,12 +93,14 @@ def unit_methods(model, batch, level: str, layer: int | None, seed: int = 0
     tokens, answers, wrong, corrupted = batch.tokens, batch.answers, batch.wrong, batch.corrupted
     metric = B.logit_diff_metric(answers, wrong)
     shape = ((model.cfg.n_layers, model.cfg.n_heads) if level == "heads" else (model.cfg.d_mlp,))
-    if level == "heads":
-        def depass(rule: str) -> Callable[[], Tensor]:
-            return lambda: B.depass_heads(model, tokens, answers, wrong, rule)
-    else:
-        def depass(rule: str) -> Callable[[], Tensor]:
-            return lambda: B.depass_neurons(model, tokens, answers, wrong, layer, rule)
+    def depass(rule: str) -> Callable[[], Tensor]:
+        if level == "heads":
+            def fn(t, a, w):
+                return B.depass_heads(model, t, a, w, rule)
+        else:
+            def fn(t, a, w):
+                return B.depass_neurons(model, t, a, w, layer, rule)
+        return lambda: by_prompts(fn, tokens, answers, wrong, mean=True)
     methods = {
         "DePass (softmax)": depass("softmax"),
         "DePass (ratio)": depass("ratio"),
