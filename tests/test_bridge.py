@@ -129,3 +129,15 @@ def test_right_padding(arch):
         torch.testing.assert_close(dec[name][:4, 1, :4], value[:-1, 0], msg=lambda m, n=name: f"{n}: {m}")
         torch.testing.assert_close(dec[name][-1, 1, :4], value[-1, 0], msg=lambda m, n=name: f"{n}: {m}")
         assert (dec[name][:, 1, 4:] == 0).all(), f"padded positions have shares at {name}"
+
+
+@pytest.mark.parametrize("arch", ["GPTJForCausalLM", "OPTForCausalLM", "Gemma2ForCausalLM"])
+def test_backward_path(arch):
+    """attribute()'s frozen-model backward path equals the folded forward on a Bridge."""
+    bridge, _, tokens = bridge_or_skip(arch, False)
+    for components in ["tokens", tl_depass.Heads(), tl_depass.Modules(), tl_depass.Neurons(0)]:
+        fwd, bwd = (tl_depass.attribute(bridge, tokens, components, answer=3, wrong=4, mlp_rule="ratio",
+                                        method=m) for m in ("forward", "backward"))
+        assert fwd.labels == bwd.labels
+        torch.testing.assert_close(bwd.scores, fwd.scores, rtol=0, atol=F64 * fwd.scores.abs().max().item(),
+                                   msg=lambda m, c=components: f"{arch} {c}: {m}")

@@ -3,9 +3,11 @@
     import tl_depass
     dec = tl_depass.decompose(model, tokens)          # token level
     dec.logit_attribution(answer, wrong)              # [component, batch]
+    tl_depass.attribute(model, tokens, tl_depass.Heads(), answer=a, wrong=w, mlp_rule="ratio")
 """
 
-from tl_depass import compare
+from tl_depass import compare, models, tasks
+from tl_depass.attribute import Attribution, attribute
 from tl_depass.components import Split, TokensAt
 from tl_depass.decompose import decompose
 from tl_depass.decomposition import Decomposition
@@ -17,6 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "COMPLETENESS_RTOL",
+    "Attribution",
     "Decomposition",
     "DepassError",
     "Heads",
@@ -27,7 +30,10 @@ __all__ = [
     "Subspace",
     "TokensAt",
     "UnsupportedModelError",
+    "attribute",
     "compare",
     "completeness_rtol",
     "decompose",
+    "models",
+    "tasks",
 ]

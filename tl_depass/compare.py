@@ -24,8 +24,9 @@ from tl_depass.clean_run import record_clean_run
 from tl_depass.components import Entry, Group, TokensAt
 from tl_depass.decompose import decompose
 from tl_depass.decomposition import Decomposition
+from tl_depass.frozen import FROZEN_INPUTS, frozen_hooks
 from tl_depass.levels import Heads, check_layers, rest_entry
-from tl_depass.replay import attend, mlp_site
+from tl_depass.replay import mlp_site
 
 Level = Literal["heads", "positions", "mlp"]
 Metric = Callable[[Tensor], Tensor]
@@ -130,24 +131,8 @@ def zero_ablation(model, tokens, metric: Metric, frozen: bool = True
     holds attention patterns, norm scales and MLP activation ratios at their clean values (the
     frozen model, where DePass with mlp_rule="ratio" must agree exactly); `frozen=False` is
     plain zero ablation (the causal effect)."""
-    clean = record_clean_run(model, tokens, None,
-                             lambda n: n.endswith(("hook_scale", "hook_pattern", "mlp.hook_pre",
-                                                   "hook_pre_linear", "hook_mid", "hook_post")))
-    hooks = []
-    if frozen:  # replayed like the decomposed pass: attention at hook_z, not at hook_pattern
-        hooks += [(n, lambda x, hook, v=v: v.reshape(x.shape)) for n, v in clean.values.items()
-                  if n.endswith("hook_scale")]
-        for layer in range(model.cfg.n_layers):
-            state, attn = {}, f"blocks.{layer}.attn"
-            pattern = clean[f"{attn}.hook_pattern"]
-            hooks += [(f"{attn}.hook_v", lambda x, hook, s=state: s.update(v=x)),
-                      (f"{attn}.hook_z", lambda x, hook, s=state, p=pattern: attend(p, s["v"][None]))]
-        for layer in range(model.cfg.n_layers if not model.cfg.attn_only else 0):
-            site = mlp_site(model, clean, f"blocks.{layer}.mlp")
-            state = {}
-            hooks += [(f"{site.prefix}.hook_pre", lambda x, hook, s=state: s.update(pre=x)),
-                      (site.act_hook, lambda x, hook, s=state, f=site.facts:
-                       (s["pre"].reshape(f.ratio.shape) * f.ratio + f.extra).reshape(x.shape))]
+    clean = record_clean_run(model, tokens, None, lambda n: n.endswith(FROZEN_INPUTS))
+    hooks = frozen_hooks(model, clean) if frozen else []
     base = metric(clean.logits)
     out = torch.zeros(model.cfg.n_layers, model.cfg.n_heads, dtype=base.dtype)
     with torch.no_grad(), forward_as_recorded(model):

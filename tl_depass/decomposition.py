@@ -55,36 +55,11 @@ class Decomposition:
 
     # --- readouts ---
     def _tokens(self, answer: Answer) -> Int[Tensor, " batch"]:
-        batch = self.tokens.shape[0]
-        if isinstance(answer, str):
-            if self.model.tokenizer is None:
-                raise DepassError("a string answer needs a tokenizer; pass the token id instead")
-            answer = self.model.to_single_token(answer)
-        ids = torch.as_tensor(answer, device=self.tokens.device).long().reshape(-1)
-        if ids.numel() == 1:
-            ids = ids.expand(batch)
-        if ids.numel() != batch:
-            raise DepassError(f"got {ids.numel()} answers for a batch of {batch}")
-        d_vocab = self.logits.shape[-1]
-        if ((ids < 0) | (ids >= d_vocab)).any():
-            raise DepassError(f"answer ids {ids.tolist()} outside the vocabulary [0, {d_vocab})")
-        return ids
+        return answer_ids(self.model, answer, self.tokens.shape[0], self.logits.shape[-1],
+                          self.tokens.device)
 
     def _positions(self, pos: int | Tensor) -> Int[Tensor, " batch"]:
-        batch, n = self.tokens.shape
-        pos = torch.as_tensor(pos, device=self.tokens.device).long().reshape(-1).expand(batch)
-        if ((pos < -n) | (pos >= n)).any():
-            raise DepassError(f"position {pos.tolist()} out of range for {n} positions")
-        pos = pos % n
-        if self.attention_mask is not None:
-            padded = self.attention_mask[torch.arange(batch), pos] == 0
-            if padded.any():
-                rows = torch.nonzero(padded).flatten().tolist()
-                raise DepassError(
-                    f"position {pos.tolist()} is padding in batch rows {rows}; pass one position "
-                    "per row, e.g. pos=attention_mask.sum(1) - 1 for right padding"
-                )
-        return pos
+        return readout_positions(self.tokens, self.attention_mask, pos)
 
     def logit_attribution(self, answer: Answer, wrong: Answer | None = None,
                           pos: int | Tensor = -1) -> Float[Tensor, "component batch"]:
@@ -180,3 +155,38 @@ class Decomposition:
         from tl_depass.viz import show
 
         return show(self, answer, wrong, pos=pos, batch=batch, kind=kind)
+
+
+def answer_ids(model, answer: Answer, batch: int, d_vocab: int, device) -> Int[Tensor, " batch"]:
+    """One token id per batch row from an id, a token string, or one per row."""
+    if isinstance(answer, str):
+        if model.tokenizer is None:
+            raise DepassError("a string answer needs a tokenizer; pass the token id instead")
+        answer = model.to_single_token(answer)
+    ids = torch.as_tensor(answer, device=device).long().reshape(-1)
+    if ids.numel() == 1:
+        ids = ids.expand(batch)
+    if ids.numel() != batch:
+        raise DepassError(f"got {ids.numel()} answers for a batch of {batch}")
+    if ((ids < 0) | (ids >= d_vocab)).any():
+        raise DepassError(f"answer ids {ids.tolist()} outside the vocabulary [0, {d_vocab})")
+    return ids
+
+
+def readout_positions(tokens: Tensor, attention_mask: Tensor | None, pos: int | Tensor
+                      ) -> Int[Tensor, " batch"]:
+    """One position per batch row (negative counts from the end), never a padded one."""
+    batch, n = tokens.shape
+    pos = torch.as_tensor(pos, device=tokens.device).long().reshape(-1).expand(batch)
+    if ((pos < -n) | (pos >= n)).any():
+        raise DepassError(f"position {pos.tolist()} out of range for {n} positions")
+    pos = pos % n
+    if attention_mask is not None:
+        padded = attention_mask[torch.arange(batch), pos] == 0
+        if padded.any():
+            rows = torch.nonzero(padded).flatten().tolist()
+            raise DepassError(
+                f"position {pos.tolist()} is padding in batch rows {rows}; pass one position "
+                "per row, e.g. pos=attention_mask.sum(1) - 1 for right padding"
+            )
+    return pos

@@ -1,0 +1,180 @@
+"""attribute(): each component's share of ONE readout, a logit or a logit difference.
+
+With the linear `ratio` rule the decomposed pass is the linear part of the frozen model (patterns,
+norm scales and MLP activation ratios held at their clean values), so a component's share of a
+readout is exactly gradient x activation there: one forward and one backward through the frozen
+model give, for every head, module or neuron of every layer at once, the numbers the folded
+forward gives. `method="auto"` takes that path whenever it applies.
+"""
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from tl_depass.backends import check_model, forward_as_recorded
+from tl_depass.clean_run import CleanRun, record_clean_run
+from tl_depass.components import PosEmbed, TokensAt, as_components, token_labels
+from tl_depass.decompose import decompose, prepare_tokens
+from tl_depass.decomposition import Answer, answer_ids, readout_positions
+from tl_depass.errors import DepassError
+from tl_depass.frozen import FROZEN_INPUTS, frozen_hooks
+from tl_depass.levels import Heads, Modules, Neurons, check_layers
+from tl_depass.replay import mlp_site
+
+Method = Literal["auto", "forward", "backward"]
+UNNAMED = re.compile(r"(.* )?(rest|bias)")  # the rest and bias components are not returned
+
+
+@dataclass
+class Attribution:
+    labels: list[str]  # the named components (no "rest", no "bias")
+    scores: Float[Tensor, "batch component"]
+    method: Literal["forward", "backward"]
+
+    def to_frame(self) -> pd.DataFrame:
+        return pd.DataFrame([(b, label, float(self.scores[b, c])) for b in range(self.scores.shape[0])
+                             for c, label in enumerate(self.labels)],
+                            columns=["batch", "component", "score"])
+
+
+@dataclass
+class Site:
+    hook: str  # where the gradient is taken
+    score: Callable[[Tensor], Tensor]  # gradient there -> [batch, component]
+    labels: list[str]
+    not_via: str | None = None  # a hook whose path to the readout is not this component's
+
+
+def sites(spec, model, clean: CleanRun, tokens) -> list[Site]:
+    """Where each component of `spec` enters, and how gradient x activation splits into them."""
+    if isinstance(spec, TokensAt):
+        x = clean[spec.hook]
+        prefix = f"L{spec.layer} " if spec.layer else ""
+        return [Site(spec.hook, lambda g: (g * x).sum(-1), token_labels(model, tokens, prefix))]
+    out = []
+    if isinstance(spec, (Heads, Modules)):
+        for layer in check_layers(model, spec.layers, type(spec).__name__):
+            z = clean[f"blocks.{layer}.attn.hook_z"]  # [batch pos head d_head]
+            if isinstance(spec, Heads):
+                out.append(Site(f"blocks.{layer}.attn.hook_z", lambda g, z=z: (g * z).sum((1, 3)),
+                                [f"L{layer}H{h}" for h in range(z.shape[2])]))
+                continue
+            if model.cfg.attn_only:
+                out.append(Site(f"blocks.{layer}.attn.hook_z",
+                                lambda g, z=z: (g * z).flatten(1).sum(1, True), [f"L{layer} attn"]))
+            else:  # the layer's MLP output is a component of its own: not the attention's share
+                out.append(Site(f"blocks.{layer}.attn.hook_z",
+                                lambda g, z=z: (g * z).flatten(1).sum(1, True), [f"L{layer} attn"],
+                                not_via=f"blocks.{layer}.mlp.hook_pre"))
+                site = mlp_site(model, clean, f"blocks.{layer}.mlp")
+                out.append(Site(site.act_hook, lambda g, a=site.facts.act: (g * a).flatten(1).sum(1, True),
+                                [f"L{layer} mlp"]))
+        return out
+    if isinstance(spec, Neurons):
+        (layer,) = check_layers(model, [spec.layer], "Neurons")
+        site = mlp_site(model, clean, f"blocks.{layer}.mlp")
+        act = site.facts.act
+        chosen = list(range(act.shape[-1])) if spec.neurons is None else list(spec.neurons)
+        return [Site(site.act_hook, lambda g: (g * act).sum(1)[:, chosen],
+                     [f"L{layer}N{i}" for i in chosen])]
+    raise TypeError(f"no backward sites for {type(spec).__name__}")  # attribute() checks first
+
+
+def backward(model, tokens, mask, spec, readout: Callable[[Tensor], Tensor]
+             ) -> tuple[list[str], Tensor]:
+    entry = spec.hook if isinstance(spec, TokensAt) else None
+    clean = record_clean_run(model, tokens, mask, lambda n: n.endswith((*FROZEN_INPUTS, "attn.hook_z"))
+                             or n == entry)
+    where = sites(spec, model, clean, tokens)
+    captured: dict[str, Tensor] = {}
+    before = [s.not_via for s in where if s.not_via]
+    names = list(dict.fromkeys([s.hook for s in where] + before))
+    first = "blocks.0.hook_resid_pre"  # the graph starts here: every later hook is differentiable
+
+    def capture(name):
+        def hook(x, hook):  # a new tensor, which the model goes on with (as a Bridge requires)
+            captured[name] = y = x.detach().requires_grad_(True) if name == first else x.clone()
+            return y
+        return hook
+
+    # Inputs of frozen MLPs are captured before the frozen hooks stash them; what the frozen
+    # hooks replace (hook_z, the MLP activation) after.
+    hooks = ([(n, capture(n)) for n in dict.fromkeys([first, *before])] + frozen_hooks(model, clean)
+             + [(n, capture(n)) for n in dict.fromkeys(names) if n not in before and n != first]
+             + [("unembed.hook_out", capture("logits"))])
+    with torch.enable_grad(), forward_as_recorded(model), model.hooks(fwd_hooks=hooks):
+        model(tokens, attention_mask=mask)
+        value = readout(captured.pop("logits"))
+        grads = dict(zip(names, torch.autograd.grad(value, [captured[n] for n in names],
+                                                    retain_graph=True), strict=True))
+        scores = []
+        for s in where:
+            g = grads[s.hook]
+            if s.not_via is not None:  # total = direct + through `not_via` (all linear here)
+                (via,) = torch.autograd.grad(captured[s.not_via], captured[s.hook], grads[s.not_via],
+                                             retain_graph=True, allow_unused=True)
+                g = g if via is None else g - via
+            scores.append(s.score(g).detach())
+    scores = torch.cat(scores, dim=1)
+    return [label for s in where for label in s.labels], scores
+
+
+def attribute(
+    model,
+    tokens: Tensor | str | list[str],
+    components: object = "tokens",
+    *,
+    answer: Answer,
+    wrong: Answer | None = None,
+    pos: int | Tensor = -1,
+    mlp_rule: str = "softmax",
+    temperature: float = 0.1,
+    attention_mask: Tensor | None = None,
+    pos_embed: PosEmbed = "with_token",
+    method: Method | str = "auto",  # str: a clear error below, not a type-check failure
+    chunk_size: int | None = None,
+) -> Attribution:
+    """Each component's share of `logit[answer] - logit[wrong]` (pre-softcap) at `pos`, per
+    batch row: the numbers `decompose(...).logit_attribution(answer, wrong, pos)` gives, without
+    the rest and bias components. `method="backward"` (what "auto" picks for `mlp_rule="ratio"`)
+    computes them with one forward and one backward through the frozen model."""
+    check_model(model)
+    if method not in ("auto", "forward", "backward"):
+        raise DepassError(f"unknown method {method!r}; use 'auto', 'forward' or 'backward'")
+    if method == "backward" and mlp_rule != "ratio":
+        raise DepassError(f"the backward path is exact only for the linear rule; mlp_rule={mlp_rule!r} "
+                          "needs method='forward' (or use mlp_rule='ratio')")
+    spec = as_components(components)
+    supported = isinstance(spec, (Heads, Modules, Neurons)) or (
+        isinstance(spec, TokensAt) and pos_embed == "with_token")
+    if method == "backward" and not supported:
+        raise DepassError(
+            "the backward path handles tokens / TokensAt (pos_embed='with_token'), Heads, Modules "
+            f"and Neurons, not {spec!r}: use method='forward'")
+    if not (supported and mlp_rule == "ratio" and method != "forward"):
+        dec = decompose(model, tokens, spec, mlp_rule=mlp_rule, temperature=temperature,
+                        attention_mask=attention_mask, pos_embed=pos_embed, keep=[],
+                        chunk_size=chunk_size)
+        score = dec.logit_attribution(answer, wrong, pos)
+        named = [c for c, label in enumerate(dec.labels) if not UNNAMED.fullmatch(label)]
+        return Attribution([dec.labels[c] for c in named], score[named].T.contiguous(), "forward")
+    tokens, mask = prepare_tokens(model, tokens, attention_mask)
+    batch, rows = tokens.shape[0], torch.arange(tokens.shape[0])
+    at = readout_positions(tokens, mask, pos)
+    right = answer_ids(model, answer, batch, model.cfg.d_vocab, tokens.device)
+    other = None if wrong is None else answer_ids(model, wrong, batch, model.cfg.d_vocab, tokens.device)
+
+    def readout(logits):
+        value = logits[rows, at, right]
+        return (value if other is None else value - logits[rows, at, other]).sum()
+
+    labels, scores = backward(model, tokens, mask, spec, readout)
+    if mask is not None and isinstance(spec, TokensAt):
+        scores = scores.masked_fill(mask == 0, 0)
+    return Attribution(labels, scores, "backward")

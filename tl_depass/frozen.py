@@ -1,0 +1,32 @@
+"""The frozen model: the user's model with attention patterns, norm scales and MLP activation
+ratios held at their clean values. Every map from a residual activation to the logits is then
+affine, and DePass with `mlp_rule="ratio"` is exactly its linear part: the oracle for
+`compare.zero_ablation` and the fast backward path of `attribute`."""
+
+from collections.abc import Callable
+
+from tl_depass.clean_run import CleanRun
+from tl_depass.replay import attend, mlp_site
+
+#: What the frozen model replays, as hook-name endings.
+FROZEN_INPUTS = ("hook_scale", "hook_pattern", "mlp.hook_pre", "hook_pre_linear", "hook_mid", "hook_post")
+
+
+def frozen_hooks(model, clean: CleanRun) -> list[tuple[str, Callable]]:
+    """Hooks (for `model.hooks`) that turn `model` into its frozen model at `clean`, replayed the
+    way the decomposed pass replays them: attention at hook_z (never at hook_pattern, which
+    Bridge adapters that delegate attention to Hugging Face ignore)."""
+    hooks = [(n, lambda x, hook, v=v: v.reshape(x.shape)) for n, v in clean.values.items()
+             if n.endswith("hook_scale")]
+    for layer in range(model.cfg.n_layers):
+        state, attn = {}, f"blocks.{layer}.attn"
+        pattern = clean[f"{attn}.hook_pattern"]
+        hooks += [(f"{attn}.hook_v", lambda x, hook, s=state: s.update(v=x)),
+                  (f"{attn}.hook_z", lambda x, hook, s=state, p=pattern: attend(p, s["v"][None]))]
+    for layer in range(0 if model.cfg.attn_only else model.cfg.n_layers):
+        site = mlp_site(model, clean, f"blocks.{layer}.mlp")
+        state = {}
+        hooks += [(f"{site.prefix}.hook_pre", lambda x, hook, s=state: s.update(pre=x)),
+                  (site.act_hook, lambda x, hook, s=state, f=site.facts:
+                   (s["pre"].reshape(f.ratio.shape) * f.ratio + f.extra).reshape(x.shape))]
+    return hooks
