@@ -48,13 +48,14 @@ class Level:
     pearson: float = float("nan")
     spearman: float = float("nan")
     completeness: dict[str, float] = field(default_factory=dict)  # hook -> worst relative error
+    note: str = ""  # what to keep in mind when reading the agreement
 
-    def agreement(self) -> str:
+    def agreement(self, note: bool = True) -> str:
         if self.patching is None:
             return "no activation patching (no corrupted prompt)"
         if self.pearson != self.pearson:
             return "n/a (fewer than 3 components)"
-        return f"Pearson {self.pearson:.2f}, Spearman {self.spearman:.2f}"
+        return f"Pearson {self.pearson:.2f}, Spearman {self.spearman:.2f}" + (self.note if note else "")
 
 
 @dataclass
@@ -225,6 +226,9 @@ class Run:
             level.patching = torch.cat([patched[0], patched.new_zeros(len(level.labels) - n)])
             # Agreement over every (layer, position), as transformer_lens.patching lays it out.
             level.pearson, level.spearman = found.pearson, found.spearman
+            differ = int((self.tokens != self.corrupted).sum())
+            level.note = (f" (patching is 0 wherever the two prompts agree: {differ} of {n} "
+                          "positions differ, so ranks are mostly ties)")
         return level, by_layer, patched
 
     def heads(self) -> Level:
@@ -292,13 +296,13 @@ def figures(ex: Explanation) -> list[tuple[str, object]]:
                                                f"Layer {ex.neuron_layer} neurons: share of {what}")))
     out.append(("Completeness", viz.completeness_plot(
         {name: level.completeness for name, level in lv.items()}, ex.tolerance)))
-    panels = {name: (level.depass, level.patching, level.labels, level.agreement())
+    panels = {name: (level.depass, level.patching, level.labels, level.agreement(note=False))
               for name, level in lv.items() if level.patching is not None}
     if "tokens" in panels:  # every (layer, position), as in transformer_lens.patching
         labels = [f"entering L{i}, {p}: {t}" for i in range(len(ex.tokens_by_layer))
                   for p, t in enumerate(ex.str_tokens)]
         panels["tokens"] = (ex.tokens_by_layer.flatten(), ex.tokens_patching.flatten(), labels,
-                            lv["tokens"].agreement())
+                            lv["tokens"].agreement(note=False))
     if panels:
         out.append(("DePass vs activation patching", viz.patching_scatter(panels)))
     return out
