@@ -89,6 +89,15 @@ def test_custom_prompt_target_and_corrupted(capsys):
     assert code == 0 and "activation patching: skipped" in out
 
 
+def test_model_from_a_path_and_another_rule(capsys):
+    config, _ = models.find("recall")
+    code, out, err = run(capsys, "explain", "--model", str(config), "--rule", "ratio", "--level",
+                         "modules", "--no-report", "--quiet")
+    assert code == 0, err
+    assert out.startswith("model recall:") and "MLP rule ratio" in out
+    assert top_lines(out, "modules")[0][0] == "L0 mlp"  # the attribute lookup (docs/models.md)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--model", "no-such-model"], "unknown model 'no-such-model'"),
     (["--target", "zebra"], "--target 'zebra' is not one token"),

@@ -35,6 +35,10 @@ WHAT = {"tokens": "each position's residual stream entering every layer",
         "heads": "every head's output at all positions", "modules": "attention and MLP outputs",
         "neurons": "each neuron of the layer at all positions"}
 
+REST = {"heads": "each layer's residual stream before its heads",
+        "modules": "each layer's residual stream before its blocks",
+        "neurons": "the layer's residual stream without these neurons"}
+
 
 class CliError(Exception):
     """A problem with the command line: printed as one line, exit status 1."""
@@ -278,7 +282,7 @@ def summary(ex: report.Explanation, level: str, k: int, model) -> str:
     for label, d, p in report.top_table(lv, k):
         lines.append(f"  {label:<24}{d:+10.4f}" + ("" if p is None else f"  {p:+10.4f}"))
     lines.append(f"  {'(all components)':<24}{lv.depass.sum().item():+10.4f}" if level == "tokens"
-                 else f"  (the rest: the residual stream before the {level} and the biases)")
+                 else f"  (not listed: {REST[level]}, and the biases)")
     lines.append("")
     worst = max(lv.completeness.items(), key=lambda kv: kv[1])
     ok = "OK" if worst[1] <= ex.tolerance else "FAILED"

@@ -148,13 +148,13 @@ class Decomposition:
         ])
 
     def show(self, answer: Answer | None = None, wrong: Answer | None = None, pos: int = -1,
-             batch: int = 0, kind: str = "plotly"):
+             batch: int = 0, k: int = 20, kind: str = "plotly"):
         """A picture of the logit attribution that fits the level (tokens: a heatmap over
-        positions; heads: layer x head; others: the top components), displayable in Jupyter.
+        positions; heads: layer x head; others: the top k components), displayable in Jupyter.
         `kind="circuitsvis"`: CircuitsVis' colored tokens (token level). See `tl_depass.viz`."""
         from tl_depass.viz import show
 
-        return show(self, answer, wrong, pos=pos, batch=batch, kind=kind)
+        return show(self, answer, wrong, pos=pos, batch=batch, k=k, kind=kind)
 
 
 def answer_ids(model, answer: Answer, batch: int, d_vocab: int, device) -> Int[Tensor, " batch"]:
