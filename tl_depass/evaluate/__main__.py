@@ -23,7 +23,7 @@ def parser() -> argparse.ArgumentParser:
         "patching) for DePass and the baselines on the bundled models."))
     p.add_argument("--all", action="store_true", help="every bundled model and its task")
     p.add_argument("--models", nargs="+", help="bundled model names (default with --all: all of them)")
-    p.add_argument("--n", type=int, default=64, help="prompts per task (default: %(default)s)")
+    p.add_argument("--n", type=int, default=256, help="prompts per task (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="task and random-method seed (default: %(default)s)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s; the models "
                    "are tiny, and one thread is faster than two busy ones)")
