@@ -21,9 +21,14 @@ def has_bridge() -> bool:
     return True
 
 
+needs_model = pytest.mark.skipif(not (HOOKED or has_bridge()),
+                                 reason="needs HookedTransformer (TL 3.x) or a TL-native Bridge (TL 4.x)")
+
+
 @pytest.fixture(scope="module")
 def loaded():
-    return {name: models.load(name) for name in models.names()} if HOOKED else {}
+    """HookedTransformer where it exists, else the TL-native TransformerBridge (TL 4)."""
+    return {name: models.load(name) for name in models.names()} if HOOKED or has_bridge() else {}
 
 
 def predictions(model, tokens):
@@ -88,7 +93,7 @@ def test_tasks_are_deterministic_and_well_formed(name):
         assert (a.tokens[:, tasks.IOI_S2] == a.wrong).all()
 
 
-@needs_hooked
+@needs_model
 @pytest.mark.parametrize("name", list(tasks.TASKS))
 def test_held_out_accuracy_and_tokenizer(loaded, name):
     model, batch = loaded[name], tasks.generate(name, 200, seed=0)  # training used seeds >= 1e6
@@ -134,7 +139,7 @@ def at_key(batch, pos) -> float:
     return batch.key_positions[torch.arange(len(batch)), pos].float().mean().item()
 
 
-@needs_hooked
+@needs_model
 def test_induction_token_level(loaded):
     model, batch = loaded["induction"], tasks.generate("induction", 64, seed=0)
     assert at_key(batch, top_positions(model, batch)) >= 0.9  # measured 1.0
@@ -142,7 +147,7 @@ def test_induction_token_level(loaded):
     assert (predictions(model, batch.corrupted) == batch.wrong).float().mean() >= 0.9
 
 
-@needs_hooked
+@needs_model
 def test_induction_heads(loaded):
     model, batch = loaded["induction"], tasks.generate("induction", 32, seed=0)
     metric = logit_diff(batch.answers, batch.wrong)
@@ -167,7 +172,7 @@ def test_induction_heads(loaded):
     assert cmp.depass[0, head].abs() < 0.05 * cmp.depass.max()
 
 
-@needs_hooked
+@needs_model
 def test_recall_subject_then_mlp_neurons(loaded):
     model, batch = loaded["recall"], tasks.generate("recall", 32, seed=0)
     assert at_key(batch, top_positions(model, batch)) >= 0.95  # the subject; measured 1.0
@@ -192,7 +197,7 @@ def test_recall_subject_then_mlp_neurons(loaded):
     assert changed((-scores).topk(k, dim=1).indices) <= 0.05
 
 
-@needs_hooked
+@needs_model
 def test_ioi_indirect_object_and_name_mover(loaded):
     model, batch = loaded["ioi"], tasks.generate("ioi", 64, seed=0)
     top = top_positions(model, batch)
