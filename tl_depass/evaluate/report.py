@@ -249,30 +249,34 @@ from its tables. Rerunning with other sizes or seeds moves them a little: check 
 - **Heads.** On recall and ioi DePass agrees with the exact per-head effects (Spearman with
   zero-ablation 0.93 / 0.98 on recall and 0.90 / 0.62 on ioi for softmax / ratio; Pearson
   0.86-0.99), as well as |AtP| against the corrupted run and far better than |AtP| against zero or
-  activation norms, and its top head is the exact top head. On induction it fails against
-  zero-ablation (Spearman 0.19, Pearson −0.77): zero-ablating the previous-token head L0H0 costs
+  activation norms; the ratio rule's top head is zero-ablation's top head on both tasks (softmax:
+  on ioi only). On induction it fails against zero-ablation (Spearman 0.19, Pearson −0.77):
+  zero-ablating the previous-token head L0H0 costs
   8.6 logits, the largest single effect, but L0H0 works through the induction heads' keys
   (K-composition), which frozen patterns cannot see, and DePass gives it 0.1. Ablating DePass's
   top head leaves accuracy at 1.00 (four redundant induction heads), where zero-ablation's top head
   (L0H0) drops it to 0.22. DePass agrees exactly with patching from the corrupted prompt there
   (Pearson 1.00): that corruption does not change what L0H0 contributes either.
 - **Neurons.** Mixed. In ioi layer 0 DePass (softmax) has the best Spearman with zero-ablation
-  (0.79) but its top-10% ablation is 4th of 8 (signed AtP against zero is best). In recall,
-  signed AtP against zero correlates better with zero-ablation than DePass (layer 0: 0.68 against
-  0.59 / 0.52; layer 1: 0.85 against 0.52) and DePass is 4th-5th of 8 in layer-0 ablation;
-  recall's facts are spread over many neurons (no method's top 10% changes accuracy).
-- **DePass agrees with corrupted-prompt patching more than with zero-ablation** at every level
-  (e.g. recall neurons: Pearson 0.87-0.97 with patching, 0.53-0.73 with zero-ablation): it
-  splits the clean run, and zero-ablation pushes a unit far outside the activations the clean
-  run has, where the downstream non-linearities DePass freezes respond.
+  (0.79) but its top-10% ablation is only 4th of 8 on the logit difference (ratio 2nd; signed AtP
+  against zero is best). In recall, signed AtP against zero correlates better with
+  zero-ablation than DePass (layer 0: 0.68 against 0.59 / 0.52; layer 1: 0.85 against 0.52) and
+  DePass is 4th-5th of 8 in layer-0 ablation; recall's facts are spread over many neurons (no
+  method's top 10% changes accuracy).
+- **DePass agrees with corrupted-prompt patching more than with zero-ablation** in most tables
+  (recall neurons: Pearson 0.87-0.97 with patching, 0.53-0.73 with zero-ablation; induction and
+  ioi heads; ioi layer-1 neurons), with one exception (ioi layer-0 neurons, softmax rule) and one
+  tie (recall heads). DePass splits the clean run; zero-ablation pushes a unit far outside the
+  activations the clean run has, where the non-linearities DePass freezes respond.
 - **The two rules.** The linear ratio rule is the better DePass on token deletion (recall, ioi)
   and on recall heads; softmax is better on ioi heads and ioi layer-0 neurons. They are identical
   on induction (attention-only: no MLP rule applies).
 - **Cost at this size.** With 8 heads, exact patching of every head (8 forwards) costs no more than
   one DePass pass (both well under a second for 256 prompts); for the 128-256 neurons of a layer,
-  DePass's folded forward (one component per neuron) took as long as or longer than ablating each
-  neuron in turn (e.g. recall layer 0: 36 s against 24 s). DePass's speed argument is for large
-  models and many units at once; see the benchmarks for that, not this table."""
+  DePass's folded forward (one component per neuron) took about as long as ablating each neuron
+  in turn (7-36 s against 9-31 s per layer and method in this run, on a busy shared machine).
+  DePass's speed argument is for large models and many units at once; see the benchmarks for
+  that, not this table."""
 
 CAVEATS = """\
 ## Caveats
