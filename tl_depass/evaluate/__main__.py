@@ -42,12 +42,14 @@ def conditions(args, seconds: float, names: list[str]) -> str:
 
         tl_version = version("transformer_lens")
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    load = f"{os.getloadavg()[2]:.1f}" if hasattr(os, "getloadavg") else "unknown"
     return (f"Run {when}: models {', '.join(names)}; {args.n} prompts per task "
             f"(`tl_depass.tasks.generate(task, {args.n}, seed={args.seed})`), float32. "
             f"Wall time {seconds:.0f} s in all on {platform.machine()} "
             f"({os.cpu_count()} CPU cores visible, torch threads {torch.get_num_threads()}, "
-            f"shared with other jobs), Python {platform.python_version()}, torch {torch.__version__}, "
-            f"TransformerLens {tl_version}.")
+            f"load average {load} over the last 15 minutes at the end: other jobs shared the "
+            f"machine when it is above the threads used), Python {platform.python_version()}, "
+            f"torch {torch.__version__}, TransformerLens {tl_version}.")
 
 
 def main(argv=None) -> int:
