@@ -5,8 +5,8 @@ import pytest
 import torch
 from models import make_model, random_tokens
 
+from tl_depass import DepassError, compare
 from tl_depass import baselines as B
-from tl_depass import compare
 
 ANSWERS = torch.tensor([3, 11, 17])
 WRONG = torch.tensor([5, 2, 9])
@@ -231,3 +231,22 @@ def test_baselines_run_on_a_transformer_bridge():
     torch.testing.assert_close(B.activation_patching(bridge, tokens, metric)[1, 2], want)
     assert B.attribution_patching(bridge, tokens, metric, "neurons", 1).shape == (bridge.cfg.d_mlp,)
     assert no_hooks(bridge)
+
+
+def test_clear_errors_and_no_hooks_left(model, tokens):
+    metric = B.logit_diff_metric(ANSWERS, WRONG)
+    # jaxtyping's run-time check (on under the test suite) catches this before our message does
+    from jaxtyping import TypeCheckError
+
+    with pytest.raises((DepassError, TypeCheckError), match="answer|batch"):
+        B.input_x_gradient(model, tokens, ANSWERS[:2])
+    with pytest.raises(DepassError, match="same length"):
+        B.attribution_patching(model, tokens, metric, corrupted=tokens[:, :5])
+    with pytest.raises(DepassError, match="level must be"):
+        B.activation_patching(model, tokens, metric, "neurons")  # no layer
+
+    def broken(z, hook):
+        raise RuntimeError("a hook that fails mid-forward")
+    with pytest.raises(RuntimeError), model.hooks(fwd_hooks=[("blocks.1.attn.hook_z", broken)]):
+        B.occlusion(model, tokens, ANSWERS)
+    assert no_hooks(model)

@@ -30,6 +30,9 @@ EMBED_HOOK = "blocks.0.hook_resid_pre"  # token (+ learned position) embedding: 
 def answer_logprob(logits: Float[Tensor, "batch pos d_vocab"], answers: Int[Tensor, " batch"]
                    ) -> Float[Tensor, " batch"]:
     """log p(answer) at the last position: the token-level target of every method."""
+    if answers.shape != logits.shape[:1]:
+        raise DepassError(f"got {tuple(answers.shape)} answers for a batch of {logits.shape[0]} prompts: "
+                          "pass one answer token id per prompt")
     return logits[:, -1].log_softmax(-1).gather(-1, answers[:, None].to(logits.device))[:, 0]
 
 
@@ -203,6 +206,12 @@ def layer_names(model, level: str, layer: int | None) -> list[str]:
     raise DepassError(f"level must be 'heads' or 'neurons' (with a layer), got {level!r}, {layer}")
 
 
+def check_corrupted(tokens: Tensor, corrupted: Tensor | None) -> None:
+    if corrupted is not None and corrupted.shape != tokens.shape:
+        raise DepassError(f"corrupted tokens are {tuple(corrupted.shape)} but tokens are "
+                          f"{tuple(tokens.shape)}: pass one corrupted prompt of the same length per prompt")
+
+
 def cached(model, tokens: Int[Tensor, "batch pos"], names: list[str]) -> dict[str, Tensor]:
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, names_filter=names)
@@ -218,6 +227,7 @@ def attribution_patching(model, tokens: Int[Tensor, "batch pos"], metric: Metric
     `absolute=True` returns its magnitude (the usual ranking). Heads: [layer head_index];
     neurons of `layer`: [d_mlp]."""
     names = layer_names(model, level, layer)
+    check_corrupted(tokens, corrupted)
     acts, grads = activations_and_gradients(model, tokens, metric, names)
     refs = cached(model, corrupted, names) if corrupted is not None else {
         n: torch.zeros_like(a) for n, a in acts.items()}
@@ -256,6 +266,7 @@ def activation_patching(model, tokens: Int[Tensor, "batch pos"], metric: Metric,
     is None: zero-ablation), everything downstream free. Several units ride in one forward as
     copies of the batch. Heads: [layer head_index]; neurons: [d_mlp]."""
     names = layer_names(model, level, layer)
+    check_corrupted(tokens, corrupted)
     batch = tokens.shape[0]
     with torch.no_grad():
         base = metric(model(tokens))
