@@ -323,3 +323,12 @@ def depass_neurons(model, tokens: Int[Tensor, "batch pos"], answers: Int[Tensor,
     """Each neuron of `layer`: its total effect on the logit difference, batch mean."""
     dec = decompose(model, tokens, Neurons(layer), mlp_rule=mlp_rule, keep=[])
     return dec.neuron_scores(answers, wrong).mean(0)[layer]
+
+
+__all__ = [
+    "EMBED_HOOK", "Metric", "activation_norm", "activation_patching", "answer_logprob",
+    "attention_last_layer", "attention_mean", "attention_patterns", "attention_rollout",
+    "attribution_patching", "delete_positions", "depass_heads", "depass_neurons", "depass_tokens",
+    "embedding", "embedding_gradient", "gradient_norm", "input_x_gradient", "integrated_gradients",
+    "logit_diff_metric", "neuron_activation", "occlusion", "random_scores", "rollout_matrix",
+]
