@@ -187,13 +187,15 @@ def activations_and_gradients(model, tokens: Int[Tensor, "batch pos"], metric: M
     tensor is added at each hook, so gradients flow through every later site: total derivatives)."""
     acts, deltas = {}, {}
 
-    def add_delta(x: Tensor, hook) -> Tensor:
-        acts[hook.name] = x.detach()
-        deltas[hook.name] = torch.zeros_like(x, requires_grad=True)
-        return x + deltas[hook.name]
+    def add_delta(x: Tensor, hook, name: str) -> Tensor:
+        # keyed by the name we registered: on a TransformerBridge `hook.name` can be an alias
+        acts[name] = x.detach()
+        deltas[name] = torch.zeros_like(x, requires_grad=True)
+        return x + deltas[name]
 
     with torch.enable_grad():
-        logits = model.run_with_hooks(tokens, fwd_hooks=[(n, add_delta) for n in names])
+        logits = model.run_with_hooks(
+            tokens, fwd_hooks=[(n, lambda x, hook, n=n: add_delta(x, hook, n)) for n in names])
         grads = torch.autograd.grad(metric(logits), [deltas[n] for n in names])
     return {n: acts[n] for n in names}, dict(zip(names, grads, strict=True))
 
