@@ -250,3 +250,12 @@ def test_clear_errors_and_no_hooks_left(model, tokens):
     with pytest.raises(RuntimeError), model.hooks(fwd_hooks=[("blocks.1.attn.hook_z", broken)]):
         B.occlusion(model, tokens, ANSWERS)
     assert no_hooks(model)
+
+
+def test_hook_aliases_do_not_matter(model, tokens, monkeypatch):
+    """A TransformerBridge may report another name (an alias) in `hook.name` than the one a hook
+    was registered under; results must not depend on it."""
+    metric = B.logit_diff_metric(ANSWERS, WRONG)
+    want = B.attribution_patching(model, tokens, metric, absolute=False)
+    monkeypatch.setattr(model.blocks[0].attn.hook_z, "name", "blocks.0.attn.alias_z")
+    torch.testing.assert_close(B.attribution_patching(model, tokens, metric, absolute=False), want)
