@@ -148,3 +148,11 @@ def test_python_dash_m_is_the_command():
     bare = subprocess.run([sys.executable, "-m", "tl_depass"], capture_output=True, text=True,
                           timeout=120)
     assert bare.returncode == 0 and "tl-depass explain" in bare.stdout
+
+
+def test_neuron_patching_is_sampled_above_the_limit(capsys):
+    code, out, err = run(capsys, "explain", "--model", "recall", "--level", "neurons",
+                         "--patch-limit", "50", "--no-report", "--quiet")
+    assert code == 0, err
+    assert "(over 50 of 256 neurons, sampled at random)" in out
+    assert "not patched" not in out  # the listed top neurons are always patched

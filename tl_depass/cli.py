@@ -75,6 +75,8 @@ def parser() -> argparse.ArgumentParser:
                    "(default: the layer whose MLP has the largest share of the metric)")
     e.add_argument("--rule", choices=("softmax", "max", "ratio"), default="softmax",
                    help="how MLP activations are shared (docs/rules.md). Default: %(default)s")
+    e.add_argument("--patch-limit", type=int, default=512, help="patch at most this many "
+                   "neurons (a random sample above it; one forward each). Default: %(default)s")
     e.add_argument("--top", type=int, default=8, help="components to list (default: %(default)s)")
     e.add_argument("--out", default="report.html", help="HTML report path (default: %(default)s)")
     e.add_argument("--no-report", action="store_true",
@@ -248,8 +250,8 @@ def explain(args) -> int:
                        "tokens, heads or modules")
     if args.layer is not None and not 0 <= args.layer < cfg.n_layers:
         raise CliError(f"--layer {args.layer} is not a layer of this model (0..{cfg.n_layers - 1})")
-    if args.top < 1:
-        raise CliError("--top must be at least 1")
+    if args.top < 1 or args.patch_limit < 3:
+        raise CliError("--top must be at least 1 and --patch-limit at least 3")
     prompt = read_prompt(model, task, args)
     levels = (args.level,) if args.no_report else report.LEVELS  # the report shows every level
     threads = torch.get_num_threads()
@@ -257,7 +259,8 @@ def explain(args) -> int:
         torch.set_num_threads(1)
     try:
         ex = report.explain(model, prompt.tokens, prompt.target, prompt.wrong, prompt.corrupted,
-                            args.rule, args.layer, Path(args.model).stem, levels, not args.quiet)
+                            args.rule, args.layer, Path(args.model).stem, levels, not args.quiet,
+                            args.patch_limit)
     finally:
         torch.set_num_threads(threads)
     print(summary(ex, args.level, args.top, model))
@@ -280,7 +283,8 @@ def summary(ex: report.Explanation, level: str, k: int, model) -> str:
     head = "    patching" if lv.patching is not None else ""
     lines += ["", f"top {level}{where}: share of the metric{head}"]
     for label, d, p in report.top_table(lv, k):
-        lines.append(f"  {label:<24}{d:+10.4f}" + ("" if p is None else f"  {p:+10.4f}"))
+        lines.append(f"  {label:<24}{d:+10.4f}" + ("" if p is None else f"  {p:+10.4f}")
+                     if p is not None or lv.patching is None else f"  {label:<24}{d:+10.4f}  (not patched)")
     lines.append(f"  {'(all components)':<24}{lv.depass.sum().item():+10.4f}" if level == "tokens"
                  else f"  (not listed: {REST[level]}, and the biases)")
     lines.append("")

@@ -159,18 +159,19 @@ def run_levels(run, bar, out: dict, neuron_layer: int | None) -> tuple:
 
 def explain(model, tokens: Tensor, target: int, wrong: int | None, corrupted: Tensor | None,
             rule: str = "softmax", neuron_layer: int | None = None, model_name: str = "model",
-            levels: Sequence[str] = LEVELS, progress: bool = True) -> Explanation:
+            levels: Sequence[str] = LEVELS, progress: bool = True, patch_limit: int = 512
+            ) -> Explanation:
     """DePass at `levels` (default all; "neurons" only where the model has MLPs) for `target`
     (minus `wrong`) at the last position of `tokens` ([1, pos]); activation patching at the same
     levels when `corrupted` is given. `neuron_layer=None`: the layer whose MLP has the largest
-    share of the metric."""
+    share of the metric. Patching at most `patch_limit` neurons (a random sample above that)."""
     cfg = model.cfg
     unknown = [name for name in levels if name not in LEVELS]
     if unknown:
         raise DepassError(f"unknown levels {unknown}; use some of {list(LEVELS)}")
     if cfg.attn_only:
         levels = [name for name in levels if name != "neurons"]
-    run = Run(model, tokens, corrupted, target, wrong, rule)
+    run = Run(model, tokens, corrupted, target, wrong, rule, patch_limit)
     bar = tqdm(levels, desc="tl-depass", disable=not progress, leave=False)
     out: dict[str, Level] = {}
     with patching_progress(progress):
@@ -189,8 +190,10 @@ def explain(model, tokens: Tensor, target: int, wrong: int | None, corrupted: Te
 class Run:
     """One prompt, one metric: the DePass scores and patching effects of each level."""
 
-    def __init__(self, model, tokens, corrupted, target: int, wrong: int | None, rule: str):
+    def __init__(self, model, tokens, corrupted, target: int, wrong: int | None, rule: str,
+                 patch_limit: int = 512):
         self.model, self.tokens, self.corrupted, self.rule = model, tokens, corrupted, rule
+        self.patch_limit = patch_limit
         self.target, self.wrong = target, wrong
         self.cache = model.run_with_cache(tokens)[1] if corrupted is not None else None
 
@@ -250,9 +253,20 @@ class Run:
     def neurons(self, layer: int) -> Level:
         level = self.depass(Neurons(layer), lambda label: viz.NEURON.fullmatch(label) is not None)
         if self.corrupted is not None:
-            hook = f"blocks.{layer}.mlp.hook_post"
-            _set_patching(level, self.patch([(hook, lambda v, c, i=i: _neuron(v, c, i))
-                                             for i in range(self.model.cfg.d_mlp)]))
+            # One patched forward per neuron: above `patch_limit` neurons, patch a random sample
+            # (an unbiased estimate of the agreement over all of them, at a bounded cost).
+            # The top 20 by DePass are patched too, for the tables; the sample alone is correlated.
+            d_mlp, hook = self.model.cfg.d_mlp, f"blocks.{layer}.mlp.hook_post"
+            chosen = list(range(d_mlp)) if d_mlp <= self.patch_limit else sorted(torch.randperm(
+                d_mlp, generator=torch.Generator().manual_seed(0))[:self.patch_limit].tolist())
+            top = level.depass.abs().argsort(descending=True)[:20].tolist()
+            sites = sorted(set(chosen) | set(top))
+            effect = self.patch([(hook, lambda v, c, i=i: _neuron(v, c, i)) for i in sites])
+            level.patching = torch.full_like(level.depass, float("nan"))
+            level.patching[sites] = effect.to(level.depass)
+            level.pearson, level.spearman = correlations(level.depass[chosen], level.patching[chosen])
+            if len(chosen) < d_mlp:
+                level.note = f" (over {len(chosen)} of {d_mlp} neurons, sampled at random)"
         return level
 
     def patch(self, sites) -> Tensor:
@@ -310,8 +324,11 @@ def figures(ex: Explanation) -> list[tuple[str, object]]:
 
 def top_table(level: Level, k: int = 10) -> list[tuple[str, float, float | None]]:
     order = level.depass.abs().argsort(descending=True)[:k].tolist()
-    return [(level.labels[i], level.depass[i].item(),
-             None if level.patching is None else level.patching[i].item()) for i in order]
+    out = []
+    for i in order:
+        p = None if level.patching is None else level.patching[i].item()
+        out.append((level.labels[i], level.depass[i].item(), None if p != p else p))  # NaN: not patched
+    return out
 
 
 def write_html(ex: Explanation, path: str | Path) -> Path:
