@@ -188,3 +188,17 @@ def test_depass_in_prompt_chunks_equals_one_pass(model, monkeypatch):
     torch.testing.assert_close(heads, B.depass_heads(model, tokens, answers, wrong))
     per_token = run.by_prompts(lambda t, a: B.depass_tokens(model, t, a, bos=0), tokens, answers, mean=False)
     torch.testing.assert_close(per_token, B.depass_tokens(model, tokens, answers, bos=0))
+
+
+def test_headline_ranks_and_ties():
+    import pandas as pd
+
+    frame = pd.DataFrame({"method": ["DePass (softmax)", "DePass (ratio)", "occlusion", "gradient norm",
+                                     "random", "exact zero-ablation"],
+                          "score": [0.5, 0.9, 0.9, 0.2, 0.1, 5.0]})
+    assert report.rank(frame, "DePass (ratio)", "score", higher=True) == "=1/5"  # exact methods left out
+    assert report.rank(frame, "DePass (softmax)", "score", higher=True) == "3/5"
+    assert report.rank(frame, "DePass (softmax)", "score", higher=False) == "3/5"
+    assert report.best_baseline(frame, "score", higher=True) == "0.90 (occlusion)"
+    frame.loc[3, "score"] = 0.9
+    assert report.best_baseline(frame, "score", higher=True) == "0.90 (occlusion and 1 more, tied)"

@@ -32,8 +32,10 @@ def md_table(frame: pd.DataFrame, digits: int = 2) -> str:
 
 def best_baseline(frame: pd.DataFrame, column: str, higher: bool) -> str:
     others = frame[~frame.method.isin(NOT_BASELINES)]
-    row = others.loc[others[column].idxmax() if higher else others[column].idxmin()]
-    return f"{row[column]:.2f} ({row.method})"
+    best = others[column].max() if higher else others[column].min()
+    tied = others.method[others[column] == best].tolist()
+    names = tied[0] if len(tied) == 1 else f"{tied[0]} and {len(tied) - 1} more, tied"
+    return f"{best:.2f} ({names})"
 
 
 def value(frame: pd.DataFrame, method: str, column: str) -> float:
@@ -44,7 +46,9 @@ def rank(frame: pd.DataFrame, method: str, column: str, higher: bool) -> str:
     """`method`'s place among the non-exact methods (ties share the better place)."""
     others = frame[~frame.method.isin(EXACT)]
     ranks = others[column].rank(ascending=not higher, method="min")
-    return f"{int(ranks[others.method == method].iloc[0])}/{len(others)}"
+    mine = ranks[others.method == method].iloc[0]
+    tie = "=" if (ranks == mine).sum() > 1 else ""
+    return f"{tie}{int(mine)}/{len(others)}"
 
 
 def headline(results: list[Result]) -> pd.DataFrame:
@@ -225,7 +229,8 @@ neuron, higher meaning "more responsible for the answer"; DePass is one method a
 
 HEADLINE_NOTE = """\
 Arrows: ↑ higher is better, ↓ lower is better. "ranks": the place of each DePass rule among all
-non-exact methods (DePass's two rules, the baselines and random; ties share the better place).
+non-exact methods (DePass's two rules, the baselines and random; "=" marks a place shared
+with other methods).
 "best baseline" is the best of the non-DePass, non-exact, non-random methods on that measure,
 picked after the fact for each row (an optimistic bar: no single baseline wins every row).
 Ablation rows use the top 10% of the units (at least one); the full tables follow."""
