@@ -114,7 +114,7 @@ def patching_scatter(panels: Mapping[str, tuple[Tensor, Tensor, Sequence[str], s
     names = list(panels)
     cols = min(len(names), 2)
     rows = -(-len(names) // cols)
-    fig = make_subplots(rows=rows, cols=cols, vertical_spacing=0.18 / rows, subplot_titles=[
+    fig = make_subplots(rows=rows, cols=cols, vertical_spacing=0.3 / rows, subplot_titles=[
         f"{n}: {p[3]}" for n, p in panels.items()])
     for i, name in enumerate(names):
         row, col = i // cols + 1, i % cols + 1
