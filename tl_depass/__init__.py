@@ -13,6 +13,7 @@ from tl_depass.decompose import decompose
 from tl_depass.decomposition import Decomposition
 from tl_depass.errors import DepassError, UnsupportedModelError
 from tl_depass.levels import Heads, Modules, Neurons, SAEFeatures, Subspace
+from tl_depass.params import ParamComponents
 from tl_depass.tolerances import COMPLETENESS_RTOL, completeness_rtol
 
 __version__ = "0.1.0"
@@ -25,6 +26,7 @@ __all__ = [
     "Heads",
     "Modules",
     "Neurons",
+    "ParamComponents",
     "SAEFeatures",
     "Split",
     "Subspace",

@@ -182,10 +182,11 @@ def decompose(
         if isinstance(spec, Split):
             spec = dataclasses.replace(spec, hook=entry)
     keep_list = keep_names(model, keep)
+    reads = {resolve(model, n) for n in getattr(spec, "reads", lambda model: [])(model)}
     clean = record_clean_run(
         model, tokens, mask,
-        lambda n: n.endswith(FROZEN) or n == entry or RESIDUAL.match(n) is not None or (
-            keep_list(n) if callable(keep_list) else n in keep_list),
+        lambda n: n.endswith(FROZEN) or n == entry or n in reads or RESIDUAL.match(n) is not None
+        or (keep_list(n) if callable(keep_list) else n in keep_list),
     )
     parts = groups(spec, model, clean, tokens, pos_embed)
     plan = make_plan(model, clean, [e.hook for g in parts for e in g.entries], keep_list)

@@ -185,7 +185,15 @@ class FoldedForward:
     def hooks(self) -> list[tuple[str, Callable]]:
         p = self.plan
         after = set(self.clean.after(p.start))
-        hooks = [(n, self.replay(n)) for n in after if n.endswith("hook_scale")]
+        entries: dict[str, list] = {}
+        for g, group in enumerate(self.groups):
+            for entry in group.entries:
+                entries.setdefault(entry.hook, []).append((g, entry))
+        # Components entering at a hook the pass stashes (a weight's output, e.g. mlp.hook_pre)
+        # enter before the stash; everywhere else after the replay (which they override).
+        early = [n for n in entries if n.endswith(("attn.hook_v", "mlp.hook_pre"))]
+        hooks = [(hook, self.enter(entries.pop(hook))) for hook in early]
+        hooks += [(n, self.replay(n)) for n in after if n.endswith("hook_scale")]
         for attn in p.attn:
             hooks += [(f"{attn}.hook_v", self.stash_corrected(attn)),
                       (f"{attn}.hook_z", self.attention(attn))]
@@ -193,11 +201,7 @@ class FoldedForward:
             hooks += [(f"{site.prefix}.hook_pre", self.stash_corrected(site.prefix)),
                       (site.act_hook, self.activate(site))]
         hooks += [(n, self.fix) for n in p.correct]
-        entries: dict[str, list] = {}
-        for g, group in enumerate(self.groups):
-            for entry in group.entries:
-                entries.setdefault(entry.hook, []).append((g, entry))
-        hooks += [(hook, self.enter(es)) for hook, es in entries.items()]  # after the replay
+        hooks += [(hook, self.enter(es)) for hook, es in entries.items()]
         hooks += [(n, self.keeper(n)) for n in p.keep]
         return [(n, self.rowwise(fn)) for n, fn in hooks]
 
