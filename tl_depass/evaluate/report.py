@@ -278,8 +278,9 @@ from its tables. Rerunning with other sizes or seeds moves them a little: check 
   on induction (attention-only: no MLP rule applies).
 - **Cost at this size.** With 8 heads, exact patching of every head (8 forwards) costs no more than
   one DePass pass (both well under a second for 256 prompts); for the 128-256 neurons of a layer,
-  DePass's folded forward (one component per neuron) took about as long as ablating each neuron
-  in turn (7-36 s against 9-31 s per layer and method in this run, on a busy shared machine).
+  DePass's folded forward (one component per neuron) took 0.8 to 2 times as long as ablating
+  each neuron in turn in our runs (the seconds columns; timings on a busy shared machine are
+  noisy).
   DePass's speed argument is for large models and many units at once; see the benchmarks for
   that, not this table."""
 
