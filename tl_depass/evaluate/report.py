@@ -244,8 +244,9 @@ from its tables. Rerunning with other sizes or seeds moves them a little: check 
 - **Tokens.** DePass finds the ground-truth key token on every prompt of all three tasks (hit
   rate 1.00; the softmax rule 0.94 on ioi) and is within about one point of the best method on
   Disrupt-top everywhere. On Recover-top it is mid-table: leave-one-token-out occlusion is best on
-  all three tasks, Integrated Gradients close behind, and on induction DePass is 7th of 10
-  (56.5 against occlusion's 23.6). The reason is structural, not noise: DePass freezes attention
+  all three tasks (Integrated Gradients close behind on recall and ioi, gradient norm and rollout
+  on induction), and on induction DePass is 7th of 10 (56.5 against occlusion's 23.6).
+  The reason is structural, not noise: DePass freezes attention
   patterns, so a token that matters only through queries and keys gets no share. In induction the
   earlier occurrence of the current token (position k) is what the induction heads' keys look for;
   occlusion and rollout rank it second on average, DePass gives it a share of about 0 (mean rank
@@ -256,9 +257,9 @@ from its tables. Rerunning with other sizes or seeds moves them a little: check 
   0.86-0.99), as well as |AtP| against the corrupted run and far better than |AtP| against zero or
   activation norms; the ratio rule's top head is zero-ablation's top head on both tasks (softmax:
   on ioi only). On induction it fails against zero-ablation (Spearman 0.19, Pearson −0.77):
-  zero-ablating the previous-token head L0H0 costs
-  8.6 logits, the largest single effect, but L0H0 works through the induction heads' keys
-  (K-composition), which frozen patterns cannot see, and DePass gives it 0.1. Ablating DePass's
+  zero-ablating the previous-token head L0H0 costs 8.6 logits, the largest single effect, but
+  L0H0 works through the induction heads' keys (K-composition), which frozen patterns cannot see,
+  and DePass gives it 0.1. Ablating DePass's
   top head leaves accuracy at 1.00 (four redundant induction heads), where zero-ablation's top head
   (L0H0) drops it to 0.22. DePass agrees exactly with patching from the corrupted prompt there
   (Pearson 1.00): that corruption does not change what L0H0 contributes either.
@@ -274,15 +275,15 @@ from its tables. Rerunning with other sizes or seeds moves them a little: check 
   tie (recall heads). DePass splits the clean run; zero-ablation pushes a unit far outside the
   activations the clean run has, where the non-linearities DePass freezes respond.
 - **The two rules.** The linear ratio rule is the better DePass on token deletion (recall, ioi)
-  and on recall heads; softmax is better on ioi heads and ioi layer-0 neurons. They are identical
+  and on recall heads; softmax is better on ioi heads and on the ioi layer-0 neuron correlations
+  (ratio on their ablation). They are identical
   on induction (attention-only: no MLP rule applies).
-- **Cost at this size.** With 8 heads, exact patching of every head (8 forwards) costs no more than
-  one DePass pass (both well under a second for 256 prompts); for the 128-256 neurons of a layer,
-  DePass's folded forward (one component per neuron) took 0.8 to 2 times as long as ablating
-  each neuron in turn in our runs (the seconds columns; timings on a busy shared machine are
-  noisy).
-  DePass's speed argument is for large models and many units at once; see the benchmarks for
-  that, not this table."""
+- **Cost at this size.** With 8 heads, exact patching of every head (8 forwards) was about twice
+  as fast as one DePass pass (about a second or less either way for 256 prompts); for the
+  128-256 neurons of a layer, DePass's folded forward (one component per neuron) took 0.8 to 2
+  times as long as ablating each neuron in turn in our runs (the seconds columns; timings on a
+  busy shared machine are noisy). DePass's speed argument is for large models and many units at
+  once; see the benchmarks for that, not this table."""
 
 CAVEATS = """\
 ## Caveats
