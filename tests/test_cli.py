@@ -9,6 +9,7 @@ import torch
 
 import tl_depass
 from tl_depass import cli, models, tasks
+from tl_depass.backends import hooked_class
 from tl_depass.report import LEVELS
 
 
@@ -116,18 +117,17 @@ def test_errors_exit_nonzero_with_a_message(argv, message, capsys):
 
 
 def test_pretrained_names_need_network(capsys, monkeypatch):
+    name = "gpt2" if hooked_class() is not None else "openai-community/gpt2"  # TL 3.x / 4.x names
     monkeypatch.setattr(cli, "hub_reachable", lambda timeout=3.0: False)  # never download here
-    code, _, err = run(capsys, "explain", "--model", "gpt2", "--no-report")
+    code, _, err = run(capsys, "explain", "--model", name, "--no-report")
     assert code == 1 and "Hugging Face hub" in err and "no network" in err
 
-    from transformer_lens import HookedTransformer
-
-    def offline(cls, *args, **kwargs):
+    def offline(name):
         raise OSError("We couldn't connect to 'https://huggingface.co'")
 
     monkeypatch.setattr(cli, "hub_reachable", lambda timeout=3.0: True)
-    monkeypatch.setattr(HookedTransformer, "from_pretrained", classmethod(offline))
-    code, _, err = run(capsys, "explain", "--model", "gpt2", "--no-report")
+    monkeypatch.setattr(cli, "load_pretrained", offline)
+    code, _, err = run(capsys, "explain", "--model", name, "--no-report")
     assert code == 1 and "needs network access" in err and "OSError" in err
 
 

@@ -140,26 +140,27 @@ def test_report_numbers_match_the_library(tmp_path):
 def test_show_fits_the_level():
     """dec.show() draws the readout of the level: token shares, the head grid, top components."""
     import circuitsvis.utils.render
-    from models import make_model, random_tokens
 
-    model = make_model()
-    tokens = random_tokens(model, batch=2)
-    answer, wrong = 3, 5
+    from tl_depass.models import load
+
+    model = load("recall")
+    batch = tasks.generate("recall", 2, seed=0)
+    tokens, answer, wrong = batch.tokens, batch.answers, batch.wrong
     dec = tl_depass.decompose(model, tokens)
     fig = dec.show(answer, wrong)
     assert fig.data[0].type == "heatmap"
-    z = torch.tensor(fig.data[0].z, dtype=torch.float64)
+    z = torch.tensor(fig.data[0].z, dtype=torch.float32)
     torch.testing.assert_close(z, dec.logit_attribution(answer, wrong)[:-1].T)  # a row per prompt
     heads = tl_depass.decompose(model, tokens, tl_depass.Heads())
     fig = heads.show(answer, wrong, batch=1)
-    z = torch.tensor(fig.data[0].z, dtype=torch.float64)
+    z = torch.tensor(fig.data[0].z, dtype=torch.float32)
     torch.testing.assert_close(z, heads.head_scores(answer, wrong)[1])
-    neurons = tl_depass.decompose(model, tokens, tl_depass.Neurons(1))
+    neurons = tl_depass.decompose(model, tokens, tl_depass.Neurons(0))
     fig = neurons.show(answer, wrong, k=5)
     scores = neurons.logit_attribution(answer, wrong)[:, 0]
-    best = scores[1:-1].abs().argmax().item() + 1  # the first component is "L1 rest"
+    best = scores[1:-1].abs().argmax().item() + 1  # the first component is "L0 rest"
     assert fig.data[0].type == "bar" and fig.data[0].y[-1] == neurons.labels[best]  # top at the top
-    assert len(fig.data[0].y) == 5 and "L1 rest" not in fig.data[0].y
+    assert len(fig.data[0].y) == 5 and "L0 rest" not in fig.data[0].y
     view = dec.show(answer, kind="circuitsvis", batch=1)
     assert isinstance(view, circuitsvis.utils.render.RenderedHTML)
     with pytest.raises(tl_depass.DepassError, match="token-level"):
