@@ -43,13 +43,13 @@ def matrices_of(model) -> tuple[str, ...]:
     return MATRICES if model.cfg.gated_mlp else tuple(m for m in MATRICES if m != "W_gate")
 
 
-def assert_hooks_reproduced(model, tokens, specs):
+def assert_hooks_reproduced(model, tokens, specs, dtype=torch.float64):
     _, cache = model.run_with_cache(tokens)
     for s in specs:
         x = flatten_heads(cache[s.input_hook], s.in_heads)
         y = flatten_heads(cache[s.output_hook], s.out_heads)
         scale = y.abs().max().item()
-        assert_close(x @ s.weight + s.bias, y, rtol=0, atol=completeness_rtol(x.dtype) * scale,
+        assert_close(x @ s.weight + s.bias, y, rtol=0, atol=completeness_rtol(dtype) * scale,
                      msg=lambda m, s=s: f"{s.name} ({s.input_hook} -> {s.output_hook}): {m}")
 
 
@@ -232,3 +232,18 @@ def test_bundled_recall_sites_on_a_bridge():
     ones = {s.name: torch.ones(*tokens.shape, s.C) for s in dec}
     deltas = {s.name: torch.ones(tokens.shape) for s in dec}
     assert_close(masked_logits(bridge, dec, tokens, ones, deltas), bridge(tokens), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(bridge_class() is None, reason="needs TransformerBridge")
+@pytest.mark.parametrize("arch", ["GPT2LMHeadModel", "LlamaForCausalLM"])
+def test_sites_on_hugging_face_bridges(arch):
+    """Random HF models in a Bridge: plain GPT-2 and gated Llama with grouped-query attention.
+    HF computes RMSNorm in float32 even in float64 models, so Llama agrees to float32 only."""
+    from bridges import make_bridge
+
+    bridge, _ = make_bridge(arch)
+    matrices = MATRICES if bridge.cfg.gated_mlp else tuple(m for m in MATRICES if m != "W_gate")
+    specs = find_sites(bridge, matrices)
+    dtype = torch.float32 if arch == "LlamaForCausalLM" else torch.float64
+    assert_hooks_reproduced(bridge, torch.randint(0, 61, (2, 7), generator=torch.Generator().manual_seed(1)),
+                            specs, dtype)

@@ -93,6 +93,11 @@ def _fold(weight: Tensor, bias: Tensor | None, w: Tensor | None, b: Tensor | Non
     return weight, out_bias
 
 
+def _param(model, layer: int, module: str, name: str) -> Tensor | None:
+    """A block's own parameter (None where the model has none, e.g. a bias-free Bridge)."""
+    return getattr(getattr(model.blocks[layer], module), name, None)
+
+
 def _site(model, layer: int, matrix: str) -> SiteSpec:
     cfg = model.cfg
     block = f"blocks.{layer}"
@@ -103,14 +108,16 @@ def _site(model, layer: int, matrix: str) -> SiteSpec:
         raise DepassError("W_gate: this MLP is not gated; its only input matrix is W_in")
     if matrix in ("W_in", "W_gate"):
         hook, w, b = _norm_affine(model, layer, "ln2")
-        weight = getattr(model, matrix)[layer]
-        bias = None if gated else model.b_in[layer]
+        weight = _param(model, layer, "mlp", matrix)
+        bias = None if gated else _param(model, layer, "mlp", "b_in")
         out = f"{block}.mlp.hook_pre" if matrix == "W_gate" or not gated else f"{block}.mlp.hook_pre_linear"
         weight, bias = _fold(weight, bias, w, b)
         return SiteSpec(f"{block}.mlp.{matrix}", layer, matrix, hook, out, weight, bias)
     if matrix == "W_out":
+        weight, bias = _fold(_param(model, layer, "mlp", "W_out"), _param(model, layer, "mlp", "b_out"),
+                             None, None)
         return SiteSpec(f"{block}.mlp.W_out", layer, matrix, f"{block}.mlp.hook_post",
-                        f"{block}.hook_mlp_out", model.W_out[layer], model.b_out[layer])
+                        f"{block}.hook_mlp_out", weight, bias)
     if matrix == "W_V":
         hook, w, b = _norm_affine(model, layer, "ln1")
         attn = model.blocks[layer].attn
@@ -119,17 +126,18 @@ def _site(model, layer: int, matrix: str) -> SiteSpec:
         if grouped and hasattr(attn, "_W_V"):  # hook_v holds the key/value heads only
             w_v, b_v = attn._W_V, attn._b_V
         else:
-            w_v, b_v = model.W_V[layer], model.b_V[layer]
+            w_v, b_v = attn.W_V, attn.b_V
         weight = einops.rearrange(w_v, "head d_model d_head -> d_model (head d_head)")
-        bias = einops.rearrange(b_v, "head d_head -> (head d_head)")
+        bias = None if b_v is None else einops.rearrange(b_v, "head d_head -> (head d_head)")
         weight, bias = _fold(weight, bias, w, b)
         return SiteSpec(f"{block}.attn.W_V", layer, matrix, hook, f"{block}.attn.hook_v", weight,
                         bias, out_heads=w_v.shape[0])
     if matrix == "W_O":
-        w_o = model.W_O[layer]
+        w_o = model.blocks[layer].attn.W_O
         weight = einops.rearrange(w_o, "head d_head d_model -> (head d_head) d_model")
+        weight, bias = _fold(weight, _param(model, layer, "attn", "b_O"), None, None)
         return SiteSpec(f"{block}.attn.W_O", layer, matrix, f"{block}.attn.hook_z",
-                        f"{block}.hook_attn_out", weight, model.b_O[layer], in_heads=w_o.shape[0])
+                        f"{block}.hook_attn_out", weight, bias, in_heads=w_o.shape[0])
     raise DepassError(f"unknown matrix {matrix!r}: choose from {MATRICES}")
 
 
