@@ -301,8 +301,8 @@ def summary(ex: report.Explanation, level: str, k: int, model) -> str:
     head = "    patching" if lv.patching is not None else ""
     lines += ["", f"top {level}{where}: share of the metric{head}"]
     for label, d, p in report.top_table(lv, k):
-        lines.append(f"  {label:<24}{d:+10.4f}" + ("" if p is None else f"  {p:+10.4f}")
-                     if p is not None or lv.patching is None else f"  {label:<24}{d:+10.4f}  (not patched)")
+        tail = "" if lv.patching is None else "  (not patched)" if p is None else f"  {p:+10.4f}"
+        lines.append(f"  {label:<24}{d:+10.4f}{tail}")
     lines.append(f"  {'(all components)':<24}{lv.depass.sum().item():+10.4f}" if level == "tokens"
                  else f"  (not listed: {REST[level]}, and the biases)")
     lines.append("")
