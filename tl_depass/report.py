@@ -17,6 +17,7 @@ import html
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -100,22 +101,23 @@ def patch_effects(model, corrupted: Tensor, metric_rows: Callable[[Tensor], Tens
                   batch_size: int = 64) -> Float[Tensor, " site"]:
     """metric(corrupted run with one clean activation restored) - metric(corrupted), one site at a
     time; sites are (hook, patch(value, clean_value) -> patched value), run `batch_size` at once."""
-    base = metric_rows(model(corrupted)).mean()
     n = corrupted.shape[0]
     out = []
     with torch.no_grad():
+        base = metric_rows(model(corrupted)).mean()
         for start in range(0, len(sites), batch_size):
             chunk = sites[start:start + batch_size]
             tokens = corrupted.repeat(len(chunk), 1)
-            hooks = []
+            by_hook: dict[str, list] = {}  # one hook function (one copy) per hook point
             for i, (hook, patch) in enumerate(chunk):
-                rows = slice(i * n, (i + 1) * n)
+                by_hook.setdefault(hook, []).append((slice(i * n, (i + 1) * n), patch))
 
-                def fn(value, hook, rows=rows, patch=patch, name=hook):
-                    value = value.clone()
+            def fn(value, hook, todo, name):  # `name` as registered: a Bridge's hook.name may be an alias
+                value = value.clone()
+                for rows, patch in todo:
                     value[rows] = patch(value[rows], clean_cache[name])
-                    return value
-                hooks.append((hook, fn))
+                return value
+            hooks = [(name, partial(fn, todo=todo, name=name)) for name, todo in by_hook.items()]
             values = metric_rows(model.run_with_hooks(tokens, fwd_hooks=hooks))
             out.append(values.reshape(len(chunk), n).mean(1) - base)
     return torch.cat(out)
