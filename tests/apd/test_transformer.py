@@ -247,3 +247,26 @@ def test_sites_on_hugging_face_bridges(arch):
     dtype = torch.float32 if arch == "LlamaForCausalLM" else torch.float64
     assert_hooks_reproduced(bridge, torch.randint(0, 61, (2, 7), generator=torch.Generator().manual_seed(1)),
                             specs, dtype)
+
+
+@needs_hooked
+def test_shipped_recall_decomposition():
+    """tl_depass/models/recall_spd: trained on the bundled recall model's weights, exact with all
+    masks on, and the causal-importance-masked model (delta off) still answers."""
+    from pathlib import Path
+
+    from tl_depass import models
+
+    path = Path(models.__file__).parent / "recall_spd.json"
+    if not path.exists():
+        pytest.skip("no shipped recall_spd decomposition")
+    dec = ParamDecomposition.load(path)
+    model = models.load("recall")
+    assert max(dec.weight_mismatch(model).values()) == 0.0
+    batch = generate("recall", 64, seed=4242)
+    result = evaluate(model, dec, batch.tokens, batch.answers)
+    assert result["all_ones"]["kl"] == 0.0
+    assert result["ci_masked"]["accuracy"] >= 0.95 and result["ci_masked"]["kl_last"] < 0.1
+    assert result["all_off"]["accuracy"] < 0.6  # the subcomponents carry the answer
+    for name, site in result["sites"].items():
+        assert site["ci_l0"] < site["C"] / 4, (name, site)  # sparse: few subcomponents per token
