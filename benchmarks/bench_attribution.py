@@ -16,9 +16,9 @@ For every model size it times (best of `repeats`, wall seconds) and measures pea
 Where a row says "extrapolated", a subset (of positions, IG steps, heads or neurons) was timed
 and the time scaled linearly to the whole; memory is then the subset's.
 
-Memory: peak resident set size above its level just before the call, sampled every millisecond
-by a thread reading /proc/self/statm, with glibc's mmap threshold fixed at 1 MiB so that every
-freed tensor above that size leaves the resident set (Linux only).
+Memory: the peak resident set size during the call above its level just before it, from the
+kernel's high-water mark (VmHWM, reset before each call; free heap memory is returned to the
+system first, so earlier calls do not hide this one's allocations). Linux only.
 """
 
 import argparse
@@ -26,7 +26,6 @@ import ctypes
 import datetime
 import os
 import platform
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,37 +38,32 @@ from tl_depass import baselines
 from tl_depass.components import Split
 from tl_depass.levels import Heads, Neurons
 
-PAGE = os.sysconf("SC_PAGE_SIZE")
-M_MMAP_THRESHOLD = -3
+LIBC = ctypes.CDLL("libc.so.6")
 
 
-def resident() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * PAGE
+def status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
 class PeakMemory:
-    """Peak resident bytes above the level at entry, sampled by a background thread."""
+    """Peak resident memory above the level at entry, from the kernel's high-water mark: free
+    heap memory is first returned to the system (malloc_trim), then VmHWM is reset to the current
+    resident size (writing 5 to /proc/self/clear_refs, Linux >= 4.0) and read after the call."""
 
     def __enter__(self):
-        self.base = self.peak = resident()
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self.sample, daemon=True)
-        self.thread.start()
+        LIBC.malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        self.base = status_kib("VmRSS")
         return self
 
-    def sample(self) -> None:
-        while not self.done.wait(0.001):
-            self.peak = max(self.peak, resident())
-
     def __exit__(self, *exc):
-        self.done.set()
-        self.thread.join()
-        self.peak = max(self.peak, resident())
+        self.peak = status_kib("VmHWM")
 
     @property
     def mib(self) -> float:
-        return (self.peak - self.base) / 2**20
+        return (self.peak - self.base) / 1024
 
 
 @dataclass
@@ -395,7 +389,6 @@ def main() -> None:
     parser.add_argument("--only", default="", help="run only the models whose name contains this")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 2**20)
     start = time.perf_counter()
     all_cases = [c for c in cases(args.quick) if args.only in c.name]
     warm = all_cases[0]  # first calls pay one-time costs (imports, type checks): not timed
