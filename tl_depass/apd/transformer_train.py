@@ -7,7 +7,10 @@ part by an independent `r`; the same with one site masked at a time, averaged ov
 importance minimality `Σ_sites Σ_c σ_upper(γ_c)^p`. Causal importances `g` are computed on the
 clean model's own inputs to each site; the masked forward reads the (masked) model's current input.
 
-    python -m tl_depass.apd.transformer_train --steps 8000 --out tl_depass/models/recall_spd
+    python -m tl_depass.apd.transformer_train --out tl_depass/models/recall_spd
+
+rebuilds the shipped decomposition of the bundled recall model (W_in, W_out, W_V, W_O of both
+layers; 3000 steps, about 16 minutes on one shared CPU thread).
 """
 
 import argparse
@@ -48,11 +51,11 @@ class TransformerSPDConfig:
     C: int = 64
     ci_hidden: int = 16
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
-        lr=2e-3, steps=8000, batch_size=64, schedule="cosine", warmup_frac=0.01))
+        lr=2e-3, steps=3000, batch_size=64, schedule="cosine", warmup_frac=0.01))
     faithfulness_coeff: float = 1e3
     stochastic_recon_coeff: float = 1.0
     layerwise_recon_coeff: float = 1.0
-    importance_coeff: float = 1e-3
+    importance_coeff: float = 3e-3
     p: float = 1.0
     positions: Literal["all", "last"] = "all"
     n_mask_samples: int = 1
@@ -265,12 +268,12 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description="SPD of a bundled model's MLP matrices")
     parser.add_argument("--model", default="recall")
-    parser.add_argument("--steps", type=int, default=8000)
+    parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--C", type=int, default=64)
-    parser.add_argument("--importance", type=float, default=1e-3)
+    parser.add_argument("--importance", type=float, default=3e-3)
     parser.add_argument("--p", type=float, default=1.0)
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--matrices", default="W_in,W_out")
+    parser.add_argument("--matrices", default="W_in,W_out,W_V,W_O")
     parser.add_argument("--positions", default="all", choices=("all", "last"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--faithfulness", type=float, default=1e3)
