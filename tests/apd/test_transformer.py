@@ -249,7 +249,6 @@ def test_sites_on_hugging_face_bridges(arch):
                             specs, dtype)
 
 
-@needs_hooked
 def test_shipped_recall_decomposition():
     """tl_depass/models/recall_spd: trained on the bundled recall model's weights, exact with all
     masks on, and the causal-importance-masked model (delta off) still answers."""
