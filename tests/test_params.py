@@ -121,9 +121,10 @@ def test_threshold_pools_into_inactive(setup):
                                                                          threshold=0.0))
     none = tl_depass.decompose(model, tokens, tl_depass.ParamComponents(Decomp([sites["W_out"]]),
                                                                         threshold=2.0))
-    assert len(every.labels) == 6 + 4 and (every["logits"][-3] == 0).all()
-    assert none.labels == ["L1 rest", "L1.W_out inactive", "L1.W_out delta", "L1 bias"]
-    close(none["logits"][1], every["logits"][1:-3].sum(0), "inactive = all subcomponents")
+    assert every.labels == none.labels == (["L1 rest"] + [f"L1.W_out c{c}" for c in range(6)]
+                                           + ["L1.W_out inactive", "L1.W_out delta", "L1 bias"])
+    assert (every["logits"][-3] == 0).all() and (none["logits"][1:-3] == 0).all()
+    close(none["logits"][-3], every["logits"][1:-3].sum(0), "inactive = all subcomponents")
 
 
 def test_several_matrices_in_one_pass(setup):
@@ -142,3 +143,19 @@ def test_errors(setup):
     other = make_model(**MATRIX["ln_pre"], seed=5)
     with pytest.raises(DepassError, match="do not reproduce"):
         tl_depass.decompose(other, tokens, tl_depass.ParamComponents(Decomp([sites["W_out"]])))
+
+
+def test_shipped_spd_of_recall():
+    """The SPD of the bundled recall model (tl_depass/models/recall_spd) as DePass components."""
+    from pathlib import Path
+
+    from tl_depass import models, tasks
+    from tl_depass.apd.transformer import ParamDecomposition
+
+    model = models.load("recall")
+    spd = ParamDecomposition.load(Path(models.__file__).parent / "recall_spd")
+    batch = tasks.generate("recall", 8, seed=7)
+    dec = tl_depass.decompose(model, batch.tokens, tl_depass.ParamComponents(spd, layer=0),
+                              mlp_rule="ratio")
+    assert max(dec.completeness_error().values()) <= tl_depass.completeness_rtol(torch.float32)
+    assert len(dec.groups) == len([s for s in spd if s.layer == 0])

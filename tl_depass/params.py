@@ -2,11 +2,12 @@
 is split into its subcomponents' outputs `U_c (V_cᵀ x)`, the delta part and the bias, and these
 propagate through the rest of the network with the frozen rules.
 
-`decomposition` is any object with `sites`: each site has `name` ("W_in", "W_out", ...),
-`layer`, `input_hook`, `output_hook`, `bias` (None or a tensor broadcastable to the output),
-`outputs(x) -> [C + 1, ..., d_out]` (the C subcomponents' outputs, then the delta part) and
-`causal_importance(x) -> [..., C]`, with x the clean activation at `input_hook`. The SPD of a
-TransformerLens model (`tl_depass.apd.transformer`) is one.
+`decomposition` is an iterable of sites (or has `.sites`): each site has `matrix` (or `name`:
+"W_in", "W_out", ...), `layer`, `input_hook`, `output_hook`, `bias` (None or a tensor
+broadcastable to the output), `outputs(x) -> [C + 1, ..., d_out]` (the C subcomponents' outputs,
+then the delta part) and `causal_importance(x) -> [..., C]`, with x the clean activation at
+`input_hook` (passed through `site.read` where a site has one, e.g. to flatten heads). The SPD of a
+TransformerLens model (`tl_depass.apd.transformer.ParamDecomposition`) is one.
 """
 
 from collections.abc import Sequence
@@ -22,11 +23,15 @@ from tl_depass.levels import rest_entry
 from tl_depass.tolerances import completeness_rtol, relative_error
 
 
+def matrix(site) -> str:
+    return getattr(site, "matrix", None) or site.name
+
+
 @dataclass(frozen=True, eq=False)
 class ParamComponents:
-    """One group per decomposed matrix (a `layer` and a site name): its active subcomponents
-    (causal importance >= `threshold` at a position; elsewhere their output is pooled into
-    "inactive"), "inactive", "delta", with the layer's "rest" and "bias"."""
+    """One group per decomposed matrix (a `layer` and a site name): its subcomponents, each
+    carrying its output where its causal importance is >= `threshold` (elsewhere that output is
+    pooled into "inactive"), "inactive", "delta", with the layer's "rest" and "bias"."""
 
     decomposition: object
     layer: int | Sequence[int] | None = None
@@ -35,11 +40,12 @@ class ParamComponents:
 
     def chosen(self) -> list:
         layers = [self.layer] if isinstance(self.layer, int) else self.layer
-        all_sites = list(self.decomposition.sites)
+        all_sites = getattr(self.decomposition, "sites", self.decomposition)
+        all_sites = list(all_sites.values() if hasattr(all_sites, "values") else all_sites)
         out = [s for s in all_sites if (layers is None or s.layer in layers)
-               and (self.sites is None or s.name in self.sites)]
+               and (self.sites is None or matrix(s) in self.sites)]
         if not out:
-            have = sorted({(s.layer, s.name) for s in all_sites})
+            have = sorted({(s.layer, matrix(s)) for s in all_sites})
             raise DepassError(f"ParamComponents: no decomposed matrix at layer={self.layer}, "
                               f"sites={self.sites}; the decomposition has (layer, site) {have}")
         return out
@@ -48,10 +54,15 @@ class ParamComponents:
         return [h for s in self.chosen() for h in (s.input_hook, s.output_hook)]
 
     def groups(self, model, clean: CleanRun) -> list[Group]:
-        return [self.group(site, clean) for site in self.chosen()]
+        out = [self.group(site, clean) for site in self.chosen()]
+        if len({len(g.labels) for g in out}) > 1:  # groups ride in one folded forward
+            raise DepassError("ParamComponents: these matrices have different numbers of "
+                              "subcomponents; decompose them in separate calls (sites=..., layer=...)")
+        return out
 
     def group(self, site, clean: CleanRun) -> Group:
         x, target = clean[site.input_hook], clean[site.output_hook]
+        x = site.read(x) if hasattr(site, "read") else x
         with torch.no_grad():
             outputs = site.outputs(x).to(target.dtype)  # [C + 1, batch, pos, d_out]
             active = site.causal_importance(x) >= self.threshold  # [batch, pos, C]
@@ -61,16 +72,15 @@ class ParamComponents:
         err = relative_error(outputs.sum(0) + bias, target)
         if err > completeness_rtol(target.dtype):
             raise DepassError(
-                f"ParamComponents: the outputs of {site.name} at layer {site.layer} plus its bias do "
+                f"ParamComponents: the outputs of {matrix(site)} at layer {site.layer} plus its bias do "
                 f"not reproduce {site.output_hook} (relative error {err:.1e}): was the parameter "
                 "decomposition made for this model, with the same weight processing?")
         mask = einops.rearrange(active, "b p c -> c b p")
         on = outputs[:-1] * mask.reshape(*mask.shape, *[1] * (target.ndim - 2))
-        alive = [c for c in range(on.shape[0]) if bool(active[..., c].any())]
-        rows = torch.cat([torch.zeros_like(target)[None], on[alive],
+        rows = torch.cat([torch.zeros_like(target)[None], on,
                           (outputs[:-1] - on).sum(0, keepdim=True), outputs[-1:]])
-        prefix = f"L{site.layer}.{site.name}"
-        labels = ([f"L{site.layer} rest"] + [f"{prefix} c{c}" for c in alive]
+        prefix = f"L{site.layer}.{matrix(site)}"
+        labels = ([f"L{site.layer} rest"] + [f"{prefix} c{c}" for c in range(on.shape[0])]
                   + [f"{prefix} inactive", f"{prefix} delta", f"L{site.layer} bias"])
         return Group(labels, [rest_entry(clean, site.layer),
                               Entry(site.output_hook, lambda offset, k: rows[offset:offset + k], bias)])
