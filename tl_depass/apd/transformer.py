@@ -85,7 +85,7 @@ def _norm_affine(model, layer: int, which: str) -> tuple[str, Tensor | None, Ten
 
 def _fold(weight: Tensor, bias: Tensor | None, w: Tensor | None, b: Tensor | None) -> tuple[Tensor, Tensor]:
     """Fold a norm's affine map `x ↦ x w + b` in front of `x ↦ x weight + bias`."""
-    out_bias = torch.zeros(weight.shape[1], dtype=weight.dtype) if bias is None else bias
+    out_bias = weight.new_zeros(weight.shape[1]) if bias is None else bias
     if b is not None:
         out_bias = out_bias + b @ weight
     if w is not None:
