@@ -1,4 +1,6 @@
-"""Parameter decomposition of toy models: APD (Braun et al. 2025) and SPD (Bushnaq et al. 2025).
+"""Parameter decomposition: APD (Braun et al. 2025) and SPD (Bushnaq et al. 2025) of the papers'
+toy models, and SPD of TransformerLens models (`transformer`, `transformer_train`), whose
+subcomponents `tl_depass.ParamComponents` turns into DePass components.
 
 Targets (`TMS`, `ResidualMLP`) are trained from scratch; `APD` and `SPD` decompose their
 weights; `train` runs any of them with resumable checkpoints; `metrics` scores the result
@@ -24,6 +26,8 @@ from tl_depass.apd.presets import PRESETS, preset, shortened
 from tl_depass.apd.spd import SPD
 from tl_depass.apd.targets import TMS, ResidualMLP, Site, ToyTarget, make_target, sparse_features
 from tl_depass.apd.train import TargetObjective, train
+from tl_depass.apd.transformer import ParamDecomposition, ParamSite, SiteSpec, find_sites
+from tl_depass.apd.transformer_train import TransformerSPDConfig, evaluate, masked_logits, train_spd
 
 __all__ = [
     "APD",
@@ -47,4 +51,12 @@ __all__ = [
     "PRESETS",
     "preset",
     "shortened",
+    "ParamDecomposition",
+    "ParamSite",
+    "SiteSpec",
+    "find_sites",
+    "TransformerSPDConfig",
+    "train_spd",
+    "evaluate",
+    "masked_logits",
 ]
