@@ -1,8 +1,11 @@
 """Attribution benchmark: DePass against the alternatives, side by side in one run, as ratios.
 
     python benchmarks/bench_attribution.py           # bundled models + random GPT-2-shaped model
-                                                     # at 64 and 256 tokens (~25 min on 2 cores)
-    python benchmarks/bench_attribution.py --quick   # bundled models + 64 tokens only (~5 min)
+                                                     # at 64 and 256 tokens (20-30 min on 2 cores)
+    python benchmarks/bench_attribution.py --quick   # bundled models + 64 tokens only (~16 min)
+    python benchmarks/bench_attribution.py --only ioi  # the models whose name contains "ioi"
+
+Results and discussion: docs/benchmarks.md (timings on a shared machine are noisy).
 
 For every model size it times (best of `repeats`, wall seconds) and measures peak memory of:
 1. token level: decompose (softmax) and attribute (ratio, backward) vs leave-one-token-out
