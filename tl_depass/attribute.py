@@ -89,7 +89,7 @@ def sites(spec, model, clean: CleanRun, tokens) -> list[Site]:
 def backward(model, tokens, mask, spec, readout: Callable[[Tensor], Tensor]
              ) -> tuple[list[str], Tensor]:
     entry = spec.hook if isinstance(spec, TokensAt) else None
-    clean = record_clean_run(model, tokens, mask, lambda n: n.endswith((*FROZEN_INPUTS, "attn.hook_z"))
+    clean = record_clean_run(model, tokens, mask, lambda n: n.endswith(FROZEN_INPUTS)
                              or n == entry)
     where = sites(spec, model, clean, tokens)
     captured: dict[str, Tensor] = {}

@@ -72,7 +72,7 @@ def prepare_tokens(model, tokens, attention_mask) -> tuple[Tensor, Tensor | None
     return tokens, attention_mask
 
 
-def keep_names(model, keep: Keep) -> list[str] | Callable[[str], bool]:
+def keep_names(hooks: dict[str, str], keep: Keep) -> list[str] | Callable[[str], bool]:
     """Explicit hook names to keep (checked now, aliases resolved), or a filter applied to the
     hooks DePass decomposes (those after the entry point)."""
     if keep is None:
@@ -80,7 +80,7 @@ def keep_names(model, keep: Keep) -> list[str] | Callable[[str], bool]:
     if callable(keep) and not isinstance(keep, str):
         return keep
     names = [keep] if isinstance(keep, str) else list(keep)
-    names = [n if n == "logits" else resolve(model, n) for n in names]
+    names = [n if n == "logits" else resolve(hooks, n) for n in names]
     for name in names:
         if name.endswith(NOT_DECOMPOSABLE):
             raise DepassError(
@@ -90,14 +90,13 @@ def keep_names(model, keep: Keep) -> list[str] | Callable[[str], bool]:
     return [n for n in names if n != "logits"]
 
 
-def resolve(model, name: str) -> str:
-    """The canonical name of hook `name` (a Bridge alias or raw name maps to the HookedTransformer
-    name of the same hook point)."""
-    names = canonical_names(model)
-    if name not in names:
-        close = difflib.get_close_matches(name, list(names), n=3)
+def resolve(hooks: dict[str, str], name: str) -> str:
+    """The canonical name of hook `name` in `hooks` (backends.canonical_names: a Bridge alias or
+    raw name maps to the HookedTransformer name of the same hook point)."""
+    if name not in hooks:
+        close = difflib.get_close_matches(name, list(hooks), n=3)
         raise DepassError(f"unknown hook name {name!r}; did you mean {close}?")
-    return names[name]
+    return hooks[name]
 
 
 def make_plan(model, clean: CleanRun, entries: list[str], keep: list[str] | Callable) -> Plan:
@@ -174,15 +173,16 @@ def decompose(
         raise DepassError(f"chunk_size must be a positive number of components, got {chunk_size}")
     tokens, mask = prepare_tokens(model, tokens, attention_mask)
     spec = as_components(components)
+    hooks = canonical_names(model)
     entry = getattr(spec, "hook", None)  # None: the level knows its entry points
     if entry is not None:
-        if entry not in canonical_names(model):
+        if entry not in hooks:
             raise DepassError(f"no hook {entry!r} in this model (n_layers={model.cfg.n_layers})")
-        entry = resolve(model, entry)
+        entry = hooks[entry]
         if isinstance(spec, Split):
             spec = dataclasses.replace(spec, hook=entry)
-    keep_list = keep_names(model, keep)
-    reads = {resolve(model, n) for n in getattr(spec, "reads", lambda model: [])(model)}
+    keep_list = keep_names(hooks, keep)
+    reads = {resolve(hooks, n) for n in getattr(spec, "reads", lambda model: [])(model)}
     clean = record_clean_run(
         model, tokens, mask,
         lambda n: n.endswith(FROZEN) or n == entry or n in reads or RESIDUAL.match(n) is not None

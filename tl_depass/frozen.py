@@ -5,11 +5,11 @@ affine, and DePass with `mlp_rule="ratio"` is exactly its linear part: the oracl
 
 from collections.abc import Callable
 
+from tl_depass.clean_run import FROZEN as FROZEN_INPUTS  # what the decomposed pass replays
 from tl_depass.clean_run import CleanRun
 from tl_depass.replay import attend, mlp_site
 
-#: What the frozen model replays, as hook-name endings.
-FROZEN_INPUTS = ("hook_scale", "hook_pattern", "mlp.hook_pre", "hook_pre_linear", "hook_mid", "hook_post")
+__all__ = ["FROZEN_INPUTS", "frozen_hooks"]
 
 
 def frozen_hooks(model, clean: CleanRun) -> list[tuple[str, Callable]]:
