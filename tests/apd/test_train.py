@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import signal
 
 import pytest
 import torch
@@ -125,3 +126,41 @@ def test_reproduce_cli_stops_resumes_and_writes_results_and_figures(tmp_path):
     }
     saved = json.loads(next((tmp_path / "runs").rglob("results.json")).read_text())
     assert saved["mmcs"] == list(results["mmcs"])
+
+
+def test_ctrl_c_ends_after_the_step_and_resumes_identically(tmp_path):
+    """SIGINT in the middle of a step (here: while sampling step 14's batch) finishes that step,
+    writes a checkpoint and raises; resuming gives the uninterrupted run's numbers."""
+    target = make_target(TMSConfig(n_features=5, n_hidden=2, seed=4))
+    cfg = shortened(preset("tms-5-2", "spd"), steps=20, batch_size=32).method
+    calls = []
+
+    def interrupting_sample(batch, generator):
+        calls.append(1)
+        if len(calls) == 14:
+            signal.raise_signal(signal.SIGINT)
+        return target.sample(batch, generator)
+
+    straight = SPD(target, cfg)
+    expected = train(straight, target.sample, cfg.optim, 5, None, log_every=1, progress="none")
+    with pytest.raises(KeyboardInterrupt, match="interrupted after step 14; checkpoint in"):
+        train(SPD(target, cfg), interrupting_sample, cfg.optim, 5, tmp_path, log_every=1)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 14
+    resumed = SPD(target, cfg)
+    history = train(resumed, target.sample, cfg.optim, 5, tmp_path, log_every=1, progress="none")
+    assert history == expected
+    for (name, a), (_, b) in zip(
+        straight.state_dict().items(), resumed.state_dict().items(), strict=True
+    ):
+        assert_close(a, b, rtol=0, atol=0, msg=f"{name} differs after resume")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+
+def test_checkpoint_from_another_device_is_refused_with_a_clear_error(tmp_path):
+    target = make_target(TMSConfig(n_features=5, n_hidden=2, seed=4))
+    cfg = shortened(preset("tms-5-2", "spd"), steps=4, batch_size=8).method
+    train(SPD(target, cfg), target.sample, cfg.optim, 5, tmp_path, stop_at=2, progress="none")
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    torch.save({**state, "device": "cuda"}, tmp_path / "checkpoint.pt")
+    with pytest.raises(ValueError, match="written on cuda and cannot resume exactly on cpu"):
+        train(SPD(target, cfg), target.sample, cfg.optim, 5, tmp_path, progress="none")

@@ -119,7 +119,7 @@ class APD(nn.Module):
 
             run = self.target.run(x, {s.name: make(s) for s in self.target.sites})
             n_out = run.output.shape[-1]
-            eye = torch.eye(n_out, dtype=x.dtype)[:, None, :].expand(n_out, *run.output.shape)
+            eye = torch.eye(n_out).to(x)[:, None, :].expand(n_out, *run.output.shape)
             names = [s.name for s in self.target.sites]
             grads = torch.autograd.grad(
                 run.output,
@@ -130,7 +130,7 @@ class APD(nn.Module):
             )
         inputs = {k: v.detach() for k, v in run.inputs.items()}
         return inputs, {
-            n: (g if g is not None else torch.zeros(n_out, *probes[n].shape))
+            n: (g if g is not None else probes[n].new_zeros(n_out, *probes[n].shape))
             for n, g in zip(names, grads, strict=True)
         }
 
@@ -148,7 +148,7 @@ class APD(nn.Module):
             outs = self._component_site_outputs(self.target.run(x).inputs)
             return sum(o.pow(2).sum(-1) for o in outs.values())
         # ablation: output change when one component is removed from the all-ones APD model
-        ones = torch.ones(x.shape[0], self.cfg.C, dtype=x.dtype)
+        ones = x.new_ones(x.shape[0], self.cfg.C)
         full = self.forward(x, ones)
         scores = []
         for c in range(self.cfg.C):

@@ -53,10 +53,13 @@ def with_seed(config: ExperimentConfig, seed: int) -> ExperimentConfig:
 
 
 def train_target(
-    config: ExperimentConfig, run_dir: Path | None, progress: Literal["bar", "none"]
+    config: ExperimentConfig,
+    run_dir: Path | None,
+    progress: Literal["bar", "none"],
+    device: str = "cpu",
 ) -> tuple[ToyTarget, float]:
     """The trained target and its final training loss."""
-    target = make_target(config.target)
+    target = make_target(config.target).to(device)
     history = train(
         TargetObjective(target),
         target.sample,
@@ -76,11 +79,13 @@ def decompose(
     progress: Literal["bar", "none"],
     stop_at: int | None = None,
 ) -> tuple[APD | SPD, list[dict[str, float | int]]]:
-    """Decompose `target`; `stop_at` ends early (resumable from the checkpoint in `run_dir`)."""
-    if isinstance(config.method, APDConfig):
-        method = APD(target, config.method)
-    else:
-        method = SPD(target, config.method)
+    """Decompose `target`; `stop_at` ends early (resumable from the checkpoint in `run_dir`).
+
+    The decomposition is initialised on the CPU (the same numbers on every device), then moved to
+    the target's device."""
+    device = next(target.parameters()).device
+    kind = APD if isinstance(config.method, APDConfig) else SPD
+    method = kind(target.cpu(), config.method).to(device)
     history = train(
         method,
         target.sample,
@@ -163,11 +168,13 @@ def run_experiment(
     figures: Path | None,
     progress: Literal["bar", "none"] = "bar",
     stop_at: int | None = None,
+    device: str = "cpu",
 ) -> dict:
     """Train target, decompose, evaluate. Returns the results dictionary (also saved).
 
     With `stop_at`, the decomposition stops at that step (or resumes up to it) and the partial
-    result is evaluated and labelled with the steps actually trained."""
+    result is evaluated and labelled with the steps actually trained. Training runs on `device`
+    ("cpu", "cuda"); evaluation on the CPU."""
     t0 = time.time()
     seed = config.method.seed
     if runs is not None:  # run folders are outputs, never committed
@@ -184,14 +191,15 @@ def run_experiment(
         if runs
         else None
     )
-    target, target_loss = train_target(config, target_dir, progress)
+    target, target_loss = train_target(config, target_dir, progress, device)
     t1 = time.time()
     method, history = decompose(config, target, method_dir, progress, stop_at)
     t2 = time.time()
+    method.cpu()
     steps = config.method.optim.steps
     trained = min(stop_at, steps) if stop_at is not None else steps
     if method_dir is not None:  # a checkpoint may already be past stop_at
-        trained = torch.load(method_dir / CHECKPOINT_NAME, weights_only=False)["step"]
+        trained = torch.load(method_dir / CHECKPOINT_NAME, weights_only=False, map_location="cpu")["step"]
     tag = f"{slug}_seed{seed}_steps{config.method.optim.steps}"
     if trained < config.method.optim.steps:
         tag += f"_stopped{trained}"
@@ -209,7 +217,11 @@ def run_experiment(
             "decomposition": round(t2 - t1, 1),
             "total": round(time.time() - t0, 1),
         },
-        "machine": f"CPU, {torch.get_num_threads()} torch thread(s)",
+        "machine": (
+            torch.cuda.get_device_name(device)
+            if torch.device(device).type == "cuda"
+            else f"CPU, {torch.get_num_threads()} torch thread(s)"
+        ),
         "config": dataclasses.asdict(config),
     }
     if method_dir is not None:
@@ -234,6 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--runs", type=Path, default=Path("runs/apd"))
     parser.add_argument("--figures", type=Path, default=Path("docs/apd_figures"))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="where to train: cpu, cuda, cuda:1, ...")
     parser.add_argument(
         "--stop-at", type=int, default=None, help="stop (or resume up to) this decomposition step"
     )
@@ -249,7 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
             config, target=dataclasses.replace(config.target, train=train_cfg)
         )
     progress = "none" if args.no_progress else "bar"
-    results = run_experiment(config, args.runs, args.figures, progress, args.stop_at)
+    results = run_experiment(config, args.runs, args.figures, progress, args.stop_at, args.device)
     summary = {
         k: results[k] for k in results if k not in ("config", "norms", "best_component_per_feature")
     }

@@ -141,13 +141,14 @@ class SPD(nn.Module):
         self, ci: dict[str, Tensor], generator: torch.Generator
     ) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
         masks = {
-            k: g + (1 - g) * torch.rand(g.shape, generator=generator, dtype=g.dtype)
+            k: g + (1 - g) * torch.rand(g.shape, generator=generator, dtype=g.dtype, device=g.device)
             for k, g in ci.items()
         }
         if self.cfg.delta == "none":
             return masks, None
         deltas = {
-            k: torch.rand(g.shape[0], generator=generator, dtype=g.dtype) for k, g in ci.items()
+            k: torch.rand(g.shape[0], generator=generator, dtype=g.dtype, device=g.device)
+            for k, g in ci.items()
         }
         return masks, deltas
 

@@ -55,8 +55,9 @@ def sparse_features(
     batch: int, n_features: int, p: float, low: float, high: float, generator: torch.Generator
 ) -> Float[Tensor, "batch n_features"]:
     """Each feature is present with probability p, then uniform on [low, high]."""
-    present = torch.rand(batch, n_features, generator=generator) < p
-    values = low + (high - low) * torch.rand(batch, n_features, generator=generator)
+    device = generator.device  # drawn where the generator lives (CPU or GPU)
+    present = torch.rand(batch, n_features, generator=generator, device=device) < p
+    values = low + (high - low) * torch.rand(batch, n_features, generator=generator, device=device)
     return values * present
 
 

@@ -1,14 +1,19 @@
 """One training loop for targets, APD and SPD: schedule, progress bar, metrics, checkpoints.
 
 Determinism: all randomness after construction (data, SPD masks) comes from one
-`torch.Generator` whose state is checkpointed with the model, optimiser and scheduler, so an
-interrupted run resumed from its checkpoint produces the same numbers as an uninterrupted one.
+`torch.Generator` on the objective's device, whose state is checkpointed with the model,
+optimiser and scheduler, so an interrupted run resumed from its checkpoint (on the same device)
+produces the same numbers as an uninterrupted one. A CPU and a GPU run of the same seed draw
+different random streams. Ctrl-C (SIGINT) ends a run after the current step, with a checkpoint.
 """
 
 import json
 import math
 import os
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
 
@@ -83,6 +88,22 @@ def _atomic_save(state: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
+@contextmanager
+def _interrupt_at_step_end() -> Iterator[list[bool]]:
+    """While training, Ctrl-C (SIGINT) only appends to the yielded flag, which the loop reads
+    once the current step is done, so the checkpoint then written resumes exactly. Outside the
+    main thread no handler can be set and SIGINT keeps its usual effect."""
+    flag: list[bool] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = signal.signal(signal.SIGINT, lambda *_: flag.append(True))
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def train(
     objective: Objective,
     sample: Callable[[int, torch.Generator], Tensor],
@@ -111,11 +132,18 @@ def train(
         raise ValueError("The objective has no trainable parameters.")
     optimizer = _optimizer(params, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=params[0].device).manual_seed(seed)
     step, history = 0, []
     checkpoint = run_dir / CHECKPOINT_NAME if run_dir is not None else None
     if checkpoint is not None and checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=False)
+        state = torch.load(checkpoint, weights_only=False, map_location=generator.device)
+        written_on = state.get("device", "cpu")
+        if written_on != generator.device.type:
+            raise ValueError(
+                f"{checkpoint} was written on {written_on} and cannot resume exactly on "
+                f"{generator.device.type} (different random streams): resume it on {written_on}, "
+                "or use another run folder."
+            )
         objective.load_state_dict(state["objective"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -134,6 +162,7 @@ def train(
                 "generator": generator.get_state(),
                 "step": step,
                 "history": history,
+                "device": generator.device.type,
             },
             checkpoint,
         )
@@ -144,22 +173,28 @@ def train(
     bar = tqdm(
         total=cfg.steps, initial=step, desc=description, disable=progress == "none", mininterval=2.0
     )
-    while step < end:
-        x = sample(cfg.batch_size, generator)
-        loss, metrics = objective.training_loss(x, generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        objective.before_optimizer_step()
-        optimizer.step()
-        scheduler.step()
-        step += 1
-        if step % log_every == 0 or step == cfg.steps:
-            row = {"step": step, "lr": scheduler.get_last_lr()[0], **metrics}
-            history.append(row)
-            bar.set_postfix(loss=f"{metrics.get('loss', loss.item()):.3g}")
-        if step % checkpoint_every == 0:
-            save()
-        bar.update(1)
+    with _interrupt_at_step_end() as interrupted:
+        while step < end:
+            x = sample(cfg.batch_size, generator)
+            loss, metrics = objective.training_loss(x, generator)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            objective.before_optimizer_step()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            if step % log_every == 0 or step == cfg.steps:
+                row = {"step": step, "lr": scheduler.get_last_lr()[0], **metrics}
+                history.append(row)
+                bar.set_postfix(loss=f"{metrics.get('loss', loss.item()):.3g}")
+            if step % checkpoint_every == 0:
+                save()
+            bar.update(1)
+            if interrupted:
+                bar.close()
+                save()
+                where = f"; checkpoint in {run_dir}, rerun to resume" if run_dir else ""
+                raise KeyboardInterrupt(f"{description}: interrupted after step {step}{where}.")
     bar.close()
     save()
     return history
