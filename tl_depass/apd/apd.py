@@ -52,7 +52,9 @@ class APD(nn.Module):
             )
             self.A[self._key(name)] = nn.Parameter(a)
             self.B[self._key(name)] = nn.Parameter(b)
-        if cfg.act_recon_coeff > 0 and not self.target.run(self.target.sample(1, generator)).hidden:
+        self.to(target.device)  # initialised on the CPU: the same numbers on every device
+        probe = self.target.sample(1, generator).to(target.device)
+        if cfg.act_recon_coeff > 0 and not self.target.run(probe).hidden:
             raise ConfigError(
                 f"APDConfig.act_recon_coeff={cfg.act_recon_coeff} but {type(target).__name__} "
                 "has no "

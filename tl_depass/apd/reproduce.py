@@ -79,13 +79,10 @@ def decompose(
     progress: Literal["bar", "none"],
     stop_at: int | None = None,
 ) -> tuple[APD | SPD, list[dict[str, float | int]]]:
-    """Decompose `target`; `stop_at` ends early (resumable from the checkpoint in `run_dir`).
-
-    The decomposition is initialised on the CPU (the same numbers on every device), then moved to
-    the target's device."""
-    device = next(target.parameters()).device
+    """Decompose `target` on its device; `stop_at` ends early (resumable from the checkpoint in
+    `run_dir`)."""
     kind = APD if isinstance(config.method, APDConfig) else SPD
-    method = kind(target.cpu(), config.method).to(device)
+    method = kind(target, config.method)
     history = train(
         method,
         target.sample,

@@ -45,7 +45,7 @@ class SPD(nn.Module):
             v = v / v.norm(dim=0, keepdim=True)
             u = u / u.norm(dim=1, keepdim=True)
             # scale each rank-one piece by its overlap with the target weight
-            overlap = torch.einsum("ic,io,co->c", v, weight.detach(), u)
+            overlap = torch.einsum("ic,io,co->c", v, weight.detach().cpu(), u)
             self.V[self._key(name)] = nn.Parameter(v)
             self.U[self._key(name)] = nn.Parameter(u * overlap[:, None])
         h = cfg.ci_hidden
@@ -60,6 +60,7 @@ class SPD(nn.Module):
                 torch.randn(cfg.C, h, generator=generator) * h**-0.5
             )
             self.ci[f"{key}__b2"] = nn.Parameter(torch.zeros(cfg.C))
+        self.to(target.device)  # initialised on the CPU: the same numbers on every device
 
     @staticmethod
     def _key(name: str) -> str:

@@ -72,6 +72,10 @@ class ToyTarget(nn.Module):
         return {name: getattr(self, name.replace(".", "__")) for name in self.matrix_names}
 
     @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
     def matrix_names(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(site.matrix for site in self.sites))
 
