@@ -125,6 +125,8 @@ def evaluate(method: APD | SPD, figures: Path | None, tag: str) -> dict:
                 "features_with_a_subcomponent": int((g.max(-1).values > 0.1).sum()),
                 "distinct_argmax_subcomponents": len(set(g.argmax(-1).tolist())),
                 "always_on_subcomponents": int((g > 0.5).float().mean(0).ge(0.9).sum()),
+                "ever_important_subcomponents": int((g > 0.1).any(0).sum()),
+                "important_per_input": (g > 0.1).float().sum(-1).mean().item(),
             }
             for site, g in ci.items()
         }
