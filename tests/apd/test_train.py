@@ -164,3 +164,15 @@ def test_checkpoint_from_another_device_is_refused_with_a_clear_error(tmp_path):
     torch.save({**state, "device": "cuda"}, tmp_path / "checkpoint.pt")
     with pytest.raises(ValueError, match="written on cuda and cannot resume exactly on cpu"):
         train(SPD(target, cfg), target.sample, cfg.optim, 5, tmp_path, progress="none")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_reproduce_on_cuda_resumes_exactly_and_evaluates_on_cpu(tmp_path):
+    args = ["tms-5-2", "--method", "spd", "--steps", "20", "--target-steps", "50"]
+    args += ["--batch-size", "128", "--no-progress", "--device", "cuda"]
+    args += ["--figures", str(tmp_path / "fig")]
+    straight = main(args + ["--runs", str(tmp_path / "a")])
+    main(args + ["--runs", str(tmp_path / "b"), "--stop-at", "10"])
+    resumed = main(args + ["--runs", str(tmp_path / "b")])
+    assert resumed["machine"] == torch.cuda.get_device_name("cuda")
+    assert resumed["mmcs"] == straight["mmcs"] and resumed["ci_l0"] == straight["ci_l0"]
