@@ -119,10 +119,10 @@ def test_reproduce_cli_stops_resumes_and_writes_results_and_figures(tmp_path):
     assert results["steps"] == results["trained_steps"] == 20
     assert set(results["alive"]) == {"W"} and 0.0 <= results["mmcs"][0] <= 1.0 + 1e-6
     assert {p.name for p in (tmp_path / "fig").iterdir()} >= {
-        "tms-5-2-spd_seed0_steps20_stopped10_ci.png",
-        "tms-5-2-spd_seed0_steps20_ci.png",
-        "tms-5-2-spd_seed0_steps20_norms.png",
-        "tms-5-2-spd_seed0_steps20_features.png",
+        "tms-5-2-spd_seed0_steps20_batch128_stopped10_ci.png",
+        "tms-5-2-spd_seed0_steps20_batch128_ci.png",
+        "tms-5-2-spd_seed0_steps20_batch128_norms.png",
+        "tms-5-2-spd_seed0_steps20_batch128_features.png",
     }
     saved = json.loads(next((tmp_path / "runs").rglob("results.json")).read_text())
     assert saved["mmcs"] == list(results["mmcs"])
@@ -176,3 +176,21 @@ def test_reproduce_on_cuda_resumes_exactly_and_evaluates_on_cpu(tmp_path):
     resumed = main(args + ["--runs", str(tmp_path / "b")])
     assert resumed["machine"] == torch.cuda.get_device_name("cuda")
     assert resumed["mmcs"] == straight["mmcs"] and resumed["ci_l0"] == straight["ci_l0"]
+
+
+def test_checkpoint_of_other_settings_is_refused_and_cli_runs_get_their_own_folders(tmp_path):
+    target = make_target(TMSConfig(n_features=5, n_hidden=2, seed=4))
+    cfg = shortened(preset("tms-5-2", "spd"), steps=4, batch_size=8).method
+    train(SPD(target, cfg), target.sample, cfg.optim, 5, tmp_path, stop_at=2, progress="none")
+    other = dataclasses.replace(cfg.optim, batch_size=16)
+    with pytest.raises(ValueError, match="use another run folder"):
+        train(SPD(target, cfg), target.sample, other, 5, tmp_path, progress="none")
+    args = ["tms-5-2", "--method", "apd", "--steps", "3", "--target-steps", "5", "--no-progress"]
+    args += ["--runs", str(tmp_path / "runs"), "--figures", str(tmp_path / "fig")]
+    for batch in ("16", "32"):
+        assert main(args + ["--batch-size", batch])["batch_size"] == int(batch)
+    assert sorted(p.name for p in (tmp_path / "runs" / "tms-5-2").iterdir()) == [
+        "target_seed0_steps5",
+        "tms-5-2-apd_seed0_steps3_batch16",
+        "tms-5-2-apd_seed0_steps3_batch32",
+    ]

@@ -180,16 +180,11 @@ def run_experiment(
         runs.mkdir(parents=True, exist_ok=True)
         (runs / ".gitignore").write_text("*\n")
     slug = config.name.replace("/", "-")
-    target_dir = (
-        runs / slug.rsplit("-", 1)[0] / f"target_seed{seed}_steps{config.target.train.steps}"
-        if runs
-        else None
-    )
-    method_dir = (
-        runs / slug.rsplit("-", 1)[0] / f"{slug}_seed{seed}_steps{config.method.optim.steps}"
-        if runs
-        else None
-    )
+    optim = config.method.optim
+    name = f"{slug}_seed{seed}_steps{optim.steps}_batch{optim.batch_size}"
+    group = runs / slug.rsplit("-", 1)[0] if runs else None
+    target_dir = group / f"target_seed{seed}_steps{config.target.train.steps}" if group else None
+    method_dir = group / name if group else None
     target, target_loss = train_target(config, target_dir, progress, device)
     t1 = time.time()
     method, history = decompose(config, target, method_dir, progress, stop_at)
@@ -199,7 +194,7 @@ def run_experiment(
     trained = min(stop_at, steps) if stop_at is not None else steps
     if method_dir is not None:  # a checkpoint may already be past stop_at
         trained = torch.load(method_dir / CHECKPOINT_NAME, weights_only=False, map_location="cpu")["step"]
-    tag = f"{slug}_seed{seed}_steps{config.method.optim.steps}"
+    tag = name
     if trained < config.method.optim.steps:
         tag += f"_stopped{trained}"
     results = {

@@ -14,6 +14,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
 
@@ -137,6 +138,11 @@ def train(
     checkpoint = run_dir / CHECKPOINT_NAME if run_dir is not None else None
     if checkpoint is not None and checkpoint.exists():
         state = torch.load(checkpoint, weights_only=False, map_location=generator.device)
+        if state.get("optim", asdict(cfg)) != asdict(cfg):
+            raise ValueError(
+                f"{checkpoint} was written by a run with {state['optim']}, not {asdict(cfg)}: "
+                "use another run folder, or the settings it was written with."
+            )
         written_on = state.get("device", "cpu")
         if written_on != generator.device.type:
             raise ValueError(
@@ -163,6 +169,7 @@ def train(
                 "step": step,
                 "history": history,
                 "device": generator.device.type,
+                "optim": asdict(cfg),
             },
             checkpoint,
         )
