@@ -190,19 +190,16 @@ def run_experiment(
     method, history = decompose(config, target, method_dir, progress, stop_at)
     t2 = time.time()
     method.cpu()
-    steps = config.method.optim.steps
-    trained = min(stop_at, steps) if stop_at is not None else steps
+    trained = min(stop_at, optim.steps) if stop_at is not None else optim.steps
     if method_dir is not None:  # a checkpoint may already be past stop_at
         trained = torch.load(method_dir / CHECKPOINT_NAME, weights_only=False, map_location="cpu")["step"]
-    tag = name
-    if trained < config.method.optim.steps:
-        tag += f"_stopped{trained}"
+    tag = name if trained == optim.steps else f"{name}_stopped{trained}"
     results = {
         "experiment": config.name,
         "seed": seed,
-        "steps": config.method.optim.steps,
+        "steps": optim.steps,
         "trained_steps": trained,
-        "batch_size": config.method.optim.batch_size,
+        "batch_size": optim.batch_size,
         "target_loss": target_loss,
         "final_train_metrics": history[-1] if history else {},
         **evaluate(method, figures, tag),

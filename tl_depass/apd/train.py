@@ -198,10 +198,10 @@ def train(
                 save()
             bar.update(1)
             if interrupted:
-                bar.close()
-                save()
-                where = f"; checkpoint in {run_dir}, rerun to resume" if run_dir else ""
-                raise KeyboardInterrupt(f"{description}: interrupted after step {step}{where}.")
+                break
     bar.close()
     save()
+    if interrupted:
+        where = f"; checkpoint in {run_dir}, rerun to resume" if run_dir else ""
+        raise KeyboardInterrupt(f"{description}: interrupted after step {step}{where}.")
     return history
