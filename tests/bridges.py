@@ -1,10 +1,14 @@
 """Tiny TransformerBridge models built offline from randomly initialised Hugging Face models,
 every parameter randomised (HF, like TL, starts biases at 0 and norm weights at 1)."""
 
+import types
 import warnings
+from contextlib import contextmanager
 
 import pytest
 import torch
+
+from tl_depass.tolerances import UPSTREAM_FLOAT32
 
 transformers = pytest.importorskip("transformers")
 
@@ -58,3 +62,31 @@ def make_bridge(arch: str, seed: int = 0, dtype=torch.float64, compat: bool = Fa
         if compat:
             bridge.enable_compatibility_mode()
     return bridge, hf
+
+
+def rms_norm_float64(self, x):
+    """An HF RMSNorm (Llama, Qwen, Gemma's `1 + weight`) computed in the input's dtype."""
+    eps = getattr(self, "variance_epsilon", getattr(self, "eps", 0))
+    scale = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    weight = 1 + self.weight if "Gemma" in type(self).__name__ else self.weight
+    return weight * (x * scale)
+
+
+@contextmanager
+def float64_reference(hf):
+    """Inside: `hf` recomputes in its own dtype what HF computes in float32 (see
+    tolerances.UPSTREAM_FLOAT32): RMSNorm in the model's dtype, and the eager attention path
+    DePass's clean run takes. Restored afterwards."""
+    arch = hf.config.architectures[0]
+    norms = [m for m in hf.modules() if type(m).__name__.endswith("RMSNorm")]
+    impl = hf.config._attn_implementation
+    assert not norms or arch in UPSTREAM_FLOAT32, f"{arch} has RMSNorm but no UPSTREAM_FLOAT32 entry"
+    for m in norms:
+        m.forward = types.MethodType(rms_norm_float64, m)
+    hf.set_attn_implementation("eager")
+    try:
+        yield hf
+    finally:
+        hf.set_attn_implementation(impl)
+        for m in norms:
+            del m.forward

@@ -238,13 +238,16 @@ def test_bundled_recall_sites_on_a_bridge():
 @pytest.mark.parametrize("arch", ["GPT2LMHeadModel", "LlamaForCausalLM"])
 def test_sites_on_hugging_face_bridges(arch):
     """Random HF models in a Bridge: plain GPT-2 and gated Llama with grouped-query attention.
-    HF computes RMSNorm in float32 even in float64 models, so Llama agrees to float32 only."""
+    HF computes RMSNorm in float32 even in float64 models (tolerances.UPSTREAM_FLOAT32), so Llama
+    agrees to float32 only."""
     from bridges import make_bridge
+
+    from tl_depass.tolerances import UPSTREAM_FLOAT32
 
     bridge, _ = make_bridge(arch)
     matrices = MATRICES if bridge.cfg.gated_mlp else tuple(m for m in MATRICES if m != "W_gate")
     specs = find_sites(bridge, matrices)
-    dtype = torch.float32 if arch == "LlamaForCausalLM" else torch.float64
+    dtype = torch.float32 if arch in UPSTREAM_FLOAT32 else torch.float64
     assert_hooks_reproduced(bridge, torch.randint(0, 61, (2, 7), generator=torch.Generator().manual_seed(1)),
                             specs, dtype)
 
