@@ -9,7 +9,7 @@ import torch
 
 import tl_depass
 from tl_depass import cli, models, tasks
-from tl_depass.backends import hooked_class
+from tl_depass.backends import hooked_class, pretrained_name
 from tl_depass.report import LEVELS
 
 
@@ -116,19 +116,42 @@ def test_errors_exit_nonzero_with_a_message(argv, message, capsys):
     assert "Traceback" not in err
 
 
+#: the README's pretrained example, word for word
+README_GPT2 = ["explain", "--model", "gpt2", "--prompt",
+               "When Mary and John went to the store, John gave a drink to",
+               "--target", " Mary", "--wrong", " John"]
+#: the id TransformerLens loads GPT-2 under: its official name on 3.x, the Hugging Face id on 4.x
+GPT2 = "gpt2" if hooked_class() is not None else "openai-community/gpt2"
+
+
+@pytest.mark.parametrize("name", ["gpt2", "GPT2", "gpt2-small", "openai-community/gpt2"])
+def test_short_names_and_hub_ids_resolve_to_one_model(name):
+    assert pretrained_name(name) == GPT2
+    assert pretrained_name("pythia-70m") == "EleutherAI/pythia-70m"
+    assert pretrained_name("no-such-model-xyz") is None
+
+
 def test_pretrained_names_need_network(capsys, monkeypatch):
-    name = "gpt2" if hooked_class() is not None else "openai-community/gpt2"  # TL 3.x / 4.x names
     monkeypatch.setattr(cli, "hub_reachable", lambda timeout=3.0: False)  # never download here
-    code, _, err = run(capsys, "explain", "--model", name, "--no-report")
-    assert code == 1 and "Hugging Face hub" in err and "no network" in err
+    code, _, err = run(capsys, *README_GPT2, "--no-report")
+    assert code == 1 and "Hugging Face hub" in err and "no network" in err, err
+
+    asked = []
 
     def offline(name):
+        asked.append(name)
         raise OSError("We couldn't connect to 'https://huggingface.co'")
 
     monkeypatch.setattr(cli, "hub_reachable", lambda timeout=3.0: True)
     monkeypatch.setattr(cli, "load_pretrained", offline)
-    code, _, err = run(capsys, "explain", "--model", name, "--no-report")
+    code, _, err = run(capsys, *README_GPT2, "--no-report")
     assert code == 1 and "needs network access" in err and "OSError" in err
+    assert asked == [GPT2]
+
+
+def test_unknown_pretrained_name_is_a_clear_error(capsys):
+    code, _, err = run(capsys, "explain", "--model", "no-such-model-xyz", "--no-report")
+    assert code == 1 and "unknown model 'no-such-model-xyz'" in err and "gpt2" in err
 
 
 def test_models_lists_bundled_models_and_tasks(capsys):

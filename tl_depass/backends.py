@@ -39,6 +39,50 @@ def hooked_class():
     return HookedTransformer
 
 
+#: Hugging Face moved its root-level model ids into organisations (the hub still redirects the old
+#: ids). TransformerLens 3 knows the old ids, TransformerLens 4's registry only the new ones.
+HUB_MOVED = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
+             "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl",
+             "distilgpt2": "distilbert/distilgpt2"}
+
+
+def pretrained_name(name: str) -> str | None:
+    """The id this TransformerLens loads the pretrained model `name` under, or None if it knows
+    no such model (checked offline). Short names and TransformerLens aliases are accepted on
+    every version: `gpt2`, `gpt2-small` and `openai-community/gpt2` are the same model."""
+    if hooked_class() is not None:  # 3.x: its own table of official names and aliases
+        from transformer_lens.loading_from_pretrained import get_official_model_name
+
+        moved_back = {new.lower(): old for old, new in HUB_MOVED.items()}
+        try:
+            return get_official_model_name(moved_back.get(name.lower(), name))
+        except ValueError:
+            return None
+    from transformer_lens.tools.model_registry import api  # 4.x: Hugging Face ids
+    from transformer_lens.tools.model_registry.registry_io import load_model_aliases
+
+    aliases = {a.lower(): official for official, names in load_model_aliases().items() for a in names}
+    official = aliases.get(name.lower(), name)
+    official = HUB_MOVED.get(official.lower(), official)
+    return official if api.is_model_supported(official) else None
+
+
+def load_pretrained(name: str, device: str = "cpu"):
+    """HookedTransformer.from_pretrained on TransformerLens 3.x, TransformerBridge on 4.x; `name`
+    as resolved by `pretrained_name`. Downloads from the Hugging Face hub."""
+    hooked = hooked_class()
+    if hooked is not None:
+        return hooked.from_pretrained(name, device=device)
+    return bridge_class().boot_transformers(name, device=device)
+
+
+def attention_mask(model, tokens: torch.Tensor) -> torch.Tensor:
+    """The 0/1 mask of the padding that `model.to_tokens` added to a batch of strings."""
+    from transformer_lens.utilities import get_attention_mask  # 3.9 and 4.x alike
+
+    return get_attention_mask(model.tokenizer, tokens, model.cfg.default_prepend_bos)
+
+
 def is_bridge(model) -> bool:
     bridge = bridge_class()
     return bridge is not None and isinstance(model, bridge)

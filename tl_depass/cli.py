@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from tl_depass import report
-from tl_depass.backends import hooked_class
+from tl_depass.backends import load_pretrained, pretrained_name
 from tl_depass.errors import DepassError
 
 DEFAULT_MODEL = "induction"
@@ -121,47 +121,25 @@ def load_model(name: str):
     if name in models.names() or Path(name).suffix in (".json", ".safetensors"):
         model = models.load(name)
         return model, models.info(name).get("task")
-    if not is_pretrained(name):
+    official = pretrained_name(name)
+    if official is None:
         raise CliError(f"unknown model {name!r}: not a bundled model ({', '.join(models.names())}), "
                        "not a path to a .json/.safetensors model, and not a pretrained model "
-                       "TransformerLens knows (3.x: loading_from_pretrained.OFFICIAL_MODEL_NAMES; "
-                       "4.x: a Hugging Face id in transformer_lens.tools.model_registry)")
+                       "TransformerLens knows (a Hugging Face id such as openai-community/gpt2, or "
+                       "a TransformerLens short name such as gpt2 or pythia-70m)")
     if not hub_reachable():
         raise CliError(f"{name!r} is a TransformerLens pretrained model: its weights come from the "
                        "Hugging Face hub, which this machine cannot reach (no network). Set "
                        "HF_HUB_OFFLINE=1 to use a copy already in the Hugging Face cache, or use "
                        f"a bundled model: {', '.join(models.names())}")
     try:
-        return load_pretrained(name), None
+        return load_pretrained(official), None
     except Exception as e:  # offline: OSError, requests/httpx errors, HF hub errors
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise CliError(f"could not load the pretrained model {name!r}: TransformerLens downloads "
                        f"its weights from the Hugging Face hub, which needs network access "
                        f"({type(e).__name__}: {first}). Offline, use a bundled model: "
                        f"{', '.join(models.names())}") from None
-
-
-def is_pretrained(name: str) -> bool:
-    """Whether this TransformerLens can load `name` from the hub (checked offline)."""
-    if hooked_class() is not None:  # 3.x: its own list of names and aliases
-        from transformer_lens import loading_from_pretrained as pretrained
-
-        known = set(pretrained.OFFICIAL_MODEL_NAMES) | {
-            a for aliases in pretrained.MODEL_ALIASES.values() for a in aliases}
-        return name.lower() in {n.lower() for n in known}
-    from transformer_lens.tools.model_registry import api  # 4.x: Hugging Face ids
-
-    return api.is_model_supported(name)
-
-
-def load_pretrained(name: str):
-    """HookedTransformer.from_pretrained on TransformerLens 3.x, TransformerBridge on 4.x."""
-    hooked = hooked_class()
-    if hooked is not None:
-        return hooked.from_pretrained(name, device="cpu")
-    from transformer_lens.model_bridge import TransformerBridge
-
-    return TransformerBridge.boot_transformers(name, device="cpu")
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:

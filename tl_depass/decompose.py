@@ -10,7 +10,7 @@ from beartype import beartype
 from jaxtyping import jaxtyped
 from torch import Tensor
 
-from tl_depass import rules
+from tl_depass import backends, rules
 from tl_depass.backends import canonical_names, check_model
 from tl_depass.clean_run import FROZEN, CleanRun, record_clean_run
 from tl_depass.components import Group, PosEmbed, Split, TokensAt, as_components, groups
@@ -33,10 +33,7 @@ def prepare_tokens(model, tokens, attention_mask) -> tuple[Tensor, Tensor | None
             raise DepassError("string input needs a tokenizer; pass token ids [batch, pos]")
         tokens = model.to_tokens(tokens)
         if attention_mask is None and tokens.shape[0] > 1:
-            from transformer_lens.utils import get_attention_mask
-
-            attention_mask = get_attention_mask(
-                model.tokenizer, tokens, model.cfg.default_prepend_bos)
+            attention_mask = backends.attention_mask(model, tokens)
     if not isinstance(tokens, Tensor) or tokens.is_floating_point() or tokens.is_complex():
         raise DepassError(
             f"tokens must be an integer tensor [batch, pos] (or a string); got "
