@@ -1,8 +1,10 @@
 """The `tl-depass` command, in process through `main(argv)`, on the bundled models."""
 
 import re
+import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -179,3 +181,30 @@ def test_neuron_patching_is_sampled_above_the_limit(capsys):
     assert code == 0, err
     assert "(over 50 of 256 neurons, sampled at random)" in out
     assert "not patched" not in out  # the listed top neurons are always patched
+
+
+def readme_commands() -> list[tuple[str, bool]]:
+    """The `tl-depass ...` lines of the README's command block, and whether each needs network."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    block = readme.split("## The `tl-depass` command", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    lines = [line.partition("#") for line in block.splitlines() if line.startswith("tl-depass ")]
+    return [(command.strip(), "network" in comment) for command, _, comment in lines]
+
+
+@pytest.mark.parametrize("command, network", readme_commands(), ids=lambda c: str(c)[:60])
+def test_every_readme_command_runs(command, network, tmp_path, capsys, monkeypatch):
+    """Word for word, on this TransformerLens (a Bridge on 4.x); the one that needs network stops
+    at the offline check (test_pretrained_names_need_network covers what follows)."""
+    monkeypatch.chdir(tmp_path)
+    argv = shlex.split(command)[1:]
+    if network:
+        monkeypatch.setattr(cli, "hub_reachable", lambda timeout=3.0: False)
+    code, out, err = run(capsys, *argv, *(["--quiet"] if argv[0] == "explain" else []))
+    if network:
+        assert code == 1 and "no network" in err, err
+        return
+    assert code == 0, err
+    if "--out" in argv:
+        assert (tmp_path / argv[argv.index("--out") + 1]).stat().st_size > 0
+    elif argv[0] == "explain":
+        assert (tmp_path / "report.html").stat().st_size > 0
