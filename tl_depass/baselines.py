@@ -22,6 +22,7 @@ from torch import Tensor
 from tl_depass.decompose import decompose
 from tl_depass.errors import DepassError
 from tl_depass.levels import Heads, Neurons
+from tl_depass.optional import need
 
 Metric = Callable[[Tensor], Tensor]  # logits [batch pos d_vocab] -> scalar
 EMBED_HOOK = "blocks.0.hook_resid_pre"  # token (+ learned position) embedding: DePass's token entry
@@ -126,7 +127,7 @@ def integrated_gradients(model, tokens: Int[Tensor, "batch pos"], answers: Int[T
     """Captum's Integrated Gradients on the embedding (`blocks.0.hook_resid_pre`) from an
     all-zero embedding, target log p(answer); summed over d_model per position. With
     `return_delta`, also Captum's convergence delta (Σ attributions − (f(x) − f(0)), per row)."""
-    from captum.attr import IntegratedGradients
+    IntegratedGradients = need("captum.attr", "integrated_gradients").IntegratedGradients
 
     def forward(x: Tensor, toks: Tensor) -> Tensor:
         return model.run_with_hooks(toks, fwd_hooks=replace_at(EMBED_HOOK, x))[:, -1].log_softmax(-1)

@@ -9,13 +9,15 @@ level the decomposition was made at.
 import re
 from collections.abc import Mapping, Sequence
 
-import plotly.graph_objects as go
 import torch
 from jaxtyping import Float
-from plotly.subplots import make_subplots
 from torch import Tensor
 
 from tl_depass.errors import DepassError
+from tl_depass.optional import need
+
+go = need("plotly.graph_objects", "drawing DePass results")
+make_subplots = need("plotly.subplots", "drawing DePass results").make_subplots
 
 #: Diverging colours centred on zero: red pushes the answer down, blue pushes it up (as in
 #: TransformerLens' and Neel Nanda's plotting utilities).
@@ -147,9 +149,9 @@ def show(dec, answer=None, wrong=None, *, pos: int = -1, batch: int = 0, k: int 
         values = scores[:-1][torch.tensor(is_token[:-1])]  # drop "pos" and "bias"
         strs = _str_tokens(dec, batch)
         if kind == "circuitsvis":
-            import circuitsvis
+            cv_tokens = need("circuitsvis.tokens", "kind='circuitsvis'")
 
-            return circuitsvis.tokens.colored_tokens(strs, values[:, batch].tolist())
+            return cv_tokens.colored_tokens(strs, values[:, batch].tolist())
         rows = [f"prompt {b}" for b in range(values.shape[1])]
         return token_heatmap(values.T, strs if values.shape[1] == 1 else
                              [str(p) for p in range(values.shape[0])], rows,

@@ -1,11 +1,13 @@
 """Matplotlib figures for decompositions. Each function returns a Figure; callers save it."""
 
-import matplotlib.pyplot as plt
 import torch
-from matplotlib.figure import Figure
 from torch import Tensor
 
 from tl_depass.apd.metrics import permute_to_diagonal
+from tl_depass.optional import need
+
+plt = need("matplotlib.pyplot", "APD/SPD figures")
+Figure = need("matplotlib.figure", "APD/SPD figures").Figure
 
 __all__ = [
     "plot_ci_heatmaps",

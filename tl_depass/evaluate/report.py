@@ -7,6 +7,7 @@ import pandas as pd
 
 from tl_depass.evaluate import components as C
 from tl_depass.evaluate.run import Result
+from tl_depass.optional import need
 
 DEPASS = ("DePass (softmax)", "DePass (ratio)")
 EXACT = ("exact zero-ablation", "exact patching (corrupted)")
@@ -120,10 +121,8 @@ def correlation_table(frames: dict[str, pd.DataFrame]) -> str:
 
 
 def figures(r: Result, folder: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    need("matplotlib", "the evaluation's figures").use("Agg")
+    plt = need("matplotlib.pyplot", "the evaluation's figures")
 
     folder.mkdir(parents=True, exist_ok=True)
     out = []
