@@ -15,6 +15,7 @@ from tl_depass.apd.reproduce import main
 from tl_depass.apd.spd import SPD
 from tl_depass.apd.targets import make_target
 from tl_depass.apd.train import TargetObjective, lr_factor, train
+from tl_depass.errors import DepassError
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +146,7 @@ def test_ctrl_c_ends_after_the_step_and_resumes_identically(tmp_path):
     expected = train(straight, target.sample, cfg.optim, 5, None, log_every=1, progress="none")
     with pytest.raises(KeyboardInterrupt, match="interrupted after step 14; checkpoint in"):
         train(SPD(target, cfg), interrupting_sample, cfg.optim, 5, tmp_path, log_every=1)
-    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 14
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 14
     resumed = SPD(target, cfg)
     history = train(resumed, target.sample, cfg.optim, 5, tmp_path, log_every=1, progress="none")
     assert history == expected
@@ -160,9 +161,9 @@ def test_checkpoint_from_another_device_is_refused_with_a_clear_error(tmp_path):
     target = make_target(TMSConfig(n_features=5, n_hidden=2, seed=4))
     cfg = shortened(preset("tms-5-2", "spd"), steps=4, batch_size=8).method
     train(SPD(target, cfg), target.sample, cfg.optim, 5, tmp_path, stop_at=2, progress="none")
-    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     torch.save({**state, "device": "cuda"}, tmp_path / "checkpoint.pt")
-    with pytest.raises(ValueError, match="written on cuda and cannot resume exactly on cpu"):
+    with pytest.raises(DepassError, match="written on cuda and cannot resume exactly on cpu"):
         train(SPD(target, cfg), target.sample, cfg.optim, 5, tmp_path, progress="none")
 
 
@@ -183,7 +184,7 @@ def test_checkpoint_of_other_settings_is_refused_and_cli_runs_get_their_own_fold
     cfg = shortened(preset("tms-5-2", "spd"), steps=4, batch_size=8).method
     train(SPD(target, cfg), target.sample, cfg.optim, 5, tmp_path, stop_at=2, progress="none")
     other = dataclasses.replace(cfg.optim, batch_size=16)
-    with pytest.raises(ValueError, match="use another run folder"):
+    with pytest.raises(DepassError, match="use another run folder"):
         train(SPD(target, cfg), target.sample, other, 5, tmp_path, progress="none")
     args = ["tms-5-2", "--method", "apd", "--steps", "3", "--target-steps", "5", "--no-progress"]
     args += ["--runs", str(tmp_path / "runs"), "--figures", str(tmp_path / "fig")]

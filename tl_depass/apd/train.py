@@ -5,6 +5,9 @@ Determinism: all randomness after construction (data, SPD masks) comes from one
 optimiser and scheduler, so an interrupted run resumed from its checkpoint (on the same device)
 produces the same numbers as an uninterrupted one. A CPU and a GPU run of the same seed draw
 different random streams. Ctrl-C (SIGINT) ends a run after the current step, with a checkpoint.
+
+A checkpoint holds tensors and plain values only and is read with `weights_only=True`: loading a
+planted or damaged file raises a DepassError and never runs its code.
 """
 
 import json
@@ -24,10 +27,13 @@ from tqdm.auto import tqdm
 
 from tl_depass.apd.configs import OptimConfig
 from tl_depass.apd.targets import ToyTarget
+from tl_depass.errors import DepassError
+from tl_depass.files import read_checkpoint, require_keys
 
-__all__ = ["Objective", "TargetObjective", "train", "lr_factor", "CHECKPOINT_NAME"]
+__all__ = ["Objective", "TargetObjective", "train", "lr_factor", "load_checkpoint", "CHECKPOINT_NAME"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_KEYS = ("objective", "optimizer", "scheduler", "generator", "step", "history")
 
 
 @runtime_checkable
@@ -81,6 +87,16 @@ def _optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim.Opti
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def load_checkpoint(path: Path, map_location: torch.device | str = "cpu") -> dict:
+    """A checkpoint written by `train`, read without running code (`weights_only=True`)."""
+    state = read_checkpoint(path, map_location)
+    require_keys(state, CHECKPOINT_KEYS, path, "checkpoint")
+    if not (isinstance(state["step"], int) and isinstance(state["history"], list)):
+        raise DepassError(f"checkpoint {path}: 'step' must be an int and 'history' a list; it was "
+                          "not written by tl_depass: delete it or use another run folder")
+    return state
 
 
 def _atomic_save(state: dict, path: Path) -> None:
@@ -137,23 +153,28 @@ def train(
     step, history = 0, []
     checkpoint = run_dir / CHECKPOINT_NAME if run_dir is not None else None
     if checkpoint is not None and checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=False, map_location=generator.device)
+        state = load_checkpoint(checkpoint, generator.device)
         if state.get("optim", asdict(cfg)) != asdict(cfg):
-            raise ValueError(
+            raise DepassError(
                 f"{checkpoint} was written by a run with {state['optim']}, not {asdict(cfg)}: "
                 "use another run folder, or the settings it was written with."
             )
         written_on = state.get("device", "cpu")
         if written_on != generator.device.type:
-            raise ValueError(
+            raise DepassError(
                 f"{checkpoint} was written on {written_on} and cannot resume exactly on "
                 f"{generator.device.type} (different random streams): resume it on {written_on}, "
                 "or use another run folder."
             )
-        objective.load_state_dict(state["objective"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["generator"])
+        try:
+            objective.load_state_dict(state["objective"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            generator.set_state(state["generator"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise DepassError(f"{checkpoint} does not fit this model ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else e!r}): it was written by "
+                              "another configuration; use another run folder") from None
         step, history = state["step"], state["history"]
 
     def save() -> None:
