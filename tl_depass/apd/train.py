@@ -4,7 +4,8 @@ Determinism: all randomness after construction (data, SPD masks) comes from one
 `torch.Generator` on the objective's device, whose state is checkpointed with the model,
 optimiser and scheduler, so an interrupted run resumed from its checkpoint (on the same device)
 produces the same numbers as an uninterrupted one. A CPU and a GPU run of the same seed draw
-different random streams. Ctrl-C (SIGINT) ends a run after the current step, with a checkpoint.
+different random streams. Ctrl-C (SIGINT) ends a run after the current step, with a checkpoint;
+where SIGINT is ignored (a background job started with `nohup` or `&`), it stays ignored.
 
 A checkpoint holds tensors and plain values only and is read with `weights_only=True`: loading a
 planted or damaged file raises a DepassError and never runs its code.
@@ -109,9 +110,11 @@ def _atomic_save(state: dict, path: Path) -> None:
 def _interrupt_at_step_end() -> Iterator[list[bool]]:
     """While training, Ctrl-C (SIGINT) only appends to the yielded flag, which the loop reads
     once the current step is done, so the checkpoint then written resumes exactly. Outside the
-    main thread no handler can be set and SIGINT keeps its usual effect."""
+    main thread no handler can be set and SIGINT keeps its usual effect; where it is ignored (a
+    background job), it stays ignored."""
     flag: list[bool] = []
-    if threading.current_thread() is not threading.main_thread():
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is signal.SIG_IGN):
         yield flag
         return
     previous = signal.signal(signal.SIGINT, lambda *_: flag.append(True))
