@@ -15,6 +15,16 @@ from tl_depass.apd.reproduce import main
 from tl_depass.apd.spd import SPD
 from tl_depass.apd.targets import make_target
 from tl_depass.apd.train import TargetObjective, lr_factor, train
+from tl_depass.errors import DepassError
+
+
+@pytest.fixture
+def sigint_default():
+    """Python's own SIGINT handler for the test, however pytest was started: a background job
+    (`nohup`, `&` in a script) inherits SIGINT ignored, which `train` respects."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +138,7 @@ def test_reproduce_cli_stops_resumes_and_writes_results_and_figures(tmp_path):
     assert saved["mmcs"] == list(results["mmcs"])
 
 
-def test_ctrl_c_ends_after_the_step_and_resumes_identically(tmp_path):
+def test_ctrl_c_ends_after_the_step_and_resumes_identically(tmp_path, sigint_default):
     """SIGINT in the middle of a step (here: while sampling step 14's batch) finishes that step,
     writes a checkpoint and raises; resuming gives the uninterrupted run's numbers."""
     target = make_target(TMSConfig(n_features=5, n_hidden=2, seed=4))
@@ -145,7 +155,7 @@ def test_ctrl_c_ends_after_the_step_and_resumes_identically(tmp_path):
     expected = train(straight, target.sample, cfg.optim, 5, None, log_every=1, progress="none")
     with pytest.raises(KeyboardInterrupt, match="interrupted after step 14; checkpoint in"):
         train(SPD(target, cfg), interrupting_sample, cfg.optim, 5, tmp_path, log_every=1)
-    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 14
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 14
     resumed = SPD(target, cfg)
     history = train(resumed, target.sample, cfg.optim, 5, tmp_path, log_every=1, progress="none")
     assert history == expected
@@ -156,13 +166,40 @@ def test_ctrl_c_ends_after_the_step_and_resumes_identically(tmp_path):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
 
 
+def test_ctrl_c_stays_ignored_where_sigint_is_ignored(tmp_path):
+    """A background job starts with SIGINT ignored: train neither installs its handler nor
+    stops, and leaves SIGINT ignored."""
+    target = make_target(TMSConfig(n_features=5, n_hidden=2, seed=4))
+    cfg = shortened(preset("tms-5-2", "spd"), steps=6, batch_size=16).method
+    calls = []
+
+    def interrupting_sample(batch, generator):
+        calls.append(1)
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGINT)
+        return target.sample(batch, generator)
+
+    expected = train(SPD(target, cfg), target.sample, cfg.optim, 5, None, log_every=1,
+                     progress="none")
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        history = train(SPD(target, cfg), interrupting_sample, cfg.optim, 5, tmp_path,
+                        log_every=1, progress="none")
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    except KeyboardInterrupt:  # escaping, it would end the whole pytest session
+        pytest.fail("train stopped on SIGINT although SIGINT was ignored")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert len(calls) == 6 and history == expected
+
+
 def test_checkpoint_from_another_device_is_refused_with_a_clear_error(tmp_path):
     target = make_target(TMSConfig(n_features=5, n_hidden=2, seed=4))
     cfg = shortened(preset("tms-5-2", "spd"), steps=4, batch_size=8).method
     train(SPD(target, cfg), target.sample, cfg.optim, 5, tmp_path, stop_at=2, progress="none")
-    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     torch.save({**state, "device": "cuda"}, tmp_path / "checkpoint.pt")
-    with pytest.raises(ValueError, match="written on cuda and cannot resume exactly on cpu"):
+    with pytest.raises(DepassError, match="written on cuda and cannot resume exactly on cpu"):
         train(SPD(target, cfg), target.sample, cfg.optim, 5, tmp_path, progress="none")
 
 
@@ -183,7 +220,7 @@ def test_checkpoint_of_other_settings_is_refused_and_cli_runs_get_their_own_fold
     cfg = shortened(preset("tms-5-2", "spd"), steps=4, batch_size=8).method
     train(SPD(target, cfg), target.sample, cfg.optim, 5, tmp_path, stop_at=2, progress="none")
     other = dataclasses.replace(cfg.optim, batch_size=16)
-    with pytest.raises(ValueError, match="use another run folder"):
+    with pytest.raises(DepassError, match="use another run folder"):
         train(SPD(target, cfg), target.sample, other, 5, tmp_path, progress="none")
     args = ["tms-5-2", "--method", "apd", "--steps", "3", "--target-steps", "5", "--no-progress"]
     args += ["--runs", str(tmp_path / "runs"), "--figures", str(tmp_path / "fig")]

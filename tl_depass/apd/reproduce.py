@@ -38,7 +38,7 @@ from tl_depass.apd.plots import (
 from tl_depass.apd.presets import preset, shortened
 from tl_depass.apd.spd import SPD
 from tl_depass.apd.targets import ResidualMLP, ToyTarget, make_target
-from tl_depass.apd.train import CHECKPOINT_NAME, TargetObjective, train
+from tl_depass.apd.train import CHECKPOINT_NAME, TargetObjective, load_checkpoint, train
 
 __all__ = ["with_seed", "run_experiment", "evaluate", "main"]
 
@@ -192,7 +192,7 @@ def run_experiment(
     method.cpu()
     trained = min(stop_at, optim.steps) if stop_at is not None else optim.steps
     if method_dir is not None:  # a checkpoint may already be past stop_at
-        trained = torch.load(method_dir / CHECKPOINT_NAME, weights_only=False, map_location="cpu")["step"]
+        trained = load_checkpoint(method_dir / CHECKPOINT_NAME)["step"]
     tag = name if trained == optim.steps else f"{name}_stopped{trained}"
     results = {
         "experiment": config.name,

@@ -4,7 +4,11 @@ Determinism: all randomness after construction (data, SPD masks) comes from one
 `torch.Generator` on the objective's device, whose state is checkpointed with the model,
 optimiser and scheduler, so an interrupted run resumed from its checkpoint (on the same device)
 produces the same numbers as an uninterrupted one. A CPU and a GPU run of the same seed draw
-different random streams. Ctrl-C (SIGINT) ends a run after the current step, with a checkpoint.
+different random streams. Ctrl-C (SIGINT) ends a run after the current step, with a checkpoint;
+where SIGINT is ignored (a background job started with `nohup` or `&`), it stays ignored.
+
+A checkpoint holds tensors and plain values only and is read with `weights_only=True`: loading a
+planted or damaged file raises a DepassError and never runs its code.
 """
 
 import json
@@ -24,10 +28,13 @@ from tqdm.auto import tqdm
 
 from tl_depass.apd.configs import OptimConfig
 from tl_depass.apd.targets import ToyTarget
+from tl_depass.errors import DepassError
+from tl_depass.files import read_checkpoint, require_keys
 
-__all__ = ["Objective", "TargetObjective", "train", "lr_factor", "CHECKPOINT_NAME"]
+__all__ = ["Objective", "TargetObjective", "train", "lr_factor", "load_checkpoint", "CHECKPOINT_NAME"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_KEYS = ("objective", "optimizer", "scheduler", "generator", "step", "history")
 
 
 @runtime_checkable
@@ -83,6 +90,16 @@ def _optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim.Opti
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def load_checkpoint(path: Path, map_location: torch.device | str = "cpu") -> dict:
+    """A checkpoint written by `train`, read without running code (`weights_only=True`)."""
+    state = read_checkpoint(path, map_location)
+    require_keys(state, CHECKPOINT_KEYS, path, "checkpoint")
+    if not (isinstance(state["step"], int) and isinstance(state["history"], list)):
+        raise DepassError(f"checkpoint {path}: 'step' must be an int and 'history' a list; it was "
+                          "not written by tl_depass: delete it or use another run folder")
+    return state
+
+
 def _atomic_save(state: dict, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
@@ -93,9 +110,11 @@ def _atomic_save(state: dict, path: Path) -> None:
 def _interrupt_at_step_end() -> Iterator[list[bool]]:
     """While training, Ctrl-C (SIGINT) only appends to the yielded flag, which the loop reads
     once the current step is done, so the checkpoint then written resumes exactly. Outside the
-    main thread no handler can be set and SIGINT keeps its usual effect."""
+    main thread no handler can be set and SIGINT keeps its usual effect; where it is ignored (a
+    background job), it stays ignored."""
     flag: list[bool] = []
-    if threading.current_thread() is not threading.main_thread():
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is signal.SIG_IGN):
         yield flag
         return
     previous = signal.signal(signal.SIGINT, lambda *_: flag.append(True))
@@ -137,23 +156,28 @@ def train(
     step, history = 0, []
     checkpoint = run_dir / CHECKPOINT_NAME if run_dir is not None else None
     if checkpoint is not None and checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=False, map_location=generator.device)
+        state = load_checkpoint(checkpoint, generator.device)
         if state.get("optim", asdict(cfg)) != asdict(cfg):
-            raise ValueError(
+            raise DepassError(
                 f"{checkpoint} was written by a run with {state['optim']}, not {asdict(cfg)}: "
                 "use another run folder, or the settings it was written with."
             )
         written_on = state.get("device", "cpu")
         if written_on != generator.device.type:
-            raise ValueError(
+            raise DepassError(
                 f"{checkpoint} was written on {written_on} and cannot resume exactly on "
                 f"{generator.device.type} (different random streams): resume it on {written_on}, "
                 "or use another run folder."
             )
-        objective.load_state_dict(state["objective"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["generator"])
+        try:
+            objective.load_state_dict(state["objective"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            generator.set_state(state["generator"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise DepassError(f"{checkpoint} does not fit this model ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else e!r}): it was written by "
+                              "another configuration; use another run folder") from None
         step, history = state["step"], state["history"]
 
     def save() -> None:

@@ -34,11 +34,12 @@ import einops
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from tl_depass.apd.spd import lower_leaky_hard_sigmoid
 from tl_depass.errors import DepassError, UnsupportedModelError
+from tl_depass.files import check_tensors, read_json, read_safetensors, require_keys
 
 __all__ = ["MATRICES", "SiteSpec", "find_sites", "ParamSite", "ParamDecomposition"]
 
@@ -286,26 +287,31 @@ class ParamDecomposition(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path) -> "ParamDecomposition":
+        """A decomposition written by `save`; a damaged or mismatched pair raises a DepassError
+        naming the file (nothing in either file can run code: JSON and safetensors)."""
         base = Path(path).with_suffix("")
         pair = base.with_suffix(".json"), base.with_suffix(".safetensors")
         missing = [str(p) for p in pair if not p.exists()]
         if missing:
             raise DepassError(f"a saved ParamDecomposition is a .json and a .safetensors side by "
                               f"side; missing {missing}")
-        record = json.loads(pair[0].read_text())
+        record = read_json(pair[0], "saved ParamDecomposition")
         if record.get("format") != FORMAT:
             raise DepassError(f"{pair[0]} is not a saved ParamDecomposition (format "
                               f"{record.get('format')!r}, expected {FORMAT!r})")
-        state = load_file(str(pair[1]))
-        specs = []
-        for s in record["sites"]:
-            k = _key(s["name"])
-            specs.append(SiteSpec(s["name"], s["layer"], s["matrix"], s["input_hook"], s["output_hook"],
-                                  state[f"sites.{k}.weight"], state[f"sites.{k}.bias"],
-                                  s["in_heads"], s["out_heads"]))
-        C = {s["C"] for s in record["sites"]}
-        hidden = {s["ci_hidden"] for s in record["sites"]}
-        dec = cls(specs, C.pop(), hidden.pop(), meta=record["meta"])
+        sites, C, ci_hidden = _checked_sites(record, pair[0])
+        state = read_safetensors(pair[1], "saved ParamDecomposition")
+        fixed = {f"sites.{_key(s['name'])}.{n}": shape for s in sites
+                 for n, shape in (("weight", (s["d_in"], s["d_out"])), ("bias", (s["d_out"],)))}
+        check_tensors(fixed, {k: v for k, v in state.items() if k in fixed}, pair[1],
+                      f"the sites in {pair[0].name}")
+        specs = [SiteSpec(s["name"], s["layer"], s["matrix"], s["input_hook"], s["output_hook"],
+                          state[f"sites.{_key(s['name'])}.weight"],
+                          state[f"sites.{_key(s['name'])}.bias"], s["in_heads"], s["out_heads"])
+                 for s in sites]
+        dec = cls(specs, C, ci_hidden, meta=record["meta"])
+        check_tensors({k: tuple(v.shape) for k, v in dec.state_dict().items()}, state, pair[1],
+                      f"the sites in {pair[0].name}")
         dec.load_state_dict(state)
         return dec
 
@@ -321,3 +327,30 @@ class ParamDecomposition(nn.Module):
 
 def _key(name: str) -> str:
     return name.replace(".", "__")
+
+
+SITE_FIELDS = {"name": str, "layer": int, "matrix": str, "input_hook": str, "output_hook": str,
+               "in_heads": int, "out_heads": int, "C": int, "d_in": int, "d_out": int,
+               "ci_hidden": int}
+
+
+def _checked_sites(record: dict, path: Path) -> tuple[list[dict], int, int]:
+    """(sites, C, ci_hidden) of a saved decomposition's JSON, every field checked."""
+    require_keys(record, ("sites", "meta"), path, "saved ParamDecomposition")
+    sites = record["sites"]
+    if not (isinstance(sites, list) and sites and isinstance(record["meta"], dict)):
+        raise DepassError(f"{path}: 'sites' must be a non-empty list and 'meta' an object; the "
+                          "file is damaged: save the decomposition again")
+    for i, site in enumerate(sites):
+        bad = [k for k, kind in SITE_FIELDS.items() if not isinstance(site, dict)
+               or not isinstance(site.get(k), kind) or isinstance(site.get(k), bool)
+               or (kind is int and site[k] < 0)]
+        if bad or site["matrix"] not in MATRICES:
+            raise DepassError(f"{path}: site {i} has missing or invalid {bad or ['matrix']} (each "
+                              f"site needs {list(SITE_FIELDS)}, matrix one of {MATRICES}); the file "
+                              "is damaged: save the decomposition again")
+    sizes = {(s["C"], s["ci_hidden"]) for s in sites}
+    if len(sizes) != 1 or 0 in sizes.pop():
+        raise DepassError(f"{path}: every site must have the same positive C and ci_hidden, got "
+                          f"{sorted({(s['C'], s['ci_hidden']) for s in sites})}")
+    return sites, sites[0]["C"], sites[0]["ci_hidden"]

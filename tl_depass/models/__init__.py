@@ -6,21 +6,22 @@
 
 Each model is a `<name>.safetensors` (HookedTransformer state dict, parameters only) and a
 `<name>.json` (config fields, vocabulary, task, training settings, measured held-out accuracy).
-`python -m tl_depass.models.train` rebuilds them.
+`python -m tl_depass.models.train` rebuilds them. Loading runs no code from either file: only
+allow-listed config fields reach TransformerLens (CONFIG_FIELDS; see docs/trusted_files.md).
 """
 
 import atexit
 import functools
-import json
+import math
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors.torch import load_file
 
 from tl_depass.errors import DepassError
+from tl_depass.files import check_tensors, read_json, read_safetensors, require_keys
 
 HERE = Path(__file__).parent
 BUNDLED = ("induction", "recall", "ioi")
@@ -53,8 +54,75 @@ def find(name_or_path: str | Path) -> tuple[Path, Path]:
 
 def info(name_or_path: str | Path) -> dict:
     """The model's JSON record: config, vocab, task, training, accuracy, mechanism."""
-    with open(find(name_or_path)[0]) as f:
-        return json.load(f)
+    return read_json(find(name_or_path)[0], "model config")
+
+
+# The config fields a model JSON may set (the architecture of a small GPT-2/Llama-style model)
+# and the values each takes. Nothing else reaches TransformerLens: a config is data, and fields
+# such as tokenizer_name with trust_remote_code would make TransformerLens download and run a
+# tokenizer's code. Absent fields take HookedTransformerConfig's defaults (DEFAULTS), on both
+# backends.
+COUNT, OPTIONAL_COUNT, SEED, FLAG, POSITIVE = "count", "count or null", "seed", "flag", "positive"
+KINDS = {COUNT: "a positive integer", OPTIONAL_COUNT: "a positive integer or null",
+         SEED: "a non-negative integer or null", FLAG: "true or false", POSITIVE: "a positive number"}
+CONFIG_FIELDS: dict[str, str | tuple[str | None, ...]] = {
+    "n_layers": COUNT, "d_model": COUNT, "n_heads": COUNT, "d_head": COUNT, "d_vocab": COUNT,
+    "n_ctx": COUNT, "d_mlp": OPTIONAL_COUNT, "d_vocab_out": COUNT, "attn_only": FLAG,
+    "act_fn": ("relu", "gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "silu"),
+    "gated_mlp": FLAG, "normalization_type": ("LN", "LNPre", "RMS", "RMSPre", None),
+    "final_rms": FLAG, "eps": POSITIVE,
+    "positional_embedding_type": ("standard", "rotary", "shortformer", "alibi"),
+    "rotary_dim": OPTIONAL_COUNT, "rotary_base": POSITIVE, "n_key_value_heads": OPTIONAL_COUNT,
+    "seed": SEED,
+}
+REQUIRED = ("n_layers", "d_model", "n_heads", "d_head", "d_vocab", "n_ctx")
+DEFAULTS = {"attn_only": False, "act_fn": "relu", "gated_mlp": False, "normalization_type": "LN",
+            "final_rms": False, "eps": 1e-5, "positional_embedding_type": "standard"}
+
+
+def _valid(kind: str | tuple, value) -> bool:
+    integer = isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(kind, tuple):
+        return (value is None or isinstance(value, str)) and value in kind
+    if kind == COUNT:
+        return integer and value > 0
+    if kind == OPTIONAL_COUNT:
+        return value is None or (integer and value > 0)
+    if kind == SEED:
+        return value is None or (integer and value >= 0)
+    if kind == FLAG:
+        return isinstance(value, bool)
+    return (integer or (isinstance(value, float) and math.isfinite(value))) and value > 0
+
+
+def checked_config(meta: dict, path: Path) -> tuple[dict, list[str]]:
+    """(config with defaults filled in, vocabulary) of a model JSON read from `path`, after
+    checking every config key against CONFIG_FIELDS and the vocabulary against d_vocab."""
+    require_keys(meta, ("config", "vocab"), path, "model config")
+    config, vocab = meta["config"], meta["vocab"]
+    if not isinstance(config, dict):
+        raise DepassError(f"{path}: 'config' must be a JSON object of TransformerLens config "
+                          f"fields, got {type(config).__name__}")
+    unknown = [k for k in config if k not in CONFIG_FIELDS]
+    if unknown:
+        raise DepassError(f"{path}: config keys {unknown} are not allowed; a model config may set "
+                          f"only {sorted(CONFIG_FIELDS)}. Remove them (tl_depass never passes "
+                          "other settings, such as tokenizer_name or trust_remote_code, to "
+                          "TransformerLens)")
+    missing = [k for k in REQUIRED if k not in config]
+    if missing:
+        raise DepassError(f"{path}: config lacks {missing}; a model config needs {list(REQUIRED)}")
+    for key, value in config.items():
+        kind = CONFIG_FIELDS[key]
+        if not _valid(kind, value):
+            allowed = f"one of {list(kind)}" if isinstance(kind, tuple) else KINDS[kind]
+            raise DepassError(f"{path}: config {key!r} must be {allowed}, got {value!r}")
+    if not (isinstance(vocab, list) and all(isinstance(w, str) for w in vocab)):
+        raise DepassError(f"{path}: 'vocab' must be a list of strings (one per token id)")
+    if len(vocab) != config["d_vocab"]:
+        raise DepassError(f"{path}: 'vocab' has {len(vocab)} words but config d_vocab is "
+                          f"{config['d_vocab']}; they must agree")
+    return {**DEFAULTS, **config}, vocab
 
 
 def describe(name: str) -> str:
@@ -116,39 +184,41 @@ def load(name_or_path: str | Path, *, backend: Backend = "auto", dtype: torch.dt
     if backend not in ("auto", "hooked", "bridge"):
         raise DepassError(f"backend must be 'auto', 'hooked' or 'bridge', got {backend!r}")
     meta_path, weights_path = find(name_or_path)
-    meta = info(meta_path)
-    state = {k: v.to(dtype) for k, v in load_file(str(weights_path)).items()}
+    config, vocab = checked_config(info(meta_path), meta_path)
+    state = {k: v.to(dtype) for k, v in read_safetensors(weights_path, "model weights").items()}
     if backend == "auto":
         backend = "hooked" if has_hooked() else "bridge"
     if backend == "hooked":
         if not has_hooked():
             raise DepassError("backend='hooked' needs TransformerLens 3.x (HookedTransformer was "
                               "removed in 4.0); use backend='bridge'")
-        model = load_hooked(meta, state, dtype)
+        model = load_hooked(config, vocab, state, dtype, (meta_path, weights_path))
     else:
-        model = load_bridge(meta, state, dtype)
+        model = load_bridge(config, vocab, state, dtype, (meta_path, weights_path))
     return model.eval()
 
 
-def load_hooked(meta: dict, state: dict, dtype: torch.dtype):
+def load_hooked(config: dict, vocab: list[str], state: dict, dtype: torch.dtype,
+                paths: tuple[Path, Path]):
     import warnings
 
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    cfg = HookedTransformerConfig(**meta["config"], dtype=dtype)
     with warnings.catch_warnings():  # TL 3.x announces HookedTransformer's removal in 4.0
         warnings.simplefilter("ignore", DeprecationWarning)
-        model = HookedTransformer(cfg)
-    result = model.load_state_dict(state, strict=False)
-    buffers = [k for k in result.missing_keys if not k.endswith((".mask", ".IGNORE"))]
-    if buffers or result.unexpected_keys:
-        raise DepassError(f"weights do not match the config: missing {buffers}, unexpected "
-                          f"{result.unexpected_keys}")
-    model.set_tokenizer(tokenizer(meta["vocab"]), default_padding_side="right")
+        try:
+            model = HookedTransformer(HookedTransformerConfig(**config, dtype=dtype))
+        except (AssertionError, ValueError) as e:
+            raise DepassError(f"TransformerLens rejects the config in {paths[0]}: {e}") from None
+    expected = {k: tuple(p.shape) for k, p in model.named_parameters()}
+    check_tensors(expected, state, paths[1], f"the config in {paths[0].name}")
+    model.load_state_dict(state, strict=False)  # strict would ask for the buffers (masks) too
+    model.set_tokenizer(tokenizer(vocab), default_padding_side="right")
     return model
 
 
-def load_bridge(meta: dict, state: dict, dtype: torch.dtype):
+def load_bridge(config: dict, vocab: list[str], state: dict, dtype: torch.dtype,
+                paths: tuple[Path, Path]):
     try:
         from transformer_lens.config import TransformerBridgeConfig
         from transformer_lens.model_bridge.sources import boot_native
@@ -157,19 +227,21 @@ def load_bridge(meta: dict, state: dict, dtype: torch.dtype):
         raise DepassError(f"backend='bridge' needs a TransformerLens with TL-native bridges and "
                           f"convert_tl_checkpoint (4.x); this one lacks them ({e}). Use "
                           "backend='hooked'") from None
-    c = meta["config"]
-    cfg = TransformerBridgeConfig(
-        d_model=c["d_model"], n_layers=c["n_layers"], d_mlp=c.get("d_mlp") or 4 * c["d_model"],
-        d_head=c["d_head"], n_heads=c["n_heads"], n_ctx=c["n_ctx"], d_vocab=c["d_vocab"],
-        act_fn=c.get("act_fn") or "relu", attn_only=c.get("attn_only", False),
-        normalization_type=c.get("normalization_type"), positional_embedding_type="standard",
-        architecture="TransformerLensNative")
-    bridge = boot_native(cfg, tokenizer=tokenizer(meta["vocab"]), dtype=dtype)
-    converted = convert_tl_checkpoint(state, cfg)
-    result = bridge.load_state_dict(converted, strict=True)
-    if result.missing_keys or result.unexpected_keys:
-        raise DepassError(f"bridge weights do not match: missing {result.missing_keys}, "
-                          f"unexpected {result.unexpected_keys}")
+    if config["positional_embedding_type"] not in ("standard", "rotary"):
+        raise DepassError(f"{paths[0]}: the TL-native bridge has standard and rotary positions, not "
+                          f"{config['positional_embedding_type']!r}; use backend='hooked' "
+                          "(TransformerLens 3.x)")
+    try:
+        cfg = TransformerBridgeConfig(**{**config, "d_mlp": config.get("d_mlp") or 4 * config["d_model"]},
+                                      architecture="TransformerLensNative")
+        bridge = boot_native(cfg, tokenizer=tokenizer(vocab), dtype=dtype)
+        converted = convert_tl_checkpoint(state, cfg)
+    except (AssertionError, ValueError) as e:  # convert_tl_checkpoint checks per-head shapes
+        raise DepassError(f"TransformerLens cannot build the model of {paths[0]} with the weights "
+                          f"in {paths[1]}: {e}") from None
+    expected = {k: tuple(v.shape) for k, v in bridge.state_dict().items()}
+    check_tensors(expected, converted, paths[1], f"the config in {paths[0].name} (bridge names)")
+    bridge.load_state_dict(converted, strict=True)
     return bridge
 
 
