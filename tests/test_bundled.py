@@ -7,18 +7,14 @@ import torch
 
 import tl_depass
 from tl_depass import models, tasks
+from tl_depass.backends import hooked_class, native_bridge
 
-HOOKED = models.has_hooked()
+HOOKED = hooked_class() is not None
 needs_hooked = pytest.mark.skipif(not HOOKED, reason="needs HookedTransformer (TransformerLens 3.x)")
 
 
 def has_bridge() -> bool:
-    try:
-        from transformer_lens.model_bridge.sources import boot_native  # noqa: F401
-        from transformer_lens.utilities.tl_checkpoint_conversion import convert_tl_checkpoint  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return native_bridge() is not None
 
 
 needs_model = pytest.mark.skipif(not (HOOKED or has_bridge()),

@@ -19,21 +19,13 @@ from tl_depass.apd.spd import SPD
 from tl_depass.apd.targets import make_target
 from tl_depass.apd.train import CHECKPOINT_NAME, train
 from tl_depass.apd.transformer import ParamDecomposition
+from tl_depass.backends import hooked_class, native_bridge
 from tl_depass.errors import DepassError
 
 HERE = Path(models.__file__).parent
 
 
-def has_bridge() -> bool:
-    try:
-        from transformer_lens.model_bridge.sources import boot_native  # noqa: F401
-        from transformer_lens.utilities.tl_checkpoint_conversion import convert_tl_checkpoint  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-needs_model = pytest.mark.skipif(not (models.has_hooked() or has_bridge()),
+needs_model = pytest.mark.skipif(hooked_class() is None and native_bridge() is None,
                                  reason="needs HookedTransformer (TL 3.x) or a TL-native Bridge (TL 4.x)")
 
 
@@ -150,7 +142,7 @@ def test_weights_that_are_truncated_or_do_not_fit_the_config_are_refused(tmp_pat
 def test_every_allowed_field_of_a_llama_style_model_loads(tmp_path):
     """The allow-list is wide enough for a GPT-2/Llama-style model: RMS norm, rotary positions,
     gated MLP, grouped-query attention, written by HookedTransformer and loaded back."""
-    if not models.has_hooked():
+    if hooked_class() is None:
         pytest.skip("writing the weights needs HookedTransformer (TL 3.x)")
     from models import LLAMA_LIKE, make_model  # tests/models.py
 

@@ -83,6 +83,18 @@ def attention_mask(model, tokens: torch.Tensor) -> torch.Tensor:
     return get_attention_mask(model.tokenizer, tokens, model.cfg.default_prepend_bos)
 
 
+def native_bridge():
+    """TransformerLens 4's TL-native Bridge as (TransformerBridgeConfig, boot_native,
+    convert_tl_checkpoint), or None where this TransformerLens lacks it (3.x)."""
+    try:
+        from transformer_lens.config import TransformerBridgeConfig
+        from transformer_lens.model_bridge.sources import boot_native
+        from transformer_lens.utilities.tl_checkpoint_conversion import convert_tl_checkpoint
+    except ImportError:
+        return None
+    return TransformerBridgeConfig, boot_native, convert_tl_checkpoint
+
+
 def is_bridge(model) -> bool:
     bridge = bridge_class()
     return bridge is not None and isinstance(model, bridge)

@@ -20,6 +20,7 @@ from typing import Literal
 
 import torch
 
+from tl_depass.backends import hooked_class, native_bridge
 from tl_depass.errors import DepassError
 from tl_depass.files import check_tensors, read_json, read_safetensors, require_keys
 
@@ -167,14 +168,6 @@ def tokenizer(vocab: list[str]):
     return AutoTokenizer.from_pretrained(tokenizer_dir(tuple(vocab)))
 
 
-def has_hooked() -> bool:
-    try:  # TL 4.x raises ImportError on the attribute itself
-        from transformer_lens import HookedTransformer  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def load(name_or_path: str | Path, *, backend: Backend = "auto", dtype: torch.dtype = torch.float32):
     """A bundled model by name (see `names()`), or a model from a path to its .json/.safetensors
     pair, with its word-level tokenizer attached (`model.to_tokens("t1 t2")` prepends "<bos>").
@@ -187,9 +180,9 @@ def load(name_or_path: str | Path, *, backend: Backend = "auto", dtype: torch.dt
     config, vocab = checked_config(info(meta_path), meta_path)
     state = {k: v.to(dtype) for k, v in read_safetensors(weights_path, "model weights").items()}
     if backend == "auto":
-        backend = "hooked" if has_hooked() else "bridge"
+        backend = "hooked" if hooked_class() is not None else "bridge"
     if backend == "hooked":
-        if not has_hooked():
+        if hooked_class() is None:
             raise DepassError("backend='hooked' needs TransformerLens 3.x (HookedTransformer was "
                               "removed in 4.0); use backend='bridge'")
         model = load_hooked(config, vocab, state, dtype, (meta_path, weights_path))
@@ -219,14 +212,11 @@ def load_hooked(config: dict, vocab: list[str], state: dict, dtype: torch.dtype,
 
 def load_bridge(config: dict, vocab: list[str], state: dict, dtype: torch.dtype,
                 paths: tuple[Path, Path]):
-    try:
-        from transformer_lens.config import TransformerBridgeConfig
-        from transformer_lens.model_bridge.sources import boot_native
-        from transformer_lens.utilities.tl_checkpoint_conversion import convert_tl_checkpoint
-    except ImportError as e:
-        raise DepassError(f"backend='bridge' needs a TransformerLens with TL-native bridges and "
-                          f"convert_tl_checkpoint (4.x); this one lacks them ({e}). Use "
-                          "backend='hooked'") from None
+    native = native_bridge()
+    if native is None:
+        raise DepassError("backend='bridge' needs a TransformerLens with TL-native bridges and "
+                          "convert_tl_checkpoint (4.x); this one lacks them. Use backend='hooked'")
+    TransformerBridgeConfig, boot_native, convert_tl_checkpoint = native
     if config["positional_embedding_type"] not in ("standard", "rotary"):
         raise DepassError(f"{paths[0]}: the TL-native bridge has standard and rotary positions, not "
                           f"{config['positional_embedding_type']!r}; use backend='hooked' "
