@@ -11,7 +11,7 @@ import torch
 
 import tl_depass
 from tl_depass import cli, models, tasks
-from tl_depass.backends import hooked_class, pretrained_name
+from tl_depass.backends import hooked_class, load_pretrained, pretrained_name
 from tl_depass.report import LEVELS
 
 
@@ -149,6 +149,18 @@ def test_pretrained_names_need_network(capsys, monkeypatch):
     code, _, err = run(capsys, *README_GPT2, "--no-report")
     assert code == 1 and "needs network access" in err and "OSError" in err
     assert asked == [GPT2]
+
+
+@pytest.mark.skipif(hooked_class() is None, reason="TL 4 never turns trust_remote_code on unasked")
+def test_models_that_would_run_hub_code_are_refused(capsys, monkeypatch):
+    """TransformerLens 3.x loads some official models with trust_remote_code=True by itself."""
+    monkeypatch.setattr(cli, "hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr(cli, "load_pretrained", lambda name: pytest.fail("must not load"))
+    for name in ("bigcode/santacoder", "microsoft/phi-2"):
+        code, _, err = run(capsys, "explain", "--model", name, "--no-report")
+        assert code == 1 and "trust_remote_code" in err and "never" in err, err
+    with pytest.raises(tl_depass.DepassError, match="trust_remote_code"):
+        load_pretrained("microsoft/phi-2")
 
 
 def test_unknown_pretrained_name_is_a_clear_error(capsys):

@@ -67,9 +67,25 @@ def pretrained_name(name: str) -> str | None:
     return official if api.is_model_supported(official) else None
 
 
+def check_no_remote_code(name: str) -> None:
+    """Refuse a pretrained model that TransformerLens 3.x would load with trust_remote_code=True
+    (it turns that on by itself for some official names), which runs the repository's Python
+    code. TransformerLens 4 never turns it on unasked, and tl_depass never asks."""
+    if hooked_class() is None:
+        return
+    from transformer_lens.loading_from_pretrained import NEED_REMOTE_CODE_MODELS
+
+    if name.startswith(NEED_REMOTE_CODE_MODELS):
+        raise DepassError(
+            f"TransformerLens loads {name} with trust_remote_code=True, which runs Python code from "
+            "its hub repository; tl_depass never does. If you trust it, load it yourself "
+            "(HookedTransformer.from_pretrained(..., trust_remote_code=True)) and pass the model")
+
+
 def load_pretrained(name: str, device: str = "cpu"):
     """HookedTransformer.from_pretrained on TransformerLens 3.x, TransformerBridge on 4.x; `name`
-    as resolved by `pretrained_name`. Downloads from the Hugging Face hub."""
+    as resolved by `pretrained_name`. Downloads from the Hugging Face hub; never runs code from it."""
+    check_no_remote_code(name)
     hooked = hooked_class()
     if hooked is not None:
         return hooked.from_pretrained(name, device=device)

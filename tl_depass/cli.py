@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from tl_depass import report
-from tl_depass.backends import load_pretrained, pretrained_name
+from tl_depass.backends import check_no_remote_code, load_pretrained, pretrained_name
 from tl_depass.errors import DepassError
 
 DEFAULT_MODEL = "induction"
@@ -127,6 +127,7 @@ def load_model(name: str):
                        "not a path to a .json/.safetensors model, and not a pretrained model "
                        "TransformerLens knows (a Hugging Face id such as openai-community/gpt2, or "
                        "a TransformerLens short name such as gpt2 or pythia-70m)")
+    check_no_remote_code(official)
     if not hub_reachable():
         raise CliError(f"{name!r} is a TransformerLens pretrained model: its weights come from the "
                        "Hugging Face hub, which this machine cannot reach (no network). Set "
@@ -134,6 +135,8 @@ def load_model(name: str):
                        f"a bundled model: {', '.join(models.names())}")
     try:
         return load_pretrained(official), None
+    except DepassError:
+        raise
     except Exception as e:  # offline: OSError, requests/httpx errors, HF hub errors
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise CliError(f"could not load the pretrained model {name!r}: TransformerLens downloads "
