@@ -16,6 +16,7 @@ from tl_depass.clean_run import FROZEN, CleanRun, record_clean_run
 from tl_depass.components import Group, PosEmbed, Split, TokensAt, as_components, groups
 from tl_depass.decomposition import Decomposition
 from tl_depass.errors import DepassError
+from tl_depass.guard import serialised
 from tl_depass.replay import FoldedForward, Plan, RuleSetup, mlp_site
 from tl_depass.support import check_supported
 
@@ -146,6 +147,7 @@ def bos_exclusions(model, tokens, mask, n_components: int, positional: bool,
     return excluded
 
 
+@serialised
 @jaxtyped(typechecker=beartype)
 def decompose(
     model,
