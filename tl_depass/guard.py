@@ -1,18 +1,27 @@
-"""One call at a time per model.
+"""One call at a time per model, and the user's own hooks either honoured or refused.
 
 TransformerLens hooks belong to a model's HookPoints, not to a thread: two calls on one model at
 once would run each other's hooks. Every public function that hooks the model holds the model's
 lock for the whole call (re-entrant: `attribute` calls `decompose`). Locks are kept in a weak
 table keyed by the model, so the model is neither changed nor kept alive.
+
+A hook of the user's at a point where DePass sets the value itself would be silently skipped in
+the decomposed pass while the clean run keeps it; everywhere else the clean run records the
+model as the user's hooks make it and the decomposed pass runs those hooks on every component.
+See docs/threads_and_hooks.md.
 """
 
 import functools
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 import torch
+
+from tl_depass.backends import canonical_names
+from tl_depass.errors import DepassError
+from tl_depass.tolerances import completeness_rtol
 
 F = TypeVar("F", bound=Callable)
 
@@ -40,3 +49,59 @@ def serialised(fn: F) -> F:
             return fn(model, *args, **kwargs)
     return call  # type: ignore[return-value]
 
+
+def user_hooks(model) -> dict[str, int]:
+    """Hook name (DePass's canonical one) -> how many forward hooks and forward pre-hooks sit on
+    that hook point, for every hook point that has any. Called before DePass adds its own, so
+    these are the user's (`model.hooks(...)`, `add_hook`, `register_forward_hook`)."""
+    names = canonical_names(model)
+    out: dict[str, int] = {}
+    for name, point in model.hook_dict.items():
+        n = len(point._forward_hooks) + len(point._forward_pre_hooks)
+        if n:
+            out[names.get(name, name)] = n
+    return out
+
+
+def replaced_hooks(model, attn: Iterable[str], mlps: Iterable) -> list[str]:
+    """Hook points where the decomposed pass (and the frozen model) computes the value itself,
+    ignoring whatever a hook there returned: each replayed attention's `hook_z` (rebuilt from
+    the clean pattern and each component's values) and a gated MLP's activation (rebuilt as
+    act_fn(gate) * up). Everything else a user's hook changes is kept: frozen values (patterns,
+    norm scales, plain MLP activations) are recorded after the user's hooks ran, and hooks on
+    the residual stream, values, pre-activations and outputs run on every component."""
+    gated = [s.act_hook for s in mlps if model.cfg.gated_mlp and s.act_hook.endswith("hook_post")]
+    return [f"{a}.hook_z" for a in attn] + gated
+
+
+def check_user_hooks(model, replaced: Iterable[str]) -> dict[str, int]:
+    """Refuse the user's hooks at `replaced` hook points (see `replaced_hooks`); return all the
+    user's hooks (for `check_complete`)."""
+    found = user_hooks(model)
+    bad = [n for n in dict.fromkeys(replaced) if n in found]
+    if bad:
+        raise DepassError(
+            f"the model has a hook of yours at {', '.join(bad)}, where the decomposed pass sets "
+            "the value itself, so your hook would be silently skipped: remove it, or fold its "
+            "effect into the model (e.g. into W_O for hook_z, or the MLP weights)"
+        )
+    return found
+
+
+def check_complete(dec, found: dict[str, int]):
+    """With user hooks on the model, `dec` must still be complete: a hook that is not linear in
+    the activation (one that adds a constant to the residual stream, clamps, ...) gives each
+    component its own non-linear share, and the shares no longer sum to the clean run."""
+    if not found:
+        return dec
+    tol = completeness_rtol(dec.logits.dtype)
+    off = {k: e for k, e in dec.completeness_error().items() if not e <= tol}
+    if off:
+        worst = max(off, key=off.get)
+        raise DepassError(
+            f"with your hooks at {', '.join(sorted(found))} the components do not sum to the "
+            f"clean run (relative error {off[worst]:.1e} at {worst}): a hook that changes values "
+            "where DePass decomposes must be linear in the activation (scale, project, zero). "
+            "Remove it, or fold its effect into the model"
+        )
+    return dec
