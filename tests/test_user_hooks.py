@@ -215,3 +215,17 @@ def test_bridge_hooks_elsewhere_are_honoured(bridge, hook):
                                        msg=lambda m: f"{hook}: the clean run is not the hooked model: {m}")
             for name, err in dec.completeness_error().items():
                 assert err <= F64, f"{hook} {components}: {name} off by {err:.1e}"
+
+
+def test_a_bridges_own_hooks_are_not_the_users():
+    """TL 4's OPT adapter forwards hook points to others with permanent hooks of its own."""
+    if bridge_class() is None:
+        pytest.skip("this transformer_lens has no TransformerBridge")
+    from bridges import make_bridge
+
+    from tl_depass.guard import user_hooks
+
+    model, _ = make_bridge("OPTForCausalLM")
+    assert user_hooks(model) == {}, "the Bridge's own wiring was taken for the user's hooks"
+    with model.hooks(fwd_hooks=[("blocks.0.hook_mlp_out", doubled)]):
+        assert user_hooks(model) == {"blocks.0.hook_mlp_out": 1}

@@ -50,6 +50,21 @@ def serialised(fn: F) -> F:
     return call  # type: ignore[return-value]
 
 
+def bridge_wiring(hook: Callable) -> bool:
+    """Whether `hook` is a TransformerBridge's own: some adapters (OPT, TL 4) forward one hook
+    point to another with permanent hooks whose function lives in transformer_lens.model_bridge
+    (wrapped, like every hook added with `add_hook`, in TransformerLens's `full_hook`)."""
+    for cell in getattr(hook, "__closure__", None) or ():
+        try:
+            inner = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if callable(inner) and str(getattr(inner, "__module__", "")).startswith(
+                "transformer_lens.model_bridge"):
+            return True
+    return False
+
+
 def user_hooks(model) -> dict[str, int]:
     """Hook name (DePass's canonical one) -> how many forward hooks and forward pre-hooks sit on
     that hook point, for every hook point that has any. Called before DePass adds its own, so
@@ -57,7 +72,8 @@ def user_hooks(model) -> dict[str, int]:
     names = canonical_names(model)
     out: dict[str, int] = {}
     for name, point in model.hook_dict.items():
-        n = len(point._forward_hooks) + len(point._forward_pre_hooks)
+        hooks = [*point._forward_hooks.values(), *point._forward_pre_hooks.values()]
+        n = sum(not bridge_wiring(h) for h in hooks)
         if n:
             out[names.get(name, name)] = n
     return out
