@@ -43,7 +43,7 @@ def test_hooks_removed_after_an_exception_mid_pass():
         if x.shape[0] > tokens.shape[0]:  # only in the folded pass
             raise Boom
 
-    model.blocks[1].attn.hook_z.add_hook(boom)  # a user's permanent-style hook, level 0
+    model.blocks[1].hook_attn_out.add_hook(boom)  # a user's permanent-style hook, level 0
     with pytest.raises(Boom):
         tl_depass.decompose(model, tokens)
     assert hook_count(model) == 1, "DePass hooks were left behind after the exception"

@@ -24,6 +24,7 @@ from tl_depass.decompose import decompose, prepare_tokens
 from tl_depass.decomposition import Answer, answer_ids, readout_positions
 from tl_depass.errors import DepassError
 from tl_depass.frozen import FROZEN_INPUTS, frozen_hooks
+from tl_depass.guard import serialised
 from tl_depass.levels import Heads, Modules, Neurons, check_layers
 from tl_depass.replay import mlp_site
 
@@ -125,6 +126,7 @@ def backward(model, tokens, mask, spec, readout: Callable[[Tensor], Tensor]
     return [label for s in where for label in s.labels], scores
 
 
+@serialised
 def attribute(
     model,
     tokens: Tensor | str | list[str],

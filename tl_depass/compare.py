@@ -25,6 +25,7 @@ from tl_depass.components import Entry, Group, TokensAt
 from tl_depass.decompose import decompose
 from tl_depass.decomposition import Decomposition
 from tl_depass.frozen import FROZEN_INPUTS, frozen_hooks
+from tl_depass.guard import serialised
 from tl_depass.levels import Heads, check_layers, rest_entry
 from tl_depass.replay import mlp_site
 
@@ -81,6 +82,7 @@ class MLPByPosition:
         return out
 
 
+@serialised
 def depass_scores(model, tokens, metric: Metric, level: Level, mlp_rule: str
                   ) -> Float[Tensor, "layer index"]:
     L, n = model.cfg.n_layers, tokens.shape[1]
@@ -103,6 +105,7 @@ PATCHERS = {  # transformer_lens.patching function, result axes
 }
 
 
+@serialised
 def with_patching(model, clean_tokens, corrupted_tokens, metric: Metric, level: Level = "heads",
                   mlp_rule: str = "softmax") -> Comparison:
     """Run `transformer_lens.patching` at `level` (heads: attention head outputs, all positions;
@@ -125,6 +128,7 @@ def with_patching(model, clean_tokens, corrupted_tokens, metric: Metric, level: 
                       frame)
 
 
+@serialised
 def zero_ablation(model, tokens, metric: Metric, frozen: bool = True
                   ) -> Float[Tensor, "layer head_index"]:
     """metric(clean) - metric(with one head's output zeroed), for every head. `frozen=True`

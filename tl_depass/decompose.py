@@ -16,6 +16,7 @@ from tl_depass.clean_run import FROZEN, CleanRun, record_clean_run
 from tl_depass.components import Group, PosEmbed, Split, TokensAt, as_components, groups
 from tl_depass.decomposition import Decomposition
 from tl_depass.errors import DepassError
+from tl_depass.guard import check_complete, check_user_hooks, replaced_hooks, serialised
 from tl_depass.replay import FoldedForward, Plan, RuleSetup, mlp_site
 from tl_depass.support import check_supported
 
@@ -143,6 +144,7 @@ def bos_exclusions(model, tokens, mask, n_components: int, positional: bool,
     return excluded
 
 
+@serialised
 @jaxtyped(typechecker=beartype)
 def decompose(
     model,
@@ -187,6 +189,7 @@ def decompose(
     )
     parts = groups(spec, model, clean, tokens, pos_embed)
     plan = make_plan(model, clean, [e.hook for g in parts for e in g.entries], keep_list)
+    user = check_user_hooks(model, replaced_hooks(model, plan.attn, plan.mlps))
     n_components = len(parts[0].labels) - 1
     excluded = bos_exclusions(model, tokens, mask, n_components, isinstance(spec, TokensAt),
                               mlp_rule, ignore_bos)
@@ -201,8 +204,8 @@ def decompose(
         pad = mask == 0
         results = {n: zero_padding(v, pad, 1) for n, v in results.items()}
         clean_values = {n: zero_padding(v, pad, 0) for n, v in clean_values.items()}
-    return Decomposition(model, labels, results, clean_values, tokens, mask, clean.logits,
-                         n_groups=len(parts))
+    return check_complete(Decomposition(model, labels, results, clean_values, tokens, mask,
+                                        clean.logits, n_groups=len(parts)), user)
 
 
 def fill_before_entry(results: dict[str, Tensor], clean: CleanRun, parts: list[Group]) -> None:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 from tl_depass.clean_run import FROZEN as FROZEN_INPUTS  # what the decomposed pass replays
 from tl_depass.clean_run import CleanRun
+from tl_depass.guard import check_user_hooks, replaced_hooks
 from tl_depass.replay import attend, mlp_site
 
 __all__ = ["FROZEN_INPUTS", "frozen_hooks"]
@@ -23,8 +24,11 @@ def frozen_hooks(model, clean: CleanRun) -> list[tuple[str, Callable]]:
         pattern = clean[f"{attn}.hook_pattern"]
         hooks += [(f"{attn}.hook_v", lambda x, hook, s=state: s.update(v=x)),
                   (f"{attn}.hook_z", lambda x, hook, s=state, p=pattern: attend(p, s["v"][None]))]
-    for layer in range(0 if model.cfg.attn_only else model.cfg.n_layers):
-        site = mlp_site(model, clean, f"blocks.{layer}.mlp")
+    sites = [mlp_site(model, clean, f"blocks.{layer}.mlp")
+             for layer in range(0 if model.cfg.attn_only else model.cfg.n_layers)]
+    attn = [f"blocks.{layer}.attn" for layer in range(model.cfg.n_layers)]
+    check_user_hooks(model, replaced_hooks(model, attn, sites))  # refused before any hook is added
+    for site in sites:
         state = {}
         hooks += [(f"{site.prefix}.hook_pre", lambda x, hook, s=state: s.update(pre=x)),
                   (site.act_hook, lambda x, hook, s=state, f=site.facts:
