@@ -549,6 +549,25 @@ def test_an_int_temperature_is_accepted(env):
     torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=0)
 
 
+def test_split_at_a_bridge_alias(env):
+    """A Bridge's raw name of a residual hook is accepted (and means the same hook); its raw
+    name of a non-residual hook is refused like the HookedTransformer name."""
+    if HOOKED:
+        pytest.skip("a HookedTransformer has no aliases: the TransformerLens 4.x leg runs this")
+    from tl_depass.backends import canonical_names
+
+    hooks = canonical_names(env.model)
+    alias = next(a for a, c in hooks.items() if c == "blocks.1.hook_resid_pre" and a != c)
+    split = env.split(alias)
+    by_alias = tl_depass.decompose(env.model, env.tokens, split)
+    by_name = tl_depass.decompose(env.model, env.tokens, Split("blocks.1.hook_resid_pre",
+                                                               split.tensor))
+    torch.testing.assert_close(by_alias.logits, by_name.logits, rtol=0, atol=0)
+    other = next(a for a, c in hooks.items() if c == "blocks.0.hook_attn_out" and a != c)
+    with pytest.raises(DepassError, match="residual"):
+        tl_depass.decompose(env.model, env.tokens, env.split(other))
+
+
 def table() -> str:
     env = Env()
     rows: dict[str, list[int]] = {}

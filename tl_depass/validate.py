@@ -128,7 +128,8 @@ def check_indices(values, n: int, what: str, size: str) -> list[int]:
         raise DepassError(f"{what} must be ints, got {given(values)}")
     bad = [v for v in values if not 0 <= v < n]
     if bad:
-        raise DepassError(f"{what} {bad[:5]} out of range: {size}={n}, so use 0..{n - 1}")
+        tail = " (negative ones are not counted from the end)" if min(bad) < 0 else ""
+        raise DepassError(f"{what} {bad[:5]} out of range: {size}={n}, so use 0..{n - 1}{tail}")
     dup = sorted({v for v in values if values.count(v) > 1})
     if dup:
         raise DepassError(f"{what} has duplicate indices {dup[:5]}: list each once")
