@@ -50,6 +50,19 @@ def test_explain_with_no_arguments(tmp_path, capsys, monkeypatch):
     assert re.search(r"agreement with activation patching .*: Pearson -?\d\.\d\d, Spearman", out)
     html = (tmp_path / "report.html").read_text(encoding="utf-8")
     assert html.count("class='depass-figure'") == 5
+    assert f"wrote the report to {tmp_path.resolve() / 'report.html'}" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html"], "a temporary file is left"
+
+
+def test_out_is_checked_before_any_work_and_never_follows_a_symlink(tmp_path, capsys):
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("keep me")
+    (tmp_path / "link.html").symlink_to(target)
+    for out, message in [(tmp_path / "link.html", "is a symlink"), (tmp_path, "is a directory"),
+                         (tmp_path / "no" / "r.html", "does not exist")]:
+        code, stdout, err = run(capsys, "explain", "--quiet", "--out", str(out))
+        assert code == 1 and message in err and stdout == "", err
+    assert target.read_text() == "keep me"
 
 
 @pytest.mark.parametrize("level", LEVELS)
@@ -110,6 +123,7 @@ def test_model_from_a_path_and_another_rule(capsys):
     (["--prompt", "t1 t2 t3", "--corrupted", "t1 t2"], "needs the same length"),
     (["--level", "neurons"], "attention-only"),
     (["--model", "recall", "--level", "neurons", "--layer", "7"], "--layer 7 is not a layer"),
+    (["--prompt", "t1 t2 t3 t1", "--target", "t2", "--wrong", "t2"], "--wrong 't2' is the target"),
 ])
 def test_errors_exit_nonzero_with_a_message(argv, message, capsys):
     code, out, err = run(capsys, "explain", "--no-report", "--quiet", *argv)

@@ -20,13 +20,14 @@ from torch import Tensor
 from tl_depass.backends import check_model, forward_as_recorded
 from tl_depass.clean_run import CleanRun, record_clean_run
 from tl_depass.components import PosEmbed, TokensAt, as_components, token_labels
-from tl_depass.decompose import decompose, prepare_tokens
-from tl_depass.decomposition import Answer, answer_ids, readout_positions
+from tl_depass.decompose import check_pos_embed, decompose, prepare_tokens
+from tl_depass.decomposition import Answer, answer_ids, check_wrong, readout_positions
 from tl_depass.errors import DepassError
 from tl_depass.frozen import FROZEN_INPUTS, frozen_hooks
 from tl_depass.guard import serialised
 from tl_depass.levels import Heads, Modules, Neurons, check_layers
 from tl_depass.replay import mlp_site
+from tl_depass.validate import check_options, public
 
 Method = Literal["auto", "forward", "backward"]
 UNNAMED = re.compile(r"(.* )?(rest|bias)")  # the rest and bias components are not returned
@@ -126,6 +127,7 @@ def backward(model, tokens, mask, spec, readout: Callable[[Tensor], Tensor]
     return [label for s in where for label in s.labels], scores
 
 
+@public
 @serialised
 def attribute(
     model,
@@ -147,12 +149,13 @@ def attribute(
     the rest and bias components. `method="backward"` (what "auto" picks for `mlp_rule="ratio"`)
     computes them with one forward and one backward through the frozen model."""
     check_model(model)
+    check_options(model, mlp_rule, temperature, chunk_size)
     if method not in ("auto", "forward", "backward"):
         raise DepassError(f"unknown method {method!r}; use 'auto', 'forward' or 'backward'")
     if method == "backward" and mlp_rule != "ratio":
         raise DepassError(f"the backward path is exact only for the linear rule; mlp_rule={mlp_rule!r} "
                           "needs method='forward' (or use mlp_rule='ratio')")
-    spec = as_components(components)
+    spec = as_components(components, model)
     supported = isinstance(spec, (Heads, Modules, Neurons)) or (
         isinstance(spec, TokensAt) and pos_embed == "with_token")
     if method == "backward" and not supported:
@@ -166,11 +169,13 @@ def attribute(
         score = dec.logit_attribution(answer, wrong, pos)
         named = [c for c, label in enumerate(dec.labels) if not UNNAMED.fullmatch(label)]
         return Attribution([dec.labels[c] for c in named], score[named].T.contiguous(), "forward")
+    check_pos_embed(spec, pos_embed)
     tokens, mask = prepare_tokens(model, tokens, attention_mask)
     batch, rows = tokens.shape[0], torch.arange(tokens.shape[0])
     at = readout_positions(tokens, mask, pos)
     right = answer_ids(model, answer, batch, model.cfg.d_vocab, tokens.device)
-    other = None if wrong is None else answer_ids(model, wrong, batch, model.cfg.d_vocab, tokens.device)
+    other = None if wrong is None else check_wrong(
+        right, answer_ids(model, wrong, batch, model.cfg.d_vocab, tokens.device))
 
     def readout(logits):
         value = logits[rows, at, right]

@@ -8,7 +8,10 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_depass.backends import canonical_names, clean_hook_value, forward_as_recorded
+from tl_depass.errors import DepassError
 
+#: Hook-name endings whose values hold -inf by design (causal masks), not a broken model.
+MASKED = ("hook_attn_scores",)
 #: Hook-name endings whose clean values the decomposed pass replays.
 FROZEN = ("hook_scale", "hook_pattern", "attn.hook_z", "mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_mid",
           "mlp.hook_post", "hook_embed", "hook_pos_embed", "unembed.hook_out")
@@ -44,12 +47,16 @@ def record_clean_run(
     order: list[str] = []
     seen: set[str] = set()
     values: dict[str, Tensor] = {}
+    bad: list[str] = []  # hooks with NaN or inf values, in forward order
 
     def recorder(name: str):
         def hook(x: Tensor, hook) -> Tensor | None:
             if name not in seen:
                 seen.add(name)
                 order.append(name)
+            if not bad and x.is_floating_point() and not name.endswith(MASKED) \
+                    and not torch.isfinite(x).all():
+                bad.append(name)
             if record(name):
                 values[name] = unflatten_rows(x.detach().clone(), *tokens.shape)
             return clean_hook_value(name, x)
@@ -58,4 +65,8 @@ def record_clean_run(
     hooks = [(name, recorder(name)) for name in dict.fromkeys(canonical_names(model).values())]
     with torch.no_grad(), forward_as_recorded(model), model.hooks(fwd_hooks=hooks):
         logits = model(tokens, attention_mask=attention_mask)
+    real = logits if attention_mask is None else logits[attention_mask.bool()]
+    if not torch.isfinite(real).all():
+        raise DepassError(f"the clean run is not finite: NaN or inf first appear at "
+                          f"{bad[0] if bad else 'the logits'}; check the weights there (and norm eps > 0)")
     return CleanRun(order, values, logits)

@@ -236,12 +236,30 @@ def read_prompt(model, task: str | None, args) -> Prompt:
     target = top if args.target is None else token_id(model, args.target, "target")
     if args.wrong is not None:
         wrong = token_id(model, args.wrong, "wrong")
-    if wrong == target:
+        if wrong == target:
+            raise CliError(f"--wrong {args.wrong!r} is the target itself: logit(target) - "
+                           "logit(wrong) would be 0; pass another --wrong, or leave it out")
+    if wrong == target:  # the task's wrong answer is the model's top prediction: explain the logit
         wrong = None
     return Prompt(tokens, target, wrong, None if corrupted is None else corrupted.to(tokens.device))
 
 
+def check_out(out: str) -> Path:
+    """The report path, checked before any work: an existing folder, not a directory, never a
+    symlink (the report is written to a temporary file there and renamed over it)."""
+    path = Path(out)
+    if path.is_symlink():
+        raise CliError(f"--out {out} is a symlink: the report is never written through one; "
+                       "pass the real path")
+    if path.is_dir():
+        raise CliError(f"--out {out} is a directory: pass a file name, e.g. {path / 'report.html'}")
+    if not path.parent.is_dir():
+        raise CliError(f"--out {out}: the folder {path.parent} does not exist; create it first")
+    return path
+
+
 def explain(args) -> int:
+    out = None if args.no_report else check_out(args.out)
     model, task = load_model(args.model)
     cfg = model.cfg
     if args.level == "neurons" and cfg.attn_only:
@@ -264,9 +282,13 @@ def explain(args) -> int:
         torch.set_num_threads(threads)
     print(summary(ex, args.level, args.top, model))
     if not args.no_report:
-        path = report.write_html(ex, args.out)
+        try:
+            path = report.write_html(ex, out)
+        except OSError as e:
+            raise CliError(f"could not write the report to {out}: {e.strerror or e}") from None
         size = path.stat().st_size / 2**20
-        print(f"\nreport: {path} ({size:.1f} MB, self-contained: open it in a browser)")
+        print(f"\nwrote the report to {path.resolve()} ({size:.1f} MB, self-contained: open it "
+              "in a browser)")
     return 0
 
 

@@ -19,15 +19,17 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tl_depass.backends import forward_as_recorded
+from tl_depass.backends import check_model, forward_as_recorded
 from tl_depass.clean_run import record_clean_run
 from tl_depass.components import Entry, Group, TokensAt
-from tl_depass.decompose import decompose
+from tl_depass.decompose import decompose, prepare_tokens
 from tl_depass.decomposition import Decomposition
+from tl_depass.errors import DepassError
 from tl_depass.frozen import FROZEN_INPUTS, frozen_hooks
 from tl_depass.guard import serialised
 from tl_depass.levels import Heads, check_layers, rest_entry
 from tl_depass.replay import mlp_site
+from tl_depass.validate import check_options, public
 
 Level = Literal["heads", "positions", "mlp"]
 Metric = Callable[[Tensor], Tensor]
@@ -105,6 +107,7 @@ PATCHERS = {  # transformer_lens.patching function, result axes
 }
 
 
+@public
 @serialised
 def with_patching(model, clean_tokens, corrupted_tokens, metric: Metric, level: Level = "heads",
                   mlp_rule: str = "softmax") -> Comparison:
@@ -112,7 +115,15 @@ def with_patching(model, clean_tokens, corrupted_tokens, metric: Metric, level: 
     positions: resid_pre; mlp: MLP outputs by position) with `metric` (logits -> scalar), and
     the matching DePass scores (each component's share of `metric` in the clean run)."""
     if level not in PATCHERS:
-        raise ValueError(f"unknown level {level!r}; use one of {list(PATCHERS)}")
+        raise DepassError(f"unknown level {level!r}; use one of {list(PATCHERS)}")
+    check_model(model)
+    check_options(model, mlp_rule, 1.0, None)
+    clean_tokens, _ = prepare_tokens(model, clean_tokens, None)
+    corrupted_tokens, _ = prepare_tokens(model, corrupted_tokens, None)
+    if clean_tokens.shape != corrupted_tokens.shape:
+        raise DepassError(f"clean tokens {tuple(clean_tokens.shape)} and corrupted tokens "
+                          f"{tuple(corrupted_tokens.shape)} differ in shape: patching needs the "
+                          "same length")
     from transformer_lens import patching
 
     name, axes = PATCHERS[level]
@@ -128,6 +139,7 @@ def with_patching(model, clean_tokens, corrupted_tokens, metric: Metric, level: 
                       frame)
 
 
+@public
 @serialised
 def zero_ablation(model, tokens, metric: Metric, frozen: bool = True
                   ) -> Float[Tensor, "layer head_index"]:
@@ -135,6 +147,8 @@ def zero_ablation(model, tokens, metric: Metric, frozen: bool = True
     holds attention patterns, norm scales and MLP activation ratios at their clean values (the
     frozen model, where DePass with mlp_rule="ratio" must agree exactly); `frozen=False` is
     plain zero ablation (the causal effect)."""
+    check_model(model)
+    tokens, _ = prepare_tokens(model, tokens, None)
     clean = record_clean_run(model, tokens, None, lambda n: n.endswith(FROZEN_INPUTS))
     hooks = frozen_hooks(model, clean) if frozen else []
     base = metric(clean.logits)

@@ -1,5 +1,6 @@
 """What the components are: their initial states at an entry hook, and their labels."""
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -11,6 +12,7 @@ from torch import Tensor
 from tl_depass.clean_run import CleanRun
 from tl_depass.errors import DepassError
 from tl_depass.tolerances import completeness_rtol, relative_error
+from tl_depass.validate import check_finite, given, public_fields, residual_hook
 
 PosEmbed = Literal["with_token", "separate"]
 
@@ -38,6 +40,7 @@ def stored(hook: str, states: Tensor) -> Entry:
     return Entry(hook, lambda offset, k: states[offset:offset + k])
 
 
+@public_fields
 @dataclass(frozen=True)
 class TokensAt:
     """One component per position, starting from the residual stream before block `layer`
@@ -49,7 +52,15 @@ class TokensAt:
     def hook(self) -> str:
         return f"blocks.{self.layer}.hook_resid_pre"
 
+    def check(self, model) -> "TokensAt":
+        n = model.cfg.n_layers
+        if not (isinstance(self.layer, int) and not isinstance(self.layer, bool) and 0 <= self.layer < n):
+            raise DepassError(f"TokensAt({self.layer!r}): no hook blocks.{self.layer}.hook_resid_pre; "
+                              f"layer must be an int in 0..{n - 1}")
+        return self
 
+
+@public_fields
 @dataclass(frozen=True, eq=False)
 class Split:
     """A user split of the residual stream at `hook`: `tensor[c]` is component c's share; the
@@ -59,13 +70,39 @@ class Split:
     tensor: Tensor  # [component batch pos d_model], checked in split_states with a clear message
     labels: tuple[str, ...] | None = None
 
+    def check(self, model) -> "Split":
+        """Everything that can be checked before the clean run; the sum in split_states."""
+        hook = residual_hook(model, self.hook, "Split")
+        t, d = self.tensor, model.cfg.d_model
+        if not isinstance(t, Tensor):
+            raise DepassError(f"Split tensor must be a torch tensor [component, batch, pos, "
+                              f"d_model], got {given(t)}")
+        if not t.is_floating_point():
+            raise DepassError(f"Split tensor must be floating point, got {t.dtype}")
+        if t.ndim != 4 or t.shape[-1] != d or t.shape[0] == 0:
+            raise DepassError(f"Split tensor has shape {tuple(t.shape)}; expected [component >= 1, "
+                              f"batch, pos, d_model={d}] at {hook}")
+        check_finite(t, "the Split tensor")
+        if self.labels is not None:
+            labels = list(self.labels)
+            if not all(isinstance(x, str) for x in labels) or len(set(labels)) < len(labels):
+                raise DepassError(f"Split labels must be distinct strings, got {given(labels)}")
+            if len(labels) != len(t):
+                raise DepassError(f"Split has {len(t)} components but {len(labels)} labels")
+        return dataclasses.replace(self, hook=hook)
 
 
-def as_components(components):
+def as_components(components, model):
+    """The component spec for `components`, checked against `model` (once, for the forward
+    and the backward path alike)."""
+    if isinstance(components, type):
+        raise DepassError(f"components must be an instance such as {components.__name__}(), "
+                          "not the class")
     if isinstance(components, str) and components == "tokens":
-        return TokensAt(0)
+        components = TokensAt(0)
     if isinstance(components, (TokensAt, Split)) or hasattr(components, "groups"):
-        return components
+        check = getattr(components, "check", None)
+        return components if check is None else check(model)
     raise DepassError(
         f"unknown components {components!r}; use 'tokens', tl_depass.TokensAt(layer), "
         "tl_depass.Split(hook, tensor), Heads(), Modules(), Neurons(layer), Subspace(hook, "
@@ -115,23 +152,19 @@ def groups(
 
 
 def split_states(spec: Split, clean: Tensor) -> tuple[Tensor, list[str]]:
-    t = spec.tensor
-    if t.ndim != 4 or t.shape[1:] != clean.shape:
+    t = spec.tensor  # checked in Split.check
+    if t.shape[1:] != clean.shape:
         raise DepassError(
             f"Split tensor has shape {tuple(t.shape)}; expected [component, "
             f"{', '.join(map(str, clean.shape))}] (component, batch, pos, d_model) at {spec.hook}"
         )
-    if not t.is_floating_point():
-        raise DepassError(f"Split tensor must be floating point, got {t.dtype}")
     t = t.to(device=clean.device, dtype=clean.dtype)
     err, tol = relative_error(t.sum(0), clean), completeness_rtol(clean.dtype)
-    if err > tol:
+    if not err <= tol:  # NaN compares False
         raise DepassError(
             f"the Split components do not sum to the clean activation at {spec.hook}: relative "
             f"error {err:.2e} > {tol:.0e}. Build them from the clean value "
             f"(model.run_with_cache(tokens)[{spec.hook!r}]) so that they sum to it exactly"
         )
     labels = list(spec.labels) if spec.labels is not None else [f"part {i}" for i in range(len(t))]
-    if len(labels) != len(t):
-        raise DepassError(f"Split has {len(t)} components but {len(labels)} labels")
     return t, labels

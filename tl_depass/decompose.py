@@ -1,8 +1,6 @@
 """decompose(): clean run -> initial components -> folded, replayed forward(s) -> Decomposition."""
 
-import dataclasses
 import difflib
-import re
 from collections.abc import Callable, Sequence
 
 import torch
@@ -13,14 +11,14 @@ from torch import Tensor
 from tl_depass import backends, rules
 from tl_depass.backends import canonical_names, check_model
 from tl_depass.clean_run import FROZEN, CleanRun, record_clean_run
-from tl_depass.components import Group, PosEmbed, Split, TokensAt, as_components, groups
+from tl_depass.components import Group, PosEmbed, TokensAt, as_components, groups
 from tl_depass.decomposition import Decomposition
 from tl_depass.errors import DepassError
 from tl_depass.guard import check_complete, check_user_hooks, replaced_hooks, serialised
 from tl_depass.replay import FoldedForward, Plan, RuleSetup, mlp_site
 from tl_depass.support import check_supported
+from tl_depass.validate import RESIDUAL, check_options, check_text, public
 
-RESIDUAL = re.compile(r"blocks\.\d+\.hook_resid_(pre|mid|post)$")
 NOT_DECOMPOSABLE = ("hook_scale", "hook_attn_scores", "hook_pattern", "hook_tokens")
 # Hooks right after a bias is added (a Bridge's raw `o.hook_out` / `out.hook_out` fire where an
 # adapter that delegates attention to HF has no `hook_attn_out`; correcting twice is a no-op).
@@ -29,21 +27,27 @@ Keep = str | Sequence[str] | Callable[[str], bool] | None
 
 
 def prepare_tokens(model, tokens, attention_mask) -> tuple[Tensor, Tensor | None]:
+    if isinstance(tokens, list) and not all(isinstance(t, str) for t in tokens):
+        raise DepassError(f"tokens is a list of {sorted({type(t).__name__ for t in tokens})}: pass "
+                          "token ids as an integer tensor [batch, pos] (torch.tensor(ids)), or text")
     if isinstance(tokens, (str, list)):
         if model.tokenizer is None:
             raise DepassError("string input needs a tokenizer; pass token ids [batch, pos]")
+        check_text(model, tokens)
         tokens = model.to_tokens(tokens)
         if attention_mask is None and tokens.shape[0] > 1:
             attention_mask = backends.attention_mask(model, tokens)
-    if not isinstance(tokens, Tensor) or tokens.is_floating_point() or tokens.is_complex():
+    if (not isinstance(tokens, Tensor) or tokens.is_floating_point() or tokens.is_complex()
+            or tokens.dtype == torch.bool):
         raise DepassError(
             f"tokens must be an integer tensor [batch, pos] (or a string); got "
             f"{getattr(tokens, 'dtype', type(tokens).__name__)}: use model.to_tokens(text)"
         )
     if tokens.ndim == 1:
         tokens = tokens[None]
-    if tokens.ndim != 2 or tokens.shape[1] == 0:
-        raise DepassError(f"tokens must have shape [batch, pos]; got {tuple(tokens.shape)}")
+    if tokens.ndim != 2 or 0 in tokens.shape:
+        raise DepassError(f"tokens must have shape [batch, pos] with batch, pos >= 1; got "
+                          f"{tuple(tokens.shape)}")
     bad = (tokens < 0) | (tokens >= model.cfg.d_vocab)
     if bad.any():
         raise DepassError(
@@ -57,6 +61,9 @@ def prepare_tokens(model, tokens, attention_mask) -> tuple[Tensor, Tensor | None
         )
     tokens = tokens.to(model.cfg.device)
     if attention_mask is not None:
+        if not isinstance(attention_mask, Tensor):
+            raise DepassError(f"attention_mask must be a tensor [batch, pos] of 0/1, got "
+                              f"{type(attention_mask).__name__}")
         if tuple(attention_mask.shape) != tuple(tokens.shape):
             raise DepassError(
                 f"attention_mask has shape {tuple(attention_mask.shape)} but tokens have "
@@ -144,6 +151,7 @@ def bos_exclusions(model, tokens, mask, n_components: int, positional: bool,
     return excluded
 
 
+@public
 @serialised
 @jaxtyped(typechecker=beartype)
 def decompose(
@@ -164,22 +172,11 @@ def decompose(
     and MLP activations frozen at their clean values. See docs/rules.md for the rules."""
     check_model(model)
     check_supported(model.cfg)
-    if mlp_rule not in rules.RULES:
-        raise DepassError(f"unknown mlp_rule {mlp_rule!r}; use one of {rules.RULES}")
-    if not temperature > 0:
-        raise DepassError(f"temperature must be > 0, got {temperature}")
-    if chunk_size is not None and chunk_size < 1:
-        raise DepassError(f"chunk_size must be a positive number of components, got {chunk_size}")
+    check_options(model, mlp_rule, temperature, chunk_size, ignore_bos)
     tokens, mask = prepare_tokens(model, tokens, attention_mask)
-    spec = as_components(components)
+    spec = check_pos_embed(as_components(components, model), pos_embed)
     hooks = canonical_names(model)
-    entry = getattr(spec, "hook", None)  # None: the level knows its entry points
-    if entry is not None:
-        if entry not in hooks:
-            raise DepassError(f"no hook {entry!r} in this model (n_layers={model.cfg.n_layers})")
-        entry = hooks[entry]
-        if isinstance(spec, Split):
-            spec = dataclasses.replace(spec, hook=entry)
+    entry = getattr(spec, "hook", None)  # None: the level knows its entry points (canonical)
     keep_list = keep_names(hooks, keep)
     reads = {resolve(hooks, n) for n in getattr(spec, "reads", lambda model: [])(model)}
     clean = record_clean_run(
@@ -206,6 +203,13 @@ def decompose(
         clean_values = {n: zero_padding(v, pad, 0) for n, v in clean_values.items()}
     return check_complete(Decomposition(model, labels, results, clean_values, tokens, mask,
                                         clean.logits, n_groups=len(parts)), user)
+
+
+def check_pos_embed(spec, pos_embed: PosEmbed):
+    if pos_embed == "separate" and spec != TokensAt(0):
+        raise DepassError(f"pos_embed='separate' splits the token level (TokensAt(0)) only, not "
+                          f"{type(spec).__name__}: leave pos_embed='with_token'")
+    return spec
 
 
 def fill_before_entry(results: dict[str, Tensor], clean: CleanRun, parts: list[Group]) -> None:

@@ -8,8 +8,9 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_depass.backends import canonical_names
-from tl_depass.errors import DepassError
+from tl_depass.errors import DepassError, NotKeptError
 from tl_depass.tolerances import relative_error
+from tl_depass.validate import check_finite, public, token_of
 
 Answer = int | str | list | Tensor
 
@@ -35,9 +36,10 @@ class Decomposition:
         if name not in self.results and name != "logits":  # a Bridge's raw name or alias
             name = canonical_names(self.model).get(name, name)
         if name not in self.results:
-            raise KeyError(
-                f"{name!r} was not kept; kept: {sorted(self.results)}. Pass keep=[..., {name!r}] "
-                "to tl_depass.decompose"
+            kept = sorted(self.results)
+            raise NotKeptError(
+                f"{name!r} was not kept; kept: {kept[:4]}{' ...' if len(kept) > 4 else ''}. Pass "
+                f"keep=[..., {name!r}] to tl_depass.decompose"
             )
         return self.results[name]
 
@@ -61,17 +63,20 @@ class Decomposition:
     def _positions(self, pos: int | Tensor) -> Int[Tensor, " batch"]:
         return readout_positions(self.tokens, self.attention_mask, pos)
 
+    @public
     def logit_attribution(self, answer: Answer, wrong: Answer | None = None,
                           pos: int | Tensor = -1) -> Float[Tensor, "component batch"]:
         """Each component's contribution to the answer's logit (minus the wrong answer's) at
         `pos` (one int, or one position per batch row)."""
         rows = torch.arange(self.tokens.shape[0])
         at = self.logits[:, rows, self._positions(pos)]  # [component, batch, d_vocab]
-        score = at[:, rows, self._tokens(answer)]
+        right = self._tokens(answer)
+        score = at[:, rows, right]
         if wrong is not None:
-            score = score - at[:, rows, self._tokens(wrong)]
+            score = score - at[:, rows, check_wrong(right, self._tokens(wrong))]
         return score
 
+    @public
     def index(self, label: str) -> int:
         """The component axis index of `label`."""
         if label not in self.labels:
@@ -102,6 +107,7 @@ class Decomposition:
             raise DepassError(f"no components match {pattern!r}; decompose with the matching level")
         return out
 
+    @public
     def head_scores(self, answer: Answer, wrong: Answer | None = None,
                     pos: int | Tensor = -1) -> Float[Tensor, "batch layer head_index"]:
         """Each head's total effect on the logit (difference), shaped like TransformerLens'
@@ -109,31 +115,47 @@ class Decomposition:
         cfg = self.model.cfg
         return self._scores(r"L(\d+)H(\d+)", (cfg.n_layers, cfg.n_heads), answer, wrong, pos)
 
+    @public
     def neuron_scores(self, answer: Answer, wrong: Answer | None = None,
                       pos: int | Tensor = -1) -> Float[Tensor, "batch layer d_mlp"]:
         """Each neuron's total effect (NaN where not decomposed). Needs components=Neurons(...)."""
         cfg = self.model.cfg
         return self._scores(r"L(\d+)N(\d+)", (cfg.n_layers, cfg.d_mlp), answer, wrong, pos)
 
+    @public
     def project(self, hook: str, direction: Float[Tensor, " d"], bias: float = 0.0
                 ) -> Float[Tensor, "component batch pos"]:
         """A linear readout (a probe logit `direction . x + bias`) per component at `hook`;
         the probe bias goes to each group's bias component."""
         value = self[hook]
+        if direction.shape != value.shape[-1:]:
+            raise DepassError(f"project: direction has shape {tuple(direction.shape)}; {hook} has "
+                              f"d={value.shape[-1]}: pass a direction of shape [{value.shape[-1]}]")
+        check_finite(direction.double(), "project: the direction")
         out = value @ direction.to(value)
         for g in self.groups:
             out[g.stop - 1] += bias
         return out
 
+    @public
     def top_tokens(self, component: int | str, k: int = 10, batch: int = 0,
                    pos: int = -1) -> list[tuple[str, float]]:
         """The vocabulary entries component `component` pushes up most at (batch, pos)."""
         c = self.index(component) if isinstance(component, str) else component
-        values, ids = self.logits[c, batch, pos].topk(k)
+        n, rows, vocab = len(self.labels), self.tokens.shape[0], self.logits.shape[-1]
+        if not 0 <= c < n:
+            raise DepassError(f"top_tokens: component {c} is not in 0..{n - 1}; or pass a label")
+        if not 0 <= batch < rows:
+            raise DepassError(f"top_tokens: batch {batch} is not a row of this batch (0..{rows - 1})")
+        if not 1 <= k <= vocab:
+            raise DepassError(f"top_tokens: k={k} must be in 1..d_vocab={vocab}")
+        at = readout_positions(self.tokens[batch:batch + 1], None, pos)[0]
+        values, ids = self.logits[c, batch, at].topk(k)
         names = (self.model.to_str_tokens(ids) if self.model.tokenizer is not None
                  else [f"[{i}]" for i in ids.tolist()])
         return list(zip(names, values.tolist(), strict=True))
 
+    @public
     def to_frame(self, answer: Answer | None = None, wrong: Answer | None = None,
                  pos: int | Tensor = -1) -> pd.DataFrame:
         """A tidy table (component, batch, score) of logit attributions; by default for the
@@ -158,12 +180,18 @@ class Decomposition:
 
 
 def answer_ids(model, answer: Answer, batch: int, d_vocab: int, device) -> Int[Tensor, " batch"]:
-    """One token id per batch row from an id, a token string, or one per row."""
+    """One token id per batch row from an id, a token string, or one per row (ids or strings)."""
     if isinstance(answer, str):
-        if model.tokenizer is None:
-            raise DepassError("a string answer needs a tokenizer; pass the token id instead")
-        answer = model.to_single_token(answer)
-    ids = torch.as_tensor(answer, device=device).long().reshape(-1)
+        answer = token_of(model, answer, "answer")
+    elif isinstance(answer, list):
+        answer = [token_of(model, a, "answer") if isinstance(a, str) else a for a in answer]
+    try:
+        ids = torch.as_tensor(answer, device=device)
+    except (TypeError, ValueError, RuntimeError):
+        raise DepassError(f"answers must be token ids or token strings, got {answer!r:.80}") from None
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise DepassError(f"answer ids must be integers, got {ids.dtype}: pass token ids")
+    ids = ids.long().reshape(-1)
     if ids.numel() == 1:
         ids = ids.expand(batch)
     if ids.numel() != batch:
@@ -173,11 +201,25 @@ def answer_ids(model, answer: Answer, batch: int, d_vocab: int, device) -> Int[T
     return ids
 
 
+def check_wrong(answer: Tensor, wrong: Tensor) -> Tensor:
+    """The wrong answer ids, which must differ from the answer (else the difference is 0)."""
+    same = torch.nonzero(answer == wrong).flatten().tolist()
+    if same:
+        raise DepassError(f"the wrong answer equals the answer in batch rows {same[:5]}: their "
+                          "logit difference is 0; pass another wrong answer, or wrong=None")
+    return wrong
+
+
 def readout_positions(tokens: Tensor, attention_mask: Tensor | None, pos: int | Tensor
                       ) -> Int[Tensor, " batch"]:
     """One position per batch row (negative counts from the end), never a padded one."""
     batch, n = tokens.shape
-    pos = torch.as_tensor(pos, device=tokens.device).long().reshape(-1).expand(batch)
+    pos = torch.as_tensor(pos, device=tokens.device)
+    if (pos.is_floating_point() or pos.is_complex() or pos.dtype == torch.bool
+            or pos.numel() not in (1, batch)):
+        raise DepassError(f"position must be one int or one int per batch row ({batch}); got "
+                          f"{pos.numel()} of {pos.dtype}")
+    pos = pos.long().reshape(-1).expand(batch)
     if ((pos < -n) | (pos >= n)).any():
         raise DepassError(f"position {pos.tolist()} out of range for {n} positions")
     pos = pos % n

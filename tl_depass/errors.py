@@ -7,3 +7,10 @@ class DepassError(ValueError):
 
 class UnsupportedModelError(DepassError):
     """The model uses settings DePass cannot decompose exactly; the message lists all of them."""
+
+
+class NotKeptError(DepassError, KeyError):
+    """`dec[hook]` for a hook the decomposition did not keep (also a KeyError, as for a dict)."""
+
+    def __str__(self) -> str:  # KeyError would print the message's repr
+        return str(self.args[0]) if self.args else ""

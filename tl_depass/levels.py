@@ -2,6 +2,7 @@
 through every later layer with the frozen rules: total effects), and subspaces / SAE features
 (splits of a residual activation)."""
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -12,6 +13,14 @@ from tl_depass.clean_run import CleanRun
 from tl_depass.components import Entry, Group, stored
 from tl_depass.errors import DepassError
 from tl_depass.replay import mlp_site
+from tl_depass.validate import (
+    check_finite,
+    check_indices,
+    check_layers,
+    given,
+    public_fields,
+    residual_hook,
+)
 
 
 def one_hot_rows(n: int, offset: int, k: int, fill: dict[int, Tensor], like: Tensor) -> Tensor:
@@ -23,15 +32,6 @@ def one_hot_rows(n: int, offset: int, k: int, fill: dict[int, Tensor], like: Ten
     return out
 
 
-def check_layers(model, layers: Sequence[int] | None, what: str) -> list[int]:
-    n = model.cfg.n_layers
-    layers = list(range(n)) if layers is None else list(layers)
-    bad = [layer for layer in layers if not 0 <= layer < n]
-    if bad or not layers:
-        raise DepassError(f"{what}: layers {bad or layers} not in 0..{n - 1}")
-    return layers
-
-
 def rest_entry(clean: CleanRun, layer: int) -> Entry:
     """Before layer `layer`, the group's first component ("rest") is the whole clean residual."""
     resid = clean[f"blocks.{layer}.hook_resid_pre"]
@@ -39,12 +39,17 @@ def rest_entry(clean: CleanRun, layer: int) -> Entry:
                  lambda offset, k: one_hot_rows(0, offset, k, {0: resid}, resid))
 
 
+@public_fields
 @dataclass(frozen=True)
 class Heads:
     """Every head of each chosen layer is a component from the point it writes to the residual
     stream (b_O goes to the bias); one group per layer, all in one folded forward."""
 
     layers: Sequence[int] | None = None
+
+    def check(self, model) -> "Heads":
+        check_layers(model, self.layers, "Heads")
+        return self
 
     def groups(self, model, clean: CleanRun) -> list[Group]:
         out = []
@@ -61,11 +66,16 @@ class Heads:
         return out
 
 
+@public_fields
 @dataclass(frozen=True)
 class Modules:
     """The attention output and the MLP output of each chosen layer are components."""
 
     layers: Sequence[int] | None = None
+
+    def check(self, model) -> "Modules":
+        check_layers(model, self.layers, "Modules")
+        return self
 
     def groups(self, model, clean: CleanRun) -> list[Group]:
         out = []
@@ -85,6 +95,7 @@ class Modules:
         return out
 
 
+@public_fields
 @dataclass(frozen=True)
 class Neurons:
     """Each chosen neuron's output `a_i W_out[i]` at `layer` is a component; "rest" is the
@@ -93,16 +104,20 @@ class Neurons:
     layer: int
     neurons: Sequence[int] | None = None
 
-    def groups(self, model, clean: CleanRun) -> list[Group]:
-        (layer,) = check_layers(model, [self.layer], "Neurons")
+    def check(self, model) -> "Neurons":
+        """Neuron ids must be distinct, in 0..d_mlp-1: -1 is refused, not read as the last."""
+        check_indices([self.layer], model.cfg.n_layers, "Neurons: layer", "n_layers")
         if model.cfg.attn_only:
             raise DepassError("Neurons: this model is attention-only (no MLP neurons)")
+        if self.neurons is not None:
+            check_indices(self.neurons, model.cfg.d_mlp, "Neurons: neuron ids", "d_mlp")
+        return self
+
+    def groups(self, model, clean: CleanRun) -> list[Group]:
+        layer = self.layer  # checked in Neurons.check
         site = mlp_site(model, clean, f"blocks.{layer}.mlp")
         act = site.facts.act  # [batch pos d_mlp]
-        d_mlp = act.shape[-1]
-        neurons = list(range(d_mlp)) if self.neurons is None else list(self.neurons)
-        if not neurons or any(not 0 <= i < d_mlp for i in neurons) or len(set(neurons)) < len(neurons):
-            raise DepassError(f"Neurons: need distinct neuron indices in 0..{d_mlp - 1}")
+        neurons = list(range(act.shape[-1])) if self.neurons is None else list(self.neurons)
         chosen = torch.tensor(neurons, device=act.device)
         rest = act.index_fill(-1, chosen, 0)
 
@@ -130,6 +145,7 @@ def resid_at(clean: CleanRun, hook: str, what: str, d_model: int) -> Tensor:
     return x
 
 
+@public_fields
 @dataclass(frozen=True, eq=False)
 class Subspace:
     """Split the activation at `hook` into its parts in the span of each basis
@@ -139,14 +155,28 @@ class Subspace:
     hook: str
     basis: Tensor | dict
 
+    def check(self, model) -> "Subspace":
+        hook = residual_hook(model, self.hook, "Subspace")
+        named = self.basis if isinstance(self.basis, dict) else {"subspace": self.basis}
+        if not named:
+            raise DepassError("Subspace: no basis given; pass a [d_model, k] basis or a dict of them")
+        d = model.cfg.d_model
+        for name, b in named.items():
+            try:
+                b = torch.as_tensor(b)
+            except (TypeError, ValueError, RuntimeError):
+                raise DepassError(f"Subspace {name!r}: basis must be a tensor [d_model={d}, k], "
+                                  f"got {given(b)}") from None
+            if b.ndim != 2 or b.shape[0] != d or b.shape[1] == 0:
+                raise DepassError(f"Subspace {name!r}: basis is {tuple(b.shape)}, expected "
+                                  f"[d_model={d}, k >= 1]")
+            check_finite(b.double(), f"Subspace {name!r}: the basis")
+        return dataclasses.replace(self, hook=hook)
+
     def groups(self, model, clean: CleanRun) -> list[Group]:
         named = self.basis if isinstance(self.basis, dict) else {"subspace": self.basis}
         x = resid_at(clean, self.hook, "Subspace", model.cfg.d_model)
         bases = [torch.as_tensor(b, dtype=x.dtype, device=x.device) for b in named.values()]
-        for name, b in zip(named, bases, strict=True):
-            if b.ndim != 2 or b.shape[0] != x.shape[-1]:
-                raise DepassError(f"Subspace {name!r}: basis is {tuple(b.shape)}, expected "
-                                  f"[d_model={x.shape[-1]}, k]")
         joint = torch.cat(bases, 1)
         if torch.linalg.matrix_rank(joint) < joint.shape[1]:
             raise DepassError("Subspace: the bases are not linearly independent (overlapping or "
@@ -161,6 +191,7 @@ class Subspace:
         return [Group(list(named) + ["rest", "bias"], [stored(self.hook, states)])]
 
 
+@public_fields
 @dataclass(frozen=True, eq=False)
 class SAEFeatures:
     """Split the activation at `hook` into the chosen SAE features' decoder contributions
@@ -171,6 +202,19 @@ class SAEFeatures:
     hook: str
     sae: object
     features: Sequence[int] | None = None
+
+    def check(self, model) -> "SAEFeatures":
+        hook = residual_hook(model, self.hook, "SAEFeatures")
+        if isinstance(self.sae, tuple) and len(self.sae) != 4:
+            raise DepassError(f"SAEFeatures: sae must be (W_enc, b_enc, W_dec, b_dec), got a tuple "
+                              f"of {len(self.sae)}")
+        W_dec = self.sae[2] if isinstance(self.sae, tuple) else getattr(self.sae, "W_dec", None)
+        if not isinstance(W_dec, Tensor) or W_dec.ndim != 2:
+            raise DepassError("SAEFeatures: sae must be a sae_lens SAE or a tuple (W_enc, b_enc, "
+                              f"W_dec, b_dec) of tensors; its W_dec is {given(W_dec)}")
+        if self.features is not None:
+            check_indices(self.features, W_dec.shape[0], "SAEFeatures: features", "d_sae")
+        return dataclasses.replace(self, hook=hook)
 
     def groups(self, model, clean: CleanRun) -> list[Group]:
         x = resid_at(clean, self.hook, "SAEFeatures", model.cfg.d_model)
@@ -186,11 +230,10 @@ class SAEFeatures:
                               f"[d_sae={f.shape[-1]}, d_model={x.shape[-1]}]")
         features = (torch.nonzero(f.flatten(0, 1).abs().amax(0)).flatten().tolist()
                     if self.features is None else list(self.features))
-        if any(not 0 <= i < f.shape[-1] for i in features):
-            raise DepassError(f"SAEFeatures: feature indices must be in 0..{f.shape[-1] - 1}")
         recon = f @ W_dec + b_dec
         chosen = [f[..., i, None] * W_dec[i] for i in features]
         others = recon - b_dec - sum(chosen, torch.zeros_like(x))
         states = torch.stack(chosen + [others, b_dec.expand_as(x), x - recon])
+        check_finite(states, f"SAEFeatures at {self.hook}: the SAE's reconstruction")
         labels = [f"F{i}" for i in features] + ["other features", "b_dec", "SAE error", "bias"]
         return [Group(labels, [stored(self.hook, states)])]

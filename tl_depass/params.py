@@ -70,7 +70,7 @@ class ParamComponents:
             site.bias.to(target.dtype).reshape(-1).expand(*target.shape[:2], -1).reshape(target.shape))
         outputs = outputs.reshape(outputs.shape[0], *target.shape)
         err = relative_error(outputs.sum(0) + bias, target)
-        if err > completeness_rtol(target.dtype):
+        if not err <= completeness_rtol(target.dtype):  # NaN compares False
             raise DepassError(
                 f"ParamComponents: the outputs of {matrix(site)} at layer {site.layer} plus its bias do "
                 f"not reproduce {site.output_hook} (relative error {err:.1e}): was the parameter "

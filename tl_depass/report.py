@@ -14,6 +14,8 @@ plotly.js inlined once (about 4.6 MB per report). CircuitsVis stays available in
 """
 
 import html
+import os
+import tempfile
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -370,8 +372,26 @@ def write_html(ex: Explanation, path: str | Path) -> Path:
             f"<title>DePass report: {esc(ex.model_name)}</title><style>{STYLE}</style>"
             f"<script type='text/javascript'>{plotly.offline.get_plotlyjs()}</script></head>"
             f"<body>{''.join(parts)}<p class='note'>{esc(NOTE)}</p></body></html>")
-    path.write_text(page, encoding="utf-8")
+    write_atomic(path, page)
     return path
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to a temporary file in `path`'s folder, then rename it over `path`: a reader
+    never sees half a report, and a symlink at `path` is refused, never written through."""
+    if path.is_symlink():
+        raise DepassError(f"{path} is a symlink: the report is never written through one")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is private; a report is an ordinary file
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 NOTE = ("DePass splits the clean run's metric into each component's share with attention "
