@@ -79,7 +79,7 @@ def test_every_level_and_circuit_readouts(recall):
     assert heads.project("blocks.1.hook_resid_post", basis[:, 0], bias=0.5).shape[0] == len(heads.labels)
     assert len(heads.top_tokens("L1H3", k=3)) == 3
     by_token = tl_depass.decompose(recall, tokens, mlp_rule="ratio")
-    own = tl_depass.decompose(recall, tokens, tl_depass.Split(hook, by_token[hook], tuple(by_token.labels)),
+    own = tl_depass.decompose(recall, tokens, tl_depass.Split(hook, by_token[hook], by_token.labels),
                               mlp_rule="ratio")
     complete(own)
 

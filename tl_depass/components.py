@@ -68,7 +68,7 @@ class Split:
 
     hook: str
     tensor: Tensor  # [component batch pos d_model], checked in split_states with a clear message
-    labels: tuple[str, ...] | None = None
+    labels: tuple[str, ...] | list[str] | None = None  # e.g. another decomposition's dec.labels
 
     def check(self, model) -> "Split":
         """Everything that can be checked before the clean run; the sum in split_states."""
