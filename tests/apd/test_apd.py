@@ -307,7 +307,7 @@ def test_attributions_equal_the_reference(name, attribution):
 def test_training_loss_and_gradients_equal_the_reference(name, masked, monkeypatch):
     """Both masked-product paths (sparse: per active pair; dense: all pairs) give the
     reference's losses and parameter gradients."""
-    monkeypatch.setattr(contract, "_PER_COMPONENT_OVERHEAD_MACS", 0 if masked == "sparse" else 1e30)
+    monkeypatch.setattr(contract, "_SPARSE_MAX_FRACTION", 1e30 if masked == "sparse" else 0.0)
     apd = small_apd(name, a_norm="unit" if name == "resid-1" else "free")
     x = apd.target.sample(40, torch.Generator().manual_seed(2))
     metrics, grads = loss_and_grads(apd, lambda a, x: a.training_loss(x, torch.Generator()), x)
@@ -375,3 +375,28 @@ def test_full_size_resid_mlp_step_equals_the_reference_in_float32(monkeypatch):
     for key, grad in grads.items():
         scale = ref_grads[key].abs().max().item()
         assert_close(grad, ref_grads[key], rtol=1e-4, atol=1e-5 * scale, msg=lambda m, k=key: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("masked", ["sparse", "dense"])
+@pytest.mark.parametrize("pattern", ["scattered", "one_component_everywhere", "all_zero", "all_one"])
+def test_masked_product_paths_agree(masked, pattern, monkeypatch):
+    """Both paths of `masked_product`, also when one component is on for every sample (so it
+    spans several tiles) or none is, equal the einsum and give its gradients."""
+    monkeypatch.setattr(contract, "_SPARSE_MAX_FRACTION", 1e30 if masked == "sparse" else 0.0)
+    gen = torch.Generator().manual_seed(5)
+    a, first, second = (
+        torch.randn(*s, generator=gen, requires_grad=True) for s in [(12, 6), (4, 6, 3), (4, 3, 5)]
+    )
+    mask = (torch.rand(12, 4, generator=gen) < 0.2) * torch.rand(12, 4, generator=gen)
+    if pattern == "one_component_everywhere":
+        mask[:, 2] = 1.0
+    mask = {"all_zero": torch.zeros(12, 4), "all_one": torch.ones(12, 4)}.get(pattern, mask)
+    out = contract.masked_product(a, first, second, mask)
+    expected = torch.einsum("bi,cim,cmo,bc->bo", a, first, second, mask)
+    assert_close(out, expected, rtol=1e-12, atol=1e-14)
+    cotangent = torch.randn(12, 5, generator=gen)
+    grads = torch.autograd.grad((out * cotangent).sum(), [a, first, second], allow_unused=True)
+    ref_grads = torch.autograd.grad((expected * cotangent).sum(), [a, first, second])
+    for name, grad, ref in zip(["a", "first", "second"], grads, ref_grads, strict=True):
+        grad = torch.zeros_like(ref) if grad is None else grad
+        assert_close(grad, ref, rtol=1e-12, atol=1e-14, msg=lambda m, n=name: f"d/d{n}: {m}")

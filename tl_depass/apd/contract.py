@@ -12,9 +12,10 @@ from torch import Tensor
 
 __all__ = ["component_outputs", "masked_product", "output_grad_contraction"]
 
-# Python and autograd overhead of one component's two small GEMMs in the sparse masked product
-# (forward and backward), in multiply-adds at a CPU's matmul rate (~50 µs at ~40 GMAC/s).
-_PER_COMPONENT_OVERHEAD_MACS = 2e6
+# The sparse masked product is used when its padded rows and gathered factors (tiles · (rows per
+# tile + 1) pair-sized blocks) are under this fraction of the dense product's pairs: the gathers
+# move memory, which is slower per element than a GEMM's multiply-adds.
+_SPARSE_MAX_FRACTION = 0.5
 # Largest [batch chunk, C, d_out] block of component outputs built at once (elements).
 _CHUNK_ELEMENTS = 2**25
 
@@ -97,23 +98,34 @@ def masked_product(
 ) -> Float[Tensor, "batch d_out"]:
     """`Σ_c mask[b, c] · (a_b @ first_c) @ second_c`, differentiable in every argument.
 
-    Dense: two GEMMs over all (sample, component) pairs. Sparse (when the mask's zeros save
-    more than the per-component loop costs, as after batch top-k): each component multiplies
-    only the samples where its mask is non-zero.
+    Dense: two GEMMs over all (sample, component) pairs. Sparse (when the mask is mostly zeros,
+    as after batch top-k): only the pairs with a non-zero mask, grouped by component into tiles
+    of `T = ⌈pairs / C⌉` rows (so at most 2C tiles and 2·pairs padded rows), each tile
+    multiplied by its component's factors in one batched GEMM: a few large operations rather
+    than a loop over components, which stalls when threads must wait for busy cores.
     """
     (C, d_in, m), d_out, batch = first.shape, second.shape[-1], a.shape[0]
-    per_pair = d_in * m + m * d_out
-    pairs = mask.T.nonzero()  # [n_pairs, 2] as (c, b), sorted by c
-    sparse_cost = len(pairs) * per_pair + C * _PER_COMPONENT_OVERHEAD_MACS
-    if len(pairs) == 0 or sparse_cost >= batch * C * per_pair:
+    c_idx, b_idx = mask.T.nonzero().unbind(1)  # pairs sorted by component
+    n_pairs = len(c_idx)
+    rows_per_tile = max(1, -(-n_pairs // C))
+    counts = torch.bincount(c_idx, minlength=C)
+    tiles = (counts + rows_per_tile - 1) // rows_per_tile
+    n_tiles = int(tiles.sum())
+    if n_pairs == 0 or n_tiles * (rows_per_tile + 1) > _SPARSE_MAX_FRACTION * batch * C:
         inner = _apply_first(a, first) * mask[:, :, None]
         return inner.reshape(batch, C * m) @ second.reshape(C * m, d_out)
-    c_idx, b_idx = pairs.unbind(1)
-    counts = torch.bincount(c_idx, minlength=C).tolist()
-    active = [c for c in range(C) if counts[c]]
-    firsts, seconds = first.unbind(0), second.unbind(0)
-    rows = a.index_select(0, b_idx).split(counts)
-    inner = torch.cat([rows[c] @ firsts[c] for c in active]) * mask[b_idx, c_idx][:, None]
-    inner_rows = inner.split([counts[c] for c in active])
-    outs = torch.cat([part @ seconds[c] for part, c in zip(inner_rows, active, strict=True)])
-    return a.new_zeros(batch, d_out).index_add(0, b_idx, outs)
+    # each pair's slot: its component's first tile, then its rank among that component's pairs
+    rank = torch.arange(n_pairs, device=a.device) - (counts.cumsum(0) - counts)[c_idx]
+    slot = ((tiles.cumsum(0) - tiles)[c_idx] * rows_per_tile + rank)
+    sample = torch.full((n_tiles * rows_per_tile,), batch, device=a.device)  # `batch`: padding
+    sample[slot] = b_idx
+    weight = mask.new_zeros(n_tiles * rows_per_tile)
+    weight[slot] = mask[b_idx, c_idx]
+    tile_component = torch.repeat_interleave(
+        torch.arange(C, device=a.device), tiles, output_size=n_tiles
+    )
+    rows = torch.cat([a, a.new_zeros(1, d_in)]).index_select(0, sample)
+    inner = torch.bmm(rows.view(n_tiles, rows_per_tile, d_in), first.index_select(0, tile_component))
+    inner = inner * weight.view(n_tiles, rows_per_tile, 1)
+    outs = torch.bmm(inner, second.index_select(0, tile_component)).view(-1, d_out)
+    return a.new_zeros(batch + 1, d_out).index_add(0, sample, outs)[:batch]
