@@ -100,7 +100,7 @@ def masked_product(
 
     Dense: two GEMMs over all (sample, component) pairs. Sparse (when the mask is mostly zeros,
     as after batch top-k): only the pairs with a non-zero mask, grouped by component into tiles
-    of `T = ⌈pairs / C⌉` rows (so at most 2C tiles and 2·pairs padded rows), each tile
+    of `T = ⌈pairs / C⌉` rows (so at most 2C tiles and about 2·pairs padded rows), each tile
     multiplied by its component's factors in one batched GEMM: a few large operations rather
     than a loop over components, which stalls when threads must wait for busy cores.
     """
@@ -116,7 +116,7 @@ def masked_product(
         return inner.reshape(batch, C * m) @ second.reshape(C * m, d_out)
     # each pair's slot: its component's first tile, then its rank among that component's pairs
     rank = torch.arange(n_pairs, device=a.device) - (counts.cumsum(0) - counts)[c_idx]
-    slot = ((tiles.cumsum(0) - tiles)[c_idx] * rows_per_tile + rank)
+    slot = (tiles.cumsum(0) - tiles)[c_idx] * rows_per_tile + rank
     sample = torch.full((n_tiles * rows_per_tile,), batch, device=a.device)  # `batch`: padding
     sample[slot] = b_idx
     weight = mask.new_zeros(n_tiles * rows_per_tile)
