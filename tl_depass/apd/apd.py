@@ -3,7 +3,8 @@
 Paper notation: `C` components, each spanning every decomposed matrix l as a rank-`m` product
 `P_{c,l} = A_{c,l} @ B_{c,l}` (x @ W convention). A forward with a per-sample mask over components
 never builds per-sample weights: `(a @ A) → [batch, C, m]`, times the mask, then `@ B`,
-summed over C.
+summed over C (after batch top-k, only the active (sample, component) pairs are multiplied).
+The products are in `contract.py`; the step's costs are in docs/apd_results.md ("APD step speed").
 """
 
 import torch
@@ -11,6 +12,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from tl_depass.apd.configs import APDConfig, ConfigError
+from tl_depass.apd.contract import component_outputs, masked_product, output_grad_contraction
 from tl_depass.apd.targets import LinearFn, Site, ToyTarget
 
 __all__ = ["APD", "batch_topk"]
@@ -81,12 +83,7 @@ class APD(nn.Module):
     def linear_fns(self, mask: Float[Tensor, "batch C"]) -> dict[str, LinearFn]:
         def make(site: Site) -> LinearFn:
             first, second = self.factors(site)
-
-            def fn(a: Tensor) -> Tensor:
-                inner = torch.einsum("bi,cim->bcm", a, first) * mask[:, :, None]
-                return torch.einsum("bcm,cmo->bo", inner, second)
-
-            return fn
+            return lambda a: masked_product(a, first, second, mask)
 
         return {site.name: make(site) for site in self.target.sites}
 
@@ -97,44 +94,35 @@ class APD(nn.Module):
 
     # ---- attributions ----------------------------------------------------------------------
 
-    @torch.no_grad()
-    def _component_site_outputs(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Each component's output at each site on the given site inputs: [batch, C, d_out]."""
-        outs = {}
-        for site in self.target.sites:
-            first, second = self.factors(site)
-            outs[site.name] = torch.einsum("bi,cim,cmo->bco", inputs[site.name], first, second)
-        return outs
+    def _target_output_grads(
+        self, x: Float[Tensor, "batch n_features"]
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Site inputs [batch, d_in] and ∂f_o/∂(site output) for every output o:
+        [batch, n_out, d_out], one vector-Jacobian product per output of one sample, vmapped.
 
-    def _target_output_grads(self, x: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """Site inputs and ∂f_o/∂(site output) for every output o: [n_out, batch, d_out]."""
+        The output basis is built outside the vmap over samples, so a Jacobian that does not
+        depend on the sample (a site followed only by linear maps) is computed once and comes
+        back expanded over the batch with stride 0, which `output_grad_contraction` uses.
+        """
+        target, sites = self.target, self.target.sites
+        n_out = target.run(x[:1]).output.shape[-1]
+        basis = torch.eye(n_out, dtype=x.dtype, device=x.device)
+
+        def one_sample(x_b: Tensor, probes: dict[str, Tensor]):
+            def run(probes: dict[str, Tensor]):
+                def make(site: Site) -> LinearFn:
+                    return lambda a: a @ target.site_weight(site) + probes[site.name]
+
+                record = target.run(x_b[None], {s.name: make(s) for s in sites})
+                return record.output[0], {k: v[0] for k, v in record.inputs.items()}
+
+            _, vjp_fn, inputs = torch.func.vjp(run, probes, has_aux=True)
+            return torch.func.vmap(vjp_fn)(basis)[0], inputs
+
+        probes = {s.name: x.new_zeros(x.shape[0], target.site_weight(s).shape[1]) for s in sites}
         with torch.enable_grad():
-            probes: dict[str, Tensor] = {}
-
-            def make(site: Site) -> LinearFn:
-                def fn(a: Tensor) -> Tensor:
-                    out = a @ self.target.site_weight(site)
-                    probes[site.name] = torch.zeros_like(out, requires_grad=True)
-                    return out + probes[site.name]
-
-                return fn
-
-            run = self.target.run(x, {s.name: make(s) for s in self.target.sites})
-            n_out = run.output.shape[-1]
-            eye = torch.eye(n_out).to(x)[:, None, :].expand(n_out, *run.output.shape)
-            names = [s.name for s in self.target.sites]
-            grads = torch.autograd.grad(
-                run.output,
-                [probes[n] for n in names],
-                grad_outputs=eye,
-                is_grads_batched=True,
-                allow_unused=True,
-            )
-        inputs = {k: v.detach() for k, v in run.inputs.items()}
-        return inputs, {
-            n: (g if g is not None else probes[n].new_zeros(n_out, *probes[n].shape))
-            for n, g in zip(names, grads, strict=True)
-        }
+            grads, inputs = torch.func.vmap(one_sample)(x, probes)
+        return inputs, grads
 
     @torch.no_grad()
     def attributions(self, x: Float[Tensor, "batch n_features"]) -> Float[Tensor, "batch C"]:
@@ -143,12 +131,17 @@ class APD(nn.Module):
         if kind == "gradient":
             # sqrt(mean_o (Σ_l Σ_j ∂f_o/∂y_{l,j} (a_l P_{c,l})_j)²), all on the target
             inputs, grads = self._target_output_grads(x)
-            outs = self._component_site_outputs(inputs)
-            total = sum(torch.einsum("obj,bcj->obc", grads[n], outs[n]) for n in outs)
-            return total.pow(2).mean(0).sqrt()
+            total = None
+            for site in self.target.sites:
+                a, g = inputs[site.name], grads[site.name]
+                total = output_grad_contraction(a, *self.factors(site), g, out=total)
+            return torch.linalg.vector_norm(total, dim=-1) / total.shape[-1] ** 0.5
         if kind == "activation":
-            outs = self._component_site_outputs(self.target.run(x).inputs)
-            return sum(o.pow(2).sum(-1) for o in outs.values())
+            inputs = self.target.run(x).inputs
+            return sum(
+                component_outputs(inputs[site.name], *self.factors(site)).pow(2).sum(-1)
+                for site in self.target.sites
+            )
         # ablation: output change when one component is removed from the all-ones APD model
         ones = x.new_ones(x.shape[0], self.cfg.C)
         full = self.forward(x, ones)
@@ -166,7 +159,9 @@ class APD(nn.Module):
         total, count = 0.0, 0
         for site in self.target.sites:
             first, second = self.factors(site)
-            diff = self.target.site_weight(site) - torch.einsum("cim,cmo->io", first, second)
+            C, d_in, m = first.shape
+            summed = first.permute(1, 0, 2).reshape(d_in, C * m) @ second.reshape(C * m, -1)
+            diff = self.target.site_weight(site) - summed
             total = total + diff.pow(2).sum()
             count += diff.numel()
         return total / count
