@@ -4,6 +4,7 @@ import re
 import shlex
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -234,3 +235,9 @@ def test_every_readme_command_runs(command, network, tmp_path, capsys, monkeypat
         assert (tmp_path / argv[argv.index("--out") + 1]).stat().st_size > 0
     elif argv[0] == "explain":
         assert (tmp_path / "report.html").stat().st_size > 0
+
+
+def test_the_command_leaves_the_callers_warning_filters_alone(capsys):
+    before = list(warnings.filters)
+    run(capsys, "models")
+    assert warnings.filters == before

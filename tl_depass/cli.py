@@ -93,14 +93,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser().print_help()
         print("\nStart with:  tl-depass explain")
         return 0
-    warnings.filterwarnings("ignore", category=DeprecationWarning)  # TL 3.x's 4.0 notice
-    try:
-        if args.command == "models":
-            return list_models()
-        return explain(args)
-    except (CliError, DepassError) as e:
-        print(f"tl-depass: error: {e}", file=sys.stderr)
-        return 1
+    with warnings.catch_warnings():  # for this command only, not the caller's process
+        warnings.filterwarnings("ignore", category=DeprecationWarning)  # TL 3.x's 4.0 notice
+        try:
+            if args.command == "models":
+                return list_models()
+            return explain(args)
+        except (CliError, DepassError) as e:
+            print(f"tl-depass: error: {e}", file=sys.stderr)
+            return 1
 
 
 def list_models() -> int:
