@@ -143,6 +143,7 @@ def attribute(
     pos_embed: PosEmbed = "with_token",
     method: Method | str = "auto",  # str: a clear error below, not a type-check failure
     chunk_size: int | None = None,
+    max_memory: int | None = None,
 ) -> Attribution:
     """Each component's share of `logit[answer] - logit[wrong]` (pre-softcap) at `pos`, per
     batch row: the numbers `decompose(...).logit_attribution(answer, wrong, pos)` gives, without
@@ -165,7 +166,7 @@ def attribute(
     if not (supported and mlp_rule == "ratio" and method != "forward"):
         dec = decompose(model, tokens, spec, mlp_rule=mlp_rule, temperature=temperature,
                         attention_mask=attention_mask, pos_embed=pos_embed, keep=[],
-                        chunk_size=chunk_size)
+                        chunk_size=chunk_size, max_memory=max_memory)
         score = dec.logit_attribution(answer, wrong, pos)
         named = [c for c, label in enumerate(dec.labels) if not UNNAMED.fullmatch(label)]
         return Attribution([dec.labels[c] for c in named], score[named].T.contiguous(), "forward")
