@@ -17,6 +17,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from tl_depass import memory
 from tl_depass.backends import check_model, forward_as_recorded
 from tl_depass.clean_run import CleanRun, record_clean_run
 from tl_depass.components import PosEmbed, TokensAt, as_components, token_labels
@@ -182,6 +183,7 @@ def attribute(
         value = logits[rows, at, right]
         return (value if other is None else value - logits[rows, at, other]).sum()
 
+    memory.check_backward(model, tokens, max_memory)
     labels, scores = backward(model, tokens, mask, spec, readout)
     if mask is not None and isinstance(spec, TokensAt):
         scores = scores.masked_fill(mask == 0, 0)

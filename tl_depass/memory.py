@@ -29,8 +29,11 @@ from tl_depass.validate import RESIDUAL, check_layers
 
 # Per row and position, in units of the model's dtype: the MLP's working set (pre-activation,
 # its corrected copy, the activation, the rule's temporaries), the attention's (scores, masked
-# scores, pattern), and the residual stream's (a few copies alive around each hook).
-MLP_TEMPS, ATTN_TEMPS, RESID_TEMPS = 6, 4, 6
+# scores, pattern), and the residual stream's (a few copies alive around each hook); at the end
+# the raw logits (before and after b_U) next to the corrected ones.
+MLP_TEMPS, ATTN_TEMPS, RESID_TEMPS = 10, 4, 6
+# What autograd keeps per layer and position on attribute's backward path (model's dtype).
+GRAPH_RESID, GRAPH_MLP = 12, 4
 
 
 @dataclass(frozen=True)
@@ -123,25 +126,39 @@ def hook_width(cfg, name: str) -> int:
     return max(cfg.d_model, d_mlp, heads, cfg.n_heads * cfg.d_model)
 
 
+def mlp_and_vocab(cfg) -> tuple[int, int]:
+    d_mlp = 0 if cfg.attn_only else (cfg.d_mlp or 4 * cfg.d_model)
+    d_vocab = getattr(cfg, "d_vocab_out", -1)
+    return d_mlp, d_vocab if d_vocab and d_vocab > 0 else cfg.d_vocab
+
+
+def clean_run(cfg, batch: int, pos: int) -> int:
+    """Values the clean run records: per layer the pattern, z, residuals, MLP pre-activation,
+    activation and the rules' facts; the logits twice (recorded and returned)."""
+    d_mlp, d_vocab = mlp_and_vocab(cfg)
+    layer = cfg.n_heads * pos * pos + pos * (3 * cfg.d_model + cfg.n_heads * cfg.d_head + 5 * d_mlp)
+    return batch * (cfg.n_layers * layer + 2 * pos * d_vocab)
+
+
 def estimate(model, batch: int, pos: int, groups: int, per_group: int, kept: list[str],
              chunk_size: int | None, itemsize: int, padded: bool) -> MemoryEstimate:
     """The estimate for `groups` groups of `per_group` components (and a bias each)."""
     cfg = model.cfg
-    d_mlp = 0 if cfg.attn_only else (cfg.d_mlp or 4 * cfg.d_model)
-    d_vocab = getattr(cfg, "d_vocab_out", -1)
-    d_vocab = d_vocab if d_vocab and d_vocab > 0 else cfg.d_vocab
+    d_mlp, d_vocab = mlp_and_vocab(cfg)
     width = sum(hook_width(cfg, n) for n in kept) + d_vocab  # per component, batch, position
     results = groups * (per_group + 1) * batch * pos * width
-    layer = cfg.n_heads * pos * pos + pos * (3 * cfg.d_model + cfg.n_heads * cfg.d_head + 5 * d_mlp)
-    clean = batch * (cfg.n_layers * layer + 2 * pos * d_vocab)
+    clean = clean_run(cfg, batch, pos)
     k = per_group if chunk_size is None else max(1, min(per_group, chunk_size // groups))
     rows = groups * (k + 2) * batch
-    working = max(d_vocab, MLP_TEMPS * d_mlp + RESID_TEMPS * cfg.d_model,
+    working = max(2 * d_vocab, MLP_TEMPS * d_mlp + RESID_TEMPS * cfg.d_model,
                   ATTN_TEMPS * cfg.n_heads * pos + RESID_TEMPS * cfg.d_model)
     facts = 3 * cfg.n_layers * groups * batch * pos * d_mlp if groups > 1 else 0
-    # Chunked, the previous chunk's kept values live until the next forward's are copied, and
-    # the allocator keeps freed chunk-sized blocks (measured: about one more).
-    transient = rows * pos * (width * (1 + 2 * (k < per_group)) + working) + facts
+    kept_rows = rows * pos * width  # what one forward keeps
+    if k < per_group:  # the results exist during later chunks, next to the previous chunk's
+        # kept values and the allocator's freed chunk-sized blocks (measured: about one more)
+        transient = 3 * kept_rows + rows * pos * working + facts
+    else:  # the working set is gone before the results are allocated and copied into
+        transient = kept_rows + max(rows * pos * working, results) + facts - results
     if padded:  # padded positions are zeroed into a copy of every result
         transient = max(transient, results)
     chunk = None if k >= per_group else k * groups
@@ -173,6 +190,22 @@ def plan(model, batch: int, pos: int, counts: tuple[int, int], kept: list[str],
         else:
             hi = mid - 1
     return best
+
+
+def check_backward(model, tokens, max_memory: int | None) -> None:
+    """attribute's backward path needs the clean run, one forward whose activations autograd
+    keeps (per layer a few residual- and MLP-wide tensors; the patterns are the clean ones), and
+    the logits three times (output, capture, gradient). Refuse it when that does not fit."""
+    cfg, (batch, pos) = model.cfg, tokens.shape
+    d_mlp, d_vocab = mlp_and_vocab(cfg)
+    graph = batch * pos * (cfg.n_layers * (GRAPH_RESID * cfg.d_model + GRAPH_MLP * d_mlp) + 3 * d_vocab)
+    need = next(model.parameters()).element_size() * (clean_run(cfg, batch, pos) + graph)
+    available = max_memory if max_memory is not None else available_memory(tokens.device)
+    if available is not None and need > available:
+        raise DepassError(f"attribute's backward pass would need about {size(need)} but "
+                          f"{size(available)} is available; lower it with fewer positions (a shorter "
+                          "prompt) or a smaller batch, or pass max_memory= (bytes) if you know more "
+                          "is available")
 
 
 def available_memory(device: torch.device) -> int | None:
