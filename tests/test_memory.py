@@ -165,3 +165,13 @@ def test_attribute_forward_path_checks_too(model):
     with pytest.raises(DepassError, match="available"):
         tl_depass.attribute(model, tokens, answer=1, method="forward", max_memory=10**6)
     assert user_hooks(model) == {}
+
+
+def test_attribute_backward_path_checks_too(model, monkeypatch):
+    tokens = tokens_for(model, 16)
+    monkeypatch.setattr(importlib.import_module("tl_depass.attribute"), "backward",
+                        lambda *a: pytest.fail("the backward pass ran"))
+    with pytest.raises(DepassError, match="backward pass would need about .* available"):
+        tl_depass.attribute(model, tokens, answer=1, mlp_rule="ratio", method="backward",
+                            max_memory=10**6)
+    assert user_hooks(model) == {}
