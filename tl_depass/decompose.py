@@ -182,9 +182,8 @@ def decompose(
     hooks = canonical_names(model)
     entry = getattr(spec, "hook", None)  # None: the level knows its entry points (canonical)
     keep_list = keep_names(hooks, keep)
-    counts = memory.count_components(spec, model, tokens.shape[1], pos_embed)
-    chunk = memory.fitted(model, tokens, mask, spec, keep_list, keep is not None, pos_embed,
-                          chunk_size, max_memory)
+    exact = memory.count_components(spec, model, tokens.shape[1], pos_embed)[2]
+    chunk = memory.fitted(model, tokens, mask, spec, keep_list, pos_embed, chunk_size, max_memory)
     reads = {resolve(hooks, n) for n in getattr(spec, "reads", lambda model: [])(model)}
     clean = record_clean_run(
         model, tokens, mask,
@@ -195,9 +194,9 @@ def decompose(
     plan = make_plan(model, clean, [e.hook for g in parts for e in g.entries], keep_list)
     user = check_user_hooks(model, replaced_hooks(model, plan.attn, plan.mlps))
     n_components = len(parts[0].labels) - 1
-    if not counts[2]:  # the clean run fixed the count: check again, exactly
-        chunk = memory.fitted(model, tokens, mask, spec, keep_list, keep is not None, pos_embed,
-                              chunk_size, max_memory, (len(parts), n_components))
+    if not exact:  # a lower bound was checked; the clean run has fixed the count
+        chunk = memory.fitted(model, tokens, mask, spec, keep_list, pos_embed, chunk_size,
+                              max_memory, (len(parts), n_components))
     excluded = bos_exclusions(model, tokens, mask, n_components, isinstance(spec, TokensAt),
                               mlp_rule, ignore_bos)
     setup = RuleSetup(mlp_rule, temperature, excluded)

@@ -1,17 +1,17 @@
-"""How much memory a `decompose` call needs, counted before anything is allocated, and what is
-available (free RAM within the container's cgroup limit, or free device memory).
+"""How much memory a `decompose` call needs, counted from its arguments before anything is
+allocated, and what is available (free RAM within the container's cgroup limit, or free device
+memory).
 
-The terms (bytes of the model's dtype; rows = the slots of one folded forward x batch):
+The terms (in the model's dtype; rows = the slots of one folded forward x batch):
 - results: every kept hook's [component, batch, pos, ...] and the logits [component, batch, pos,
   d_vocab];
-- clean: what the clean run records (frozen patterns, MLP facts, residuals, logits) and holds
+- clean: what the clean run records (frozen patterns, MLP facts, residuals, logits), held
   through the call;
-- transient: one folded forward, per row: its kept activations (`run_chunks` copies them into
-  the results, so they exist twice at the peak), plus the largest working set of one layer
-  (attention scores and pattern, MLP pre-activations, rule temporaries) or the raw logits, plus
-  the MLP facts repeated once per group.
-The constants below were measured on CPU (float64 and float32, VmHWM); the estimate is within
-0.5x-2x of the measured peak (tests/test_memory.py).
+- transient: the peak of the folded forward(s) on top, which comes in phases: one forward's kept
+  values next to the larger of its working set (one layer's temporaries, or the raw logits) and
+  their copy into the results; chunked, the results next to a forward and two chunks' kept values.
+The constants were fitted to the peak resident memory (VmHWM) of calls on CPU, float32 and
+float64: the estimate is 0.7x-1.4x of it (docs/benchmarks.md, "Memory"; tests/test_memory.py).
 """
 
 import importlib
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tl_depass.backends import canonical_names, check_model
 from tl_depass.components import Split, TokensAt, as_components
 from tl_depass.errors import DepassError
 from tl_depass.levels import Heads, Modules, Neurons, SAEFeatures, Subspace
@@ -121,7 +122,7 @@ def hook_width(cfg, name: str) -> int:
     if name.endswith("attn.hook_result"):
         return cfg.n_heads * cfg.d_model
     if RESIDUAL.match(name) or name.endswith(("hook_attn_out", "hook_mlp_out", "hook_normalized",
-                                              "hook_embed", "hook_in", "hook_out", "_input")):
+                                              "hook_embed", "hook_pos_embed")):
         return cfg.d_model
     return max(cfg.d_model, d_mlp, heads, cfg.n_heads * cfg.d_model)
 
@@ -255,11 +256,11 @@ def cgroup_free() -> int | None:
     return None
 
 
-def check_fits(est: MemoryEstimate, chunk_given: bool, keep_given: bool) -> None:
+def check_fits(est: MemoryEstimate, chunk_given: bool, keeps_hooks: bool) -> None:
     """Refuse, naming what would lower the estimate, when it exceeds what is available."""
     if est.available is None or est.total <= est.available:
         return
-    ways = [] if keep_given else ["keep=[] (the logits only)"]
+    ways = ["keep=[] (the logits only)"] if keeps_hooks else []
     if chunk_given:
         ways.append("a smaller chunk_size= (or none: the largest that fits is chosen)")
     ways += ["fewer positions (a shorter prompt) or a smaller batch", "fewer components",
@@ -275,8 +276,6 @@ def planned(model, tokens, mask, spec, keep, pos_embed: str, chunk_size: int | N
             max_memory: int | None, counts: tuple[int, int] | None = None) -> MemoryEstimate:
     """The estimate for a `decompose` call whose arguments are checked (`keep` as keep_names
     returns it); `counts` (groups, components per group) once the clean run has fixed them."""
-    from tl_depass.backends import canonical_names
-
     if max_memory is not None and max_memory < 1:
         raise DepassError(f"max_memory must be a positive number of bytes, got {max_memory}")
     counts = counts or count_components(spec, model, tokens.shape[1], pos_embed)[:2]
@@ -285,13 +284,12 @@ def planned(model, tokens, mask, spec, keep, pos_embed: str, chunk_size: int | N
     return plan(model, *tokens.shape, counts, kept, chunk_size, available, mask is not None)
 
 
-def fitted(model, tokens, mask, spec, keep, keep_given: bool, pos_embed: str,
-           chunk_size: int | None, max_memory: int | None,
-           counts: tuple[int, int] | None = None) -> int | None:
+def fitted(model, tokens, mask, spec, keep, pos_embed: str, chunk_size: int | None,
+           max_memory: int | None, counts: tuple[int, int] | None = None) -> int | None:
     """The chunk size `decompose` runs with: `chunk_size`, or when None the largest that fits
     (None: one forward). Raises DepassError when the call would not fit."""
     est = planned(model, tokens, mask, spec, keep, pos_embed, chunk_size, max_memory, counts)
-    check_fits(est, chunk_size is not None, keep_given)
+    check_fits(est, chunk_size is not None, callable(keep) or bool(keep))
     return chunk_size if chunk_size is not None else est.chunk_size
 
 
@@ -300,15 +298,15 @@ def estimate_memory(model, tokens, components: object = "tokens", **options) -> 
     model, for the chunk size decompose would run with (given, or the largest that fits in the
     available memory or `max_memory`). For SAEFeatures(features=None) and levels of your own,
     whose counts only the clean run knows, the fewest components they can have."""
-    dp = importlib.import_module("tl_depass.decompose")  # the module, not the function
-    from tl_depass.backends import canonical_names, check_model
-
+    dp = importlib.import_module("tl_depass.decompose")  # the module (decompose imports this one)
     check_model(model)
     names = set(inspect.signature(dp.decompose).parameters) - {"model", "tokens", "components"}
     unknown = sorted(set(options) - names)
     if unknown:
         raise DepassError(f"estimate_memory: unknown options {unknown}; it takes decompose's "
                           f"options {sorted(names)}")
+    dp.check_options(model, options.get("mlp_rule", "softmax"), options.get("temperature", 0.1),
+                     options.get("chunk_size"), options.get("ignore_bos", False))
     tokens, mask = dp.prepare_tokens(model, tokens, options.get("attention_mask"))
     pos_embed = options.get("pos_embed", "with_token")
     spec = dp.check_pos_embed(as_components(components, model), pos_embed)
