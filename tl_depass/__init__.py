@@ -13,6 +13,7 @@ from tl_depass.decompose import decompose
 from tl_depass.decomposition import Decomposition
 from tl_depass.errors import DepassError, UnsupportedModelError
 from tl_depass.levels import Heads, Modules, Neurons, SAEFeatures, Subspace
+from tl_depass.memory import MemoryEstimate, estimate_memory
 from tl_depass.params import ParamComponents
 from tl_depass.tolerances import COMPLETENESS_RTOL, completeness_rtol
 
@@ -24,6 +25,7 @@ __all__ = [
     "Decomposition",
     "DepassError",
     "Heads",
+    "MemoryEstimate",
     "Modules",
     "Neurons",
     "ParamComponents",
@@ -36,6 +38,7 @@ __all__ = [
     "compare",
     "completeness_rtol",
     "decompose",
+    "estimate_memory",
     "models",
     "tasks",
 ]

@@ -17,6 +17,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from tl_depass import memory
 from tl_depass.backends import check_model, forward_as_recorded
 from tl_depass.clean_run import CleanRun, record_clean_run
 from tl_depass.components import PosEmbed, TokensAt, as_components, token_labels
@@ -143,6 +144,7 @@ def attribute(
     pos_embed: PosEmbed = "with_token",
     method: Method | str = "auto",  # str: a clear error below, not a type-check failure
     chunk_size: int | None = None,
+    max_memory: int | None = None,
 ) -> Attribution:
     """Each component's share of `logit[answer] - logit[wrong]` (pre-softcap) at `pos`, per
     batch row: the numbers `decompose(...).logit_attribution(answer, wrong, pos)` gives, without
@@ -165,7 +167,7 @@ def attribute(
     if not (supported and mlp_rule == "ratio" and method != "forward"):
         dec = decompose(model, tokens, spec, mlp_rule=mlp_rule, temperature=temperature,
                         attention_mask=attention_mask, pos_embed=pos_embed, keep=[],
-                        chunk_size=chunk_size)
+                        chunk_size=chunk_size, max_memory=max_memory)
         score = dec.logit_attribution(answer, wrong, pos)
         named = [c for c, label in enumerate(dec.labels) if not UNNAMED.fullmatch(label)]
         return Attribution([dec.labels[c] for c in named], score[named].T.contiguous(), "forward")
@@ -181,6 +183,7 @@ def attribute(
         value = logits[rows, at, right]
         return (value if other is None else value - logits[rows, at, other]).sum()
 
+    memory.check_backward(model, tokens, max_memory)
     labels, scores = backward(model, tokens, mask, spec, readout)
     if mask is not None and isinstance(spec, TokensAt):
         scores = scores.masked_fill(mask == 0, 0)

@@ -8,7 +8,7 @@ from beartype import beartype
 from jaxtyping import jaxtyped
 from torch import Tensor
 
-from tl_depass import backends, rules
+from tl_depass import backends, memory, rules
 from tl_depass.backends import canonical_names, check_model
 from tl_depass.clean_run import FROZEN, CleanRun, record_clean_run
 from tl_depass.components import Group, PosEmbed, TokensAt, as_components, groups
@@ -166,10 +166,14 @@ def decompose(
     pos_embed: PosEmbed = "with_token",
     keep: Keep = None,
     chunk_size: int | None = None,
+    max_memory: int | None = None,
 ) -> Decomposition:
     """Split every kept activation and the logits of `model` on `tokens` into exact additive
     shares of `components` (plus a last "bias" component), with attention patterns, norm scales
-    and MLP activations frozen at their clean values. See docs/rules.md for the rules."""
+    and MLP activations frozen at their clean values. See docs/rules.md for the rules.
+    Before anything is allocated, the memory the call needs (`estimate_memory`) is checked
+    against what is free (or `max_memory` bytes); `chunk_size=None` runs the largest chunk of
+    components per forward that fits."""
     check_model(model)
     check_supported(model.cfg)
     check_options(model, mlp_rule, temperature, chunk_size, ignore_bos)
@@ -178,6 +182,8 @@ def decompose(
     hooks = canonical_names(model)
     entry = getattr(spec, "hook", None)  # None: the level knows its entry points (canonical)
     keep_list = keep_names(hooks, keep)
+    exact = memory.count_components(spec, model, tokens.shape[1], pos_embed)[2]
+    chunk = memory.fitted(model, tokens, mask, spec, keep_list, pos_embed, chunk_size, max_memory)
     reads = {resolve(hooks, n) for n in getattr(spec, "reads", lambda model: [])(model)}
     clean = record_clean_run(
         model, tokens, mask,
@@ -188,10 +194,13 @@ def decompose(
     plan = make_plan(model, clean, [e.hook for g in parts for e in g.entries], keep_list)
     user = check_user_hooks(model, replaced_hooks(model, plan.attn, plan.mlps))
     n_components = len(parts[0].labels) - 1
+    if not exact:  # a lower bound was checked; the clean run has fixed the count
+        chunk = memory.fitted(model, tokens, mask, spec, keep_list, pos_embed, chunk_size,
+                              max_memory, (len(parts), n_components))
     excluded = bos_exclusions(model, tokens, mask, n_components, isinstance(spec, TokensAt),
                               mlp_rule, ignore_bos)
     setup = RuleSetup(mlp_rule, temperature, excluded)
-    results = run_chunks(model, tokens, mask, clean, plan, setup, parts, chunk_size)
+    results = run_chunks(model, tokens, mask, clean, plan, setup, parts, chunk)
     fill_before_entry(results, clean, parts)
     labels = [label for g in parts for label in g.labels]
     clean_values = {h: clean[h] for h in plan.keep}
