@@ -15,6 +15,7 @@ from tl_depass.errors import DepassError, UnsupportedModelError
 from tl_depass.levels import Heads, Modules, Neurons, SAEFeatures, Subspace
 from tl_depass.memory import MemoryEstimate, estimate_memory
 from tl_depass.params import ParamComponents
+from tl_depass.saving import load_results
 from tl_depass.tolerances import COMPLETENESS_RTOL, completeness_rtol
 
 __version__ = "0.1.0"
@@ -39,6 +40,7 @@ __all__ = [
     "completeness_rtol",
     "decompose",
     "estimate_memory",
+    "load_results",
     "models",
     "tasks",
 ]

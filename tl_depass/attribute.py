@@ -7,9 +7,11 @@ model give, for every head, module or neuron of every layer at once, the numbers
 forward gives. `method="auto"` takes that path whenever it applies.
 """
 
+import dataclasses
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import pandas as pd
@@ -28,6 +30,7 @@ from tl_depass.frozen import FROZEN_INPUTS, frozen_hooks
 from tl_depass.guard import serialised
 from tl_depass.levels import Heads, Modules, Neurons, check_layers
 from tl_depass.replay import mlp_site
+from tl_depass.saving import load_result, save_result
 from tl_depass.validate import check_options, public
 
 Method = Literal["auto", "forward", "backward"]
@@ -44,6 +47,26 @@ class Attribution:
         return pd.DataFrame([(b, label, float(self.scores[b, c])) for b in range(self.scores.shape[0])
                              for c, label in enumerate(self.labels)],
                             columns=["batch", "component", "score"])
+
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Write this attribution to the directory `path` (safetensors and JSON, no pickle);
+        an existing saved result is replaced only with `overwrite=True`."""
+        return save_result(path, "Attribution", {"labels": self.labels, "method": self.method},
+                           {"scores": self.scores}, overwrite)
+
+    @classmethod
+    def load(cls, path: str | Path, device: torch.device | str = "cpu") -> "Attribution":
+        """An attribution saved with `.save(path)`."""
+        meta, tensors = load_result(path, "Attribution", ("labels", "method"))
+        return cls(meta["labels"], tensors["scores"], meta["method"]).to(device)
+
+    def to(self, device: torch.device | str) -> "Attribution":
+        """A copy with the scores on `device` (shared if already there, as with `Tensor.to`)."""
+        return dataclasses.replace(self, labels=list(self.labels), scores=self.scores.to(device))
+
+    def cpu(self) -> "Attribution":
+        """A copy with the scores on the CPU."""
+        return self.to("cpu")
 
 
 @dataclass

@@ -1,6 +1,9 @@
 """The result of `decompose`: per-component activations, component axis first."""
 
+import copy
 import re
+from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import torch
@@ -9,6 +12,7 @@ from torch import Tensor
 
 from tl_depass.backends import canonical_names
 from tl_depass.errors import DepassError, NotKeptError
+from tl_depass.saving import SavedModel, load_result, model_facts, save_result
 from tl_depass.tolerances import relative_error
 from tl_depass.validate import check_finite, public, token_of
 
@@ -20,6 +24,8 @@ class Decomposition:
 
     `dec[hook]` is `[component, batch, pos, ...]` (TransformerLens axes after the component axis);
     the last component is always "bias". `dec[hook].sum(0)` equals the clean activation.
+    `dec.save(path)` writes it to a directory; `Decomposition.load(path)` reads it back without
+    the model (`dec.model` is then a `SavedModel`: its facts, no weights, no tokenizer).
     """
 
     def __init__(self, model, labels: list[str], results: dict[str, Tensor],
@@ -31,10 +37,14 @@ class Decomposition:
         #: One slice of the component axis per group (one per layer for Heads and Modules); each
         #: group's shares sum to the clean activation, and each group ends with its own bias.
         self.groups = [slice(g * size, (g + 1) * size) for g in range(n_groups)]
+        #: On a loaded result saved with a tokenizer: each batch row's token strings.
+        self.str_tokens: list[list[str]] | None = None
 
     def __getitem__(self, name: str) -> Tensor:
         if name not in self.results and name != "logits":  # a Bridge's raw name or alias
-            name = canonical_names(self.model).get(name, name)
+            aliases = (self.model.aliases if isinstance(self.model, SavedModel)
+                       else canonical_names(self.model))
+            name = aliases.get(name, name)
         if name not in self.results:
             kept = sorted(self.results)
             raise NotKeptError(
@@ -55,8 +65,65 @@ class Decomposition:
         return (f"Decomposition({len(self.labels)} components, batch {self.tokens.shape[0]}, "
                 f"pos {self.tokens.shape[1]}, kept {len(self.results)} hooks)")
 
+    # --- saving ---
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Write this decomposition to the directory `path` (safetensors and JSON, no pickle);
+        an existing saved result is replaced only with `overwrite=True`."""
+        model = self.model
+        if isinstance(model, SavedModel):
+            facts, aliases = vars(model.cfg), model.aliases
+        else:
+            facts = model_facts(model)
+            aliases = {k: v for k, v in canonical_names(model).items()
+                       if v in self.results and k != v}
+        tokenizer = getattr(model, "tokenizer", None)
+        record = {
+            "labels": self.labels, "n_groups": len(self.groups), "kept": list(self.results),
+            "clean": list(self.clean), "model": facts, "aliases": aliases,
+            "str_tokens": (self.str_tokens if tokenizer is None else
+                           [list(model.to_str_tokens(row)) for row in self.tokens]),
+        }
+        tensors = {"tokens": self.tokens, "attention_mask": self.attention_mask,
+                   "clean_logits": self.clean_logits,
+                   **{f"results/{k}": v for k, v in self.results.items()},
+                   **{f"clean/{k}": v for k, v in self.clean.items()}}
+        return save_result(path, "Decomposition", record, tensors, overwrite)
+
+    @classmethod
+    def load(cls, path: str | Path, device: torch.device | str = "cpu") -> "Decomposition":
+        """A decomposition saved with `.save(path)`, without its model: every readout that needs
+        only saved data works (answers as token ids; `top_tokens` names tokens by id)."""
+        meta, t = load_result(path, "Decomposition",
+                              ("labels", "n_groups", "kept", "clean", "model", "aliases"))
+        model = SavedModel(SimpleNamespace(**meta["model"]), Path(path), meta["aliases"])
+        dec = cls(model, meta["labels"], {k: t[f"results/{k}"] for k in meta["kept"]},
+                  {k: t[f"clean/{k}"] for k in meta["clean"]}, t["tokens"], t["attention_mask"],
+                  t["clean_logits"], n_groups=meta["n_groups"])
+        dec.str_tokens = meta.get("str_tokens")
+        return dec.to(device)
+
+    def to(self, device: torch.device | str) -> "Decomposition":
+        """A copy with every tensor on `device` (tensors already there are shared, as with
+        `Tensor.to`); the model is not moved."""
+        out = copy.copy(self)
+        out.results = {k: v.to(device) for k, v in self.results.items()}
+        out.clean = {k: v.to(device) for k, v in self.clean.items()}
+        out.tokens, out.clean_logits = self.tokens.to(device), self.clean_logits.to(device)
+        out.attention_mask = None if self.attention_mask is None else self.attention_mask.to(device)
+        out.labels, out.groups = list(self.labels), list(self.groups)
+        return out
+
+    def cpu(self) -> "Decomposition":
+        """A copy with every tensor on the CPU."""
+        return self.to("cpu")
+
     # --- readouts ---
     def _tokens(self, answer: Answer) -> Int[Tensor, " batch"]:
+        if isinstance(self.model, SavedModel) and (
+                isinstance(answer, str) or isinstance(answer, list)
+                and any(isinstance(a, str) for a in answer)):
+            raise DepassError(f"this Decomposition was loaded from {self.model.path} without its "
+                              f"model or tokenizer: pass token ids, not strings ({answer!r:.60})")
         return answer_ids(self.model, answer, self.tokens.shape[0], self.logits.shape[-1],
                           self.tokens.device)
 
