@@ -209,3 +209,27 @@ def test_to_cpu_returns_a_copy(tmp_path):
     copied = attr.cpu()
     assert copied is not attr and copied.labels == attr.labels
     same(copied.scores, attr.scores, "Attribution.cpu")
+
+
+def test_token_strings_are_saved_with_a_tokenizer(tmp_path):
+    """With a tokenizer the token strings are saved; a string answer live equals its id offline."""
+    models = pytest.importorskip("models")
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    words = ["<bos>", "<pad>"] + [f"w{i}" for i in range(18)]  # as in test_tokenizer.py
+    core = Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<bos>", pad_token="<pad>",
+                            unk_token="<pad>").save_pretrained(tmp_path / "tokenizer")
+    model = models.make_model()
+    model.set_tokenizer(AutoTokenizer.from_pretrained(tmp_path / "tokenizer"),
+                        default_padding_side="right")
+    dec = tl_depass.decompose(model, ["w1 w2 w3", "w4 w5"])
+    dec.save(tmp_path / "dec")
+    loaded = Decomposition.load(tmp_path / "dec")
+    assert loaded.str_tokens == [list(model.to_str_tokens(row)) for row in dec.tokens]
+    pos = dec.attention_mask.sum(1) - 1
+    same(loaded.logit_attribution(model.to_single_token("w7"), pos=pos),
+         dec.logit_attribution("w7", pos=pos), "string answer live, its id offline")

@@ -33,10 +33,11 @@ FACTS = ("n_layers", "n_heads", "d_mlp", "d_vocab")
 
 
 def config_hash(cfg) -> str:
-    """sha256 of the sorted JSON of the config's plain fields (ints, floats, strs, bools)."""
+    """sha256 of the sorted JSON of the config's plain fields (ints, floats, strs, bools), but
+    not where the model happens to be (`device`, `n_devices`)."""
     plain = {k: v for k, v in sorted(vars(cfg).items())
-             if isinstance(v, (int, float, str, bool)) and not (isinstance(v, float)
-                                                                 and not math.isfinite(v))}
+             if isinstance(v, (int, float, str, bool)) and k not in ("device", "n_devices")
+             and not (isinstance(v, float) and not math.isfinite(v))}
     return hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()
 
 
