@@ -190,7 +190,8 @@ def attribute(
     if not (supported and mlp_rule == "ratio" and method != "forward"):
         dec = decompose(model, tokens, spec, mlp_rule=mlp_rule, temperature=temperature,
                         attention_mask=attention_mask, pos_embed=pos_embed, keep=[],
-                        chunk_size=chunk_size, max_memory=max_memory)
+                        chunk_size=chunk_size, max_memory=max_memory,
+                        logits=read_positions(model, tokens, attention_mask, pos))
         score = dec.logit_attribution(answer, wrong, pos)
         named = [c for c, label in enumerate(dec.labels) if not UNNAMED.fullmatch(label)]
         return Attribution([dec.labels[c] for c in named], score[named].T.contiguous(), "forward")
@@ -211,3 +212,10 @@ def attribute(
     if mask is not None and isinstance(spec, TokensAt):
         scores = scores.masked_fill(mask == 0, 0)
     return Attribution(labels, scores, "backward")
+
+
+def read_positions(model, tokens, attention_mask, pos: int | Tensor) -> Tensor:
+    """The one position per row that `attribute` reads (checked as the readout checks it), so
+    that decompose unembeds only those."""
+    tokens, mask = prepare_tokens(model, tokens, attention_mask)
+    return readout_positions(tokens, mask, pos)

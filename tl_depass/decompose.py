@@ -24,6 +24,7 @@ NOT_DECOMPOSABLE = ("hook_scale", "hook_attn_scores", "hook_pattern", "hook_toke
 # adapter that delegates attention to HF has no `hook_attn_out`; correcting twice is a no-op).
 BIASED = ("hook_attn_out", "hook_mlp_out", "unembed.hook_out", "attn.o.hook_out", "mlp.out.hook_out")
 Keep = str | Sequence[str] | Callable[[str], bool] | None
+Logits = str | int | Tensor | None
 
 
 def prepare_tokens(model, tokens, attention_mask) -> tuple[Tensor, Tensor | None]:
@@ -104,7 +105,41 @@ def resolve(hooks: dict[str, str], name: str) -> str:
     return hooks[name]
 
 
-def make_plan(model, clean: CleanRun, entries: list[str], keep: list[str] | Callable) -> Plan:
+def logit_positions(tokens: Tensor, mask: Tensor | None, logits: object) -> Tensor | None:
+    """decompose's `logits=`: the kept position of each batch row ([batch]), or None ("all" and
+    None: every position or none, which the caller tells apart)."""
+    batch, n = tokens.shape
+    if logits is None or isinstance(logits, str) and logits == "all":
+        return None
+    if isinstance(logits, str):
+        if logits != "last":
+            raise DepassError(f"unknown logits={logits!r}; use 'all', 'last', None, a position "
+                              "(int) or one position per batch row (an integer tensor [batch])")
+        if mask is None:
+            return torch.full((batch,), n - 1, dtype=torch.long, device=tokens.device)
+        return n - 1 - mask.flip(1).argmax(1)  # each row's last real token (any padding side)
+    if isinstance(logits, bool) or not isinstance(logits, (int, Tensor)):
+        raise DepassError(f"logits must be 'all', 'last', None, an int or an integer tensor "
+                          f"[batch]; got {type(logits).__name__}")
+    if isinstance(logits, Tensor) and (
+            logits.is_floating_point() or logits.is_complex() or logits.dtype == torch.bool
+            or tuple(logits.shape) != (batch,)):
+        raise DepassError(f"logits= as a tensor must hold one integer position per batch row, "
+                          f"shape [{batch}]; got {logits.dtype} of shape {tuple(logits.shape)}")
+    pos = torch.as_tensor(logits, device=tokens.device).long().reshape(-1).expand(batch)
+    if ((pos < -n) | (pos >= n)).any():
+        raise DepassError(f"logits= position {pos.tolist()} out of range for {n} positions: pass "
+                          f"positions in -{n}..{n - 1}")
+    pos = pos % n
+    if mask is not None and (mask[torch.arange(batch), pos] == 0).any():
+        rows = torch.nonzero(mask[torch.arange(batch), pos] == 0).flatten().tolist()
+        raise DepassError(f"logits= position {pos.tolist()} is padding in batch rows {rows}: pass "
+                          "logits='last' (each row's last token) or one position per row")
+    return pos.clone()
+
+
+def make_plan(model, clean: CleanRun, entries: list[str], keep: list[str] | Callable,
+              logit_pos: Tensor | None = None, logits: bool = True) -> Plan:
     entry = min(entries, key=clean.order.index)
     after = clean.after(entry)
     fired = set(clean.order)
@@ -120,7 +155,7 @@ def make_plan(model, clean: CleanRun, entries: list[str], keep: list[str] | Call
             if n.endswith("mlp.hook_pre")]
     handled = {s.act_hook for s in mlps} | {
         n for n in after if n.endswith(("attn.hook_v", "attn.hook_z", "mlp.hook_pre"))}
-    kept = keep + ["unembed.hook_out"]
+    kept = keep + (["unembed.hook_out"] if logits else [])
     return Plan(
         start=entry,
         norms=list(dict.fromkeys(n[: -len(".hook_scale")] for n in after if n.endswith("hook_scale"))),
@@ -130,6 +165,8 @@ def make_plan(model, clean: CleanRun, entries: list[str], keep: list[str] | Call
         # The probe is exactly zero on the residual stream (a sum of corrected outputs).
         correct=[n for n in dict.fromkeys([*after, *kept]) if n not in handled and n != entry
                  and (n.endswith(BIASED) or (n in kept and not RESIDUAL.match(n)))],
+        logit_positions=logit_pos,
+        logits=logits,
     )
 
 
@@ -167,23 +204,32 @@ def decompose(
     keep: Keep = None,
     chunk_size: int | None = None,
     max_memory: int | None = None,
+    logits: Logits = "all",
 ) -> Decomposition:
     """Split every kept activation and the logits of `model` on `tokens` into exact additive
     shares of `components` (plus a last "bias" component), with attention patterns, norm scales
     and MLP activations frozen at their clean values. See docs/rules.md for the rules.
     Before anything is allocated, the memory the call needs (`estimate_memory`) is checked
     against what is free (or `max_memory` bytes); `chunk_size=None` runs the largest chunk of
-    components per forward that fits."""
+    components per forward that fits.
+    `logits`: whose logits are decomposed: "all" (`dec.logits` [component, batch, pos, d_vocab]),
+    "last" (each row's last unpadded token), a position (int) or one per row (tensor [batch])
+    (`dec.logits` [component, batch, d_vocab], positions in `dec.logit_positions`), or None (no
+    logits). Only the kept positions are unembedded; `dec.clean_logits` stays the full clean
+    logits, `dec.clean["logits"]` has `dec.logits`' positions."""
     check_model(model)
     check_supported(model.cfg)
     check_options(model, mlp_rule, temperature, chunk_size, ignore_bos)
     tokens, mask = prepare_tokens(model, tokens, attention_mask)
+    logit_pos = logit_positions(tokens, mask, logits)
+    n_logits = tokens.shape[1] if logits_all(logits) else int(logits is not None)
     spec = check_pos_embed(as_components(components, model), pos_embed)
     hooks = canonical_names(model)
     entry = getattr(spec, "hook", None)  # None: the level knows its entry points (canonical)
     keep_list = keep_names(hooks, keep)
     exact = memory.count_components(spec, model, tokens.shape[1], pos_embed)[2]
-    chunk = memory.fitted(model, tokens, mask, spec, keep_list, pos_embed, chunk_size, max_memory)
+    chunk = memory.fitted(model, tokens, mask, spec, keep_list, pos_embed, chunk_size, max_memory,
+                          n_logits=n_logits)
     reads = {resolve(hooks, n) for n in getattr(spec, "reads", lambda model: [])(model)}
     clean = record_clean_run(
         model, tokens, mask,
@@ -191,12 +237,13 @@ def decompose(
         or (keep_list(n) if callable(keep_list) else n in keep_list),
     )
     parts = groups(spec, model, clean, tokens, pos_embed)
-    plan = make_plan(model, clean, [e.hook for g in parts for e in g.entries], keep_list)
+    plan = make_plan(model, clean, [e.hook for g in parts for e in g.entries], keep_list,
+                     logit_pos, logits is not None)
     user = check_user_hooks(model, replaced_hooks(model, plan.attn, plan.mlps))
     n_components = len(parts[0].labels) - 1
     if not exact:  # a lower bound was checked; the clean run has fixed the count
         chunk = memory.fitted(model, tokens, mask, spec, keep_list, pos_embed, chunk_size,
-                              max_memory, (len(parts), n_components))
+                              max_memory, (len(parts), n_components), n_logits=n_logits)
     excluded = bos_exclusions(model, tokens, mask, n_components, isinstance(spec, TokensAt),
                               mlp_rule, ignore_bos)
     setup = RuleSetup(mlp_rule, temperature, excluded)
@@ -204,14 +251,26 @@ def decompose(
     fill_before_entry(results, clean, parts)
     labels = [label for g in parts for label in g.labels]
     clean_values = {h: clean[h] for h in plan.keep}
-    results["logits"] = results.pop("unembed.hook_out")
-    clean_values["logits"] = clean_values.pop("unembed.hook_out")
+    if logits is not None:
+        results["logits"] = results.pop("unembed.hook_out")
+        clean_values["logits"] = clean_values.pop("unembed.hook_out")
+    if logit_pos is not None:  # [component, batch, 1, d_vocab]: never padding (checked)
+        results["logits"] = results["logits"].squeeze(2)
+        clean_values["logits"] = clean_values["logits"][torch.arange(len(logit_pos)), logit_pos]
     if mask is not None:
         pad = mask == 0
-        results = {n: zero_padding(v, pad, 1) for n, v in results.items()}
-        clean_values = {n: zero_padding(v, pad, 0) for n, v in clean_values.items()}
+        per_pos = [n for n in results if n != "logits" or logit_pos is None]
+        results |= {n: zero_padding(results[n], pad, 1) for n in per_pos}
+        clean_values |= {n: zero_padding(clean_values[n], pad, 0) for n in per_pos}
+    option = "all" if logits_all(logits) else None if logits is None else (
+        "last" if isinstance(logits, str) else "positions")
     return check_complete(Decomposition(model, labels, results, clean_values, tokens, mask,
-                                        clean.logits, n_groups=len(parts)), user)
+                                        clean.logits, n_groups=len(parts), logits=option,
+                                        logit_positions=logit_pos), user)
+
+
+def logits_all(logits: object) -> bool:
+    return isinstance(logits, str) and logits == "all"
 
 
 def check_pos_embed(spec, pos_embed: PosEmbed):

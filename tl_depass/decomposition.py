@@ -30,8 +30,12 @@ class Decomposition:
 
     def __init__(self, model, labels: list[str], results: dict[str, Tensor],
                  clean: dict[str, Tensor], tokens: Int[Tensor, "batch pos"],
-                 attention_mask: Tensor | None, clean_logits: Tensor, n_groups: int = 1):
+                 attention_mask: Tensor | None, clean_logits: Tensor, n_groups: int = 1,
+                 logits: str | None = "all", logit_positions: Tensor | None = None):
         self.model, self.labels, self.results, self.clean = model, labels, results, clean
+        #: decompose's `logits=`: "all", "last", "positions" (an int or tensor) or None; with
+        #: "last"/"positions", `logit_positions` [batch] holds each row's kept position.
+        self.logits_kept, self.logit_positions = logits, logit_positions
         self.tokens, self.attention_mask, self.clean_logits = tokens, attention_mask, clean_logits
         size = len(labels) // n_groups
         #: One slice of the component axis per group (one per layer for Heads and Modules); each
@@ -57,9 +61,37 @@ class Decomposition:
         return name in self.results
 
     @property
-    def logits(self) -> Float[Tensor, "component batch pos d_vocab"]:
-        """Per-component logits (before any final logit softcap)."""
+    def logits(self) -> Float[Tensor, "component batch *pos d_vocab"]:
+        """Per-component logits (before any final logit softcap): [component, batch, pos,
+        d_vocab], or [component, batch, d_vocab] at `logit_positions` (decompose(logits=...))."""
+        if "logits" not in self.results:
+            raise DepassError("decompose ran with logits=None: no logits were kept; pass "
+                              "logits='all', 'last' or a position to tl_depass.decompose")
         return self.results["logits"]
+
+    def _logits_at(self, pos: int | Tensor, batch: int | None = None) -> Tensor | None:
+        """Where to index the all-position logits for the readout at `pos`, or None when the
+        kept per-row logits are those at `pos` (else DepassError). `batch`: one row, unmasked."""
+        self.logits  # noqa: B018  (raises when no logits were kept)
+        tokens, mask = self.tokens, self.attention_mask
+        if batch is not None:
+            tokens, mask = tokens[batch:batch + 1], None
+        if self.logit_positions is None:
+            return readout_positions(tokens, mask, pos)
+        if self.logits_kept == "last" and isinstance(pos, int) and pos == -1:
+            return None
+        kept = self.logit_positions if batch is None else self.logit_positions[batch:batch + 1]
+        at = readout_positions(tokens, mask, pos)
+        if not torch.equal(at, kept.to(at.device)):
+            raise DepassError(f"the logits at position {at.tolist()} were not kept (decompose kept "
+                              f"position {kept.tolist()}): pass logits='all' or logits=<pos> "
+                              "to tl_depass.decompose, or read at the kept position")
+        return None
+
+    def _clean_at(self, pos: int | Tensor) -> Float[Tensor, "batch d_vocab"]:
+        at = self._logits_at(pos)
+        clean = self.clean["logits"]
+        return clean if at is None else clean[torch.arange(self.tokens.shape[0]), at]
 
     def __repr__(self) -> str:
         return (f"Decomposition({len(self.labels)} components, batch {self.tokens.shape[0]}, "
@@ -80,11 +112,12 @@ class Decomposition:
         record = {
             "labels": self.labels, "n_groups": len(self.groups), "kept": list(self.results),
             "clean": list(self.clean), "model": facts, "aliases": aliases,
+            "logits_kept": self.logits_kept,
             "str_tokens": (self.str_tokens if tokenizer is None else
                            [list(model.to_str_tokens(row)) for row in self.tokens]),
         }
         tensors = {"tokens": self.tokens, "attention_mask": self.attention_mask,
-                   "clean_logits": self.clean_logits,
+                   "clean_logits": self.clean_logits, "logit_positions": self.logit_positions,
                    **{f"results/{k}": v for k, v in self.results.items()},
                    **{f"clean/{k}": v for k, v in self.clean.items()}}
         return save_result(path, "Decomposition", record, tensors, overwrite)
@@ -98,7 +131,9 @@ class Decomposition:
         model = SavedModel(SimpleNamespace(**meta["model"]), Path(path), meta["aliases"])
         dec = cls(model, meta["labels"], {k: t[f"results/{k}"] for k in meta["kept"]},
                   {k: t[f"clean/{k}"] for k in meta["clean"]}, t["tokens"], t["attention_mask"],
-                  t["clean_logits"], n_groups=meta["n_groups"])
+                  t["clean_logits"], n_groups=meta["n_groups"],
+                  logits=meta.get("logits_kept", "all"),  # files saved before logits= existed
+                  logit_positions=t.get("logit_positions"))
         dec.str_tokens = meta.get("str_tokens")
         return dec.to(device)
 
@@ -110,6 +145,8 @@ class Decomposition:
         out.clean = {k: v.to(device) for k, v in self.clean.items()}
         out.tokens, out.clean_logits = self.tokens.to(device), self.clean_logits.to(device)
         out.attention_mask = None if self.attention_mask is None else self.attention_mask.to(device)
+        out.logit_positions = (None if self.logit_positions is None
+                               else self.logit_positions.to(device))
         out.labels, out.groups = list(self.labels), list(self.groups)
         return out
 
@@ -127,16 +164,13 @@ class Decomposition:
         return answer_ids(self.model, answer, self.tokens.shape[0], self.logits.shape[-1],
                           self.tokens.device)
 
-    def _positions(self, pos: int | Tensor) -> Int[Tensor, " batch"]:
-        return readout_positions(self.tokens, self.attention_mask, pos)
-
     @public
     def logit_attribution(self, answer: Answer, wrong: Answer | None = None,
                           pos: int | Tensor = -1) -> Float[Tensor, "component batch"]:
         """Each component's contribution to the answer's logit (minus the wrong answer's) at
         `pos` (one int, or one position per batch row)."""
-        rows = torch.arange(self.tokens.shape[0])
-        at = self.logits[:, rows, self._positions(pos)]  # [component, batch, d_vocab]
+        rows, where = torch.arange(self.tokens.shape[0]), self._logits_at(pos)
+        at = self.logits if where is None else self.logits[:, rows, where]  # [component, batch, d_vocab]
         right = self._tokens(answer)
         score = at[:, rows, right]
         if wrong is not None:
@@ -216,8 +250,8 @@ class Decomposition:
             raise DepassError(f"top_tokens: batch {batch} is not a row of this batch (0..{rows - 1})")
         if not 1 <= k <= vocab:
             raise DepassError(f"top_tokens: k={k} must be in 1..d_vocab={vocab}")
-        at = readout_positions(self.tokens[batch:batch + 1], None, pos)[0]
-        values, ids = self.logits[c, batch, at].topk(k)
+        at = self._logits_at(pos, batch)
+        values, ids = (self.logits[c, batch] if at is None else self.logits[c, batch, at[0]]).topk(k)
         names = (self.model.to_str_tokens(ids) if self.model.tokenizer is not None
                  else [f"[{i}]" for i in ids.tolist()])
         return list(zip(names, values.tolist(), strict=True))
@@ -228,8 +262,7 @@ class Decomposition:
         """A tidy table (component, batch, score) of logit attributions; by default for the
         model's top prediction at `pos`."""
         if answer is None:
-            rows = torch.arange(self.tokens.shape[0])
-            answer = self.clean["logits"][rows, self._positions(pos)].argmax(-1)
+            answer = self._clean_at(pos).argmax(-1)
         score = self.logit_attribution(answer, wrong, pos)
         return pd.DataFrame([
             {"component": label, "batch": b, "score": score[c, b].item()}

@@ -110,7 +110,7 @@ def check_complete(dec, found: dict[str, int]):
     component its own non-linear share, and the shares no longer sum to the clean run."""
     if not found:
         return dec
-    tol = completeness_rtol(dec.logits.dtype)
+    tol = completeness_rtol(dec.clean_logits.dtype)
     off = {k: e for k, e in dec.completeness_error().items() if not e <= tol}
     if off:
         worst = max(off, key=off.get)

@@ -4,7 +4,7 @@ memory).
 
 The terms (in the model's dtype; rows = the slots of one folded forward x batch):
 - results: every kept hook's [component, batch, pos, ...] and the logits [component, batch, pos,
-  d_vocab];
+  d_vocab] (at the kept positions only: decompose's `logits=`);
 - clean: what the clean run records (frozen patterns, MLP facts, residuals, logits), held
   through the call;
 - transient: the peak of the folded forward(s) on top, which comes in phases: one forward's kept
@@ -142,24 +142,28 @@ def clean_run(cfg, batch: int, pos: int) -> int:
 
 
 def estimate(model, batch: int, pos: int, groups: int, per_group: int, kept: list[str],
-             chunk_size: int | None, itemsize: int, padded: bool) -> MemoryEstimate:
-    """The estimate for `groups` groups of `per_group` components (and a bias each)."""
+             chunk_size: int | None, itemsize: int, padded: bool,
+             n_logits: int | None = None) -> MemoryEstimate:
+    """The estimate for `groups` groups of `per_group` components (and a bias each), with the
+    logits of `n_logits` positions per row (None: all)."""
     cfg = model.cfg
     d_mlp, d_vocab = mlp_and_vocab(cfg)
-    width = sum(hook_width(cfg, n) for n in kept) + d_vocab  # per component, batch, position
-    results = groups * (per_group + 1) * batch * pos * width
+    n_logits = pos if n_logits is None else n_logits
+    # per component and batch row: every position's kept hooks, the kept positions' logits
+    width = sum(hook_width(cfg, n) for n in kept) * pos + n_logits * d_vocab
+    results = groups * (per_group + 1) * batch * width
     clean = clean_run(cfg, batch, pos)
     k = per_group if chunk_size is None else max(1, min(per_group, chunk_size // groups))
     rows = groups * (k + 2) * batch
-    working = max(2 * d_vocab, MLP_TEMPS * d_mlp + RESID_TEMPS * cfg.d_model,
-                  ATTN_TEMPS * cfg.n_heads * pos + RESID_TEMPS * cfg.d_model)
+    working = max(2 * d_vocab * n_logits, pos * (MLP_TEMPS * d_mlp + RESID_TEMPS * cfg.d_model),
+                  pos * (ATTN_TEMPS * cfg.n_heads * pos + RESID_TEMPS * cfg.d_model))
     facts = 3 * cfg.n_layers * groups * batch * pos * d_mlp if groups > 1 else 0
-    kept_rows = rows * pos * width  # what one forward keeps
+    kept_rows = rows * width  # what one forward keeps
     if k < per_group:  # the results exist during later chunks, next to the previous chunk's
         # kept values and the allocator's freed chunk-sized blocks (measured: about one more)
-        transient = 3 * kept_rows + rows * pos * working + facts
+        transient = 3 * kept_rows + rows * working + facts
     else:  # the working set is gone before the results are allocated and copied into
-        transient = kept_rows + max(rows * pos * working, results) + facts - results
+        transient = kept_rows + max(rows * working, results) + facts - results
     if padded:  # padded positions are zeroed into a copy of every result
         transient = max(transient, results)
     chunk = None if k >= per_group else k * groups
@@ -168,14 +172,15 @@ def estimate(model, batch: int, pos: int, groups: int, per_group: int, kept: lis
 
 
 def plan(model, batch: int, pos: int, counts: tuple[int, int], kept: list[str],
-         chunk_size: int | None, available: int | None, padded: bool) -> MemoryEstimate:
+         chunk_size: int | None, available: int | None, padded: bool,
+         n_logits: int | None = None) -> MemoryEstimate:
     """The estimate for `chunk_size`; when None and one forward would not fit in `available`,
     for the largest chunk that does (the results are the same for every chunk size), or for
     the smallest one if none does."""
     itemsize = next(model.parameters()).element_size()
 
     def at(chunk):
-        e = estimate(model, batch, pos, *counts, kept, chunk, itemsize, padded)
+        e = estimate(model, batch, pos, *counts, kept, chunk, itemsize, padded, n_logits)
         return MemoryEstimate(**{**e.__dict__, "available": available})
 
     full = at(chunk_size)
@@ -269,26 +274,32 @@ def check_fits(est: MemoryEstimate, chunk_given: bool, keeps_hooks: bool) -> Non
     raise DepassError(f"decompose would need about {size(est.total)}{chunk} ({size(est.results)} "
                       f"results, {size(est.clean)} clean run, {size(est.transient)} for a forward) "
                       f"but {size(est.available)} is available; lower it with {', '.join(ways)}. "
-                      "The logits are returned for every position: [component, batch, pos, d_vocab]")
+                      "With logits='all' (the default) the logits are returned for every position: "
+                      "[component, batch, pos, d_vocab]; logits='last' keeps one per row")
 
 
 def planned(model, tokens, mask, spec, keep, pos_embed: str, chunk_size: int | None,
-            max_memory: int | None, counts: tuple[int, int] | None = None) -> MemoryEstimate:
+            max_memory: int | None, counts: tuple[int, int] | None = None,
+            n_logits: int | None = None) -> MemoryEstimate:
     """The estimate for a `decompose` call whose arguments are checked (`keep` as keep_names
-    returns it); `counts` (groups, components per group) once the clean run has fixed them."""
+    returns it); `counts` (groups, components per group) once the clean run has fixed them;
+    `n_logits` positions per row whose logits are kept (None: all)."""
     if max_memory is not None and max_memory < 1:
         raise DepassError(f"max_memory must be a positive number of bytes, got {max_memory}")
     counts = counts or count_components(spec, model, tokens.shape[1], pos_embed)[:2]
     kept = kept_hooks(list(dict.fromkeys(canonical_names(model).values())), spec, keep)
     available = max_memory if max_memory is not None else available_memory(tokens.device)
-    return plan(model, *tokens.shape, counts, kept, chunk_size, available, mask is not None)
+    return plan(model, *tokens.shape, counts, kept, chunk_size, available, mask is not None,
+                n_logits)
 
 
 def fitted(model, tokens, mask, spec, keep, pos_embed: str, chunk_size: int | None,
-           max_memory: int | None, counts: tuple[int, int] | None = None) -> int | None:
+           max_memory: int | None, counts: tuple[int, int] | None = None,
+           n_logits: int | None = None) -> int | None:
     """The chunk size `decompose` runs with: `chunk_size`, or when None the largest that fits
     (None: one forward). Raises DepassError when the call would not fit."""
-    est = planned(model, tokens, mask, spec, keep, pos_embed, chunk_size, max_memory, counts)
+    est = planned(model, tokens, mask, spec, keep, pos_embed, chunk_size, max_memory, counts,
+                  n_logits)
     check_fits(est, chunk_size is not None, callable(keep) or bool(keep))
     return chunk_size if chunk_size is not None else est.chunk_size
 
@@ -311,5 +322,8 @@ def estimate_memory(model, tokens, components: object = "tokens", **options) -> 
     pos_embed = options.get("pos_embed", "with_token")
     spec = dp.check_pos_embed(as_components(components, model), pos_embed)
     keep = dp.keep_names(canonical_names(model), options.get("keep"))
+    logits = options.get("logits", "all")
+    dp.logit_positions(tokens, mask, logits)  # checked as decompose checks it
+    n_logits = None if dp.logits_all(logits) else int(logits is not None)
     return planned(model, tokens, mask, spec, keep, pos_embed, options.get("chunk_size"),
-                   options.get("max_memory"))
+                   options.get("max_memory"), n_logits=n_logits)

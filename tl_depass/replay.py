@@ -52,6 +52,10 @@ class Plan:
     mlps: list[MLPSite]
     keep: list[str]  # hooks whose per-component values are returned
     correct: list[str]  # hooks where the probe is subtracted
+    # decompose(logits=...): one position per batch row whose logits are computed ([batch]), or
+    # None for every position; `logits=False`: the forward stops before the unembedding.
+    logit_positions: Tensor | None = None
+    logits: bool = True
 
 
 @dataclass
@@ -167,6 +171,14 @@ class FoldedForward:
             self.kept[name] = self.view(x)
         return hook
 
+    def unembed_rows(self, x, hook):
+        """At `unembed.hook_in`: only the kept position of each batch row goes on to the
+        unembedding ([slots*batch, 1, d_model]); logits=None: the forward ends here."""
+        if not self.plan.logits:
+            raise StopPass
+        rows = torch.arange(self.batch, device=x.device)
+        return fold(self.view(x)[:, :, rows, self.plan.logit_positions])[:, None]
+
     def norm_hook(self, module, args, out):
         return self.rowwise(lambda x, hook: fold(correct(self.view(x))))(out, None)
 
@@ -203,6 +215,8 @@ class FoldedForward:
         hooks += [(n, self.fix) for n in p.correct]
         hooks += [(hook, self.enter(es)) for hook, es in entries.items()]
         hooks += [(n, self.keeper(n)) for n in p.keep]
+        if p.logit_positions is not None or not p.logits:  # after any keeper of the full input
+            hooks.append(("unembed.hook_in", self.unembed_rows))
         return [(n, self.rowwise(fn)) for n, fn in hooks]
 
     def run(self, tokens: Int[Tensor, "batch pos"], attention_mask: Tensor | None) -> None:

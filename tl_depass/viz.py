@@ -140,7 +140,7 @@ def show(dec, answer=None, wrong=None, *, pos: int = -1, batch: int = 0, k: int 
     if kind not in ("plotly", "circuitsvis"):
         raise DepassError(f"unknown kind {kind!r}; use 'plotly' or 'circuitsvis'")
     if answer is None:
-        answer = dec.clean["logits"][:, pos].argmax(-1)
+        answer = dec._clean_at(pos).argmax(-1)
     scores = dec.logit_attribution(answer, wrong, pos)  # [component, batch]
     target = _answer_name(dec, answer, batch)
     what = f"logit({target})" + ("" if wrong is None else f" - logit({_answer_name(dec, wrong, batch)})")
