@@ -223,3 +223,24 @@ def test_estimate_shrinks():
     assert full.results == 512 * per_pos
     assert last.results == per_pos and none.results == 0
     assert none.total < last.total < full.total / 10, (full, last)  # attention now dominates
+
+
+def test_save_load(tmp_path):
+    model, tokens = ht_model()
+    tokens, mask = padded(tokens, "right")
+    answer, last = torch.tensor([1, 2]), torch.tensor([3, 5])
+    for i, form in enumerate(("last", last, None, "all")):
+        dec = tl_depass.decompose(model, tokens, attention_mask=mask, logits=form)
+        back = tl_depass.Decomposition.load(dec.save(tmp_path / str(i)))
+        assert back.logits_kept == dec.logits_kept and set(back.results) == set(dec.results)
+        if dec.logit_positions is None:
+            assert back.logit_positions is None
+        else:
+            torch.testing.assert_close(back.logit_positions, dec.logit_positions, rtol=0, atol=0)
+        for name in dec.results:
+            torch.testing.assert_close(back[name], dec[name], rtol=0, atol=0, msg=name)
+        if form is not None:
+            torch.testing.assert_close(back.logit_attribution(answer, pos=last),
+                                       dec.logit_attribution(answer, pos=last), rtol=0, atol=0)
+    with pytest.raises(DepassError, match="not kept"):
+        tl_depass.Decomposition.load(tmp_path / "0").logit_attribution(1, pos=2)

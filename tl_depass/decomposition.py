@@ -117,9 +117,11 @@ class Decomposition:
                            [list(model.to_str_tokens(row)) for row in self.tokens]),
         }
         tensors = {"tokens": self.tokens, "attention_mask": self.attention_mask,
-                   "clean_logits": self.clean_logits, "logit_positions": self.logit_positions,
+                   "clean_logits": self.clean_logits,
                    **{f"results/{k}": v for k, v in self.results.items()},
                    **{f"clean/{k}": v for k, v in self.clean.items()}}
+        if self.logit_positions is not None:  # logits="all" files stay as they were
+            tensors["logit_positions"] = self.logit_positions
         return save_result(path, "Decomposition", record, tensors, overwrite)
 
     @classmethod
