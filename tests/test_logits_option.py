@@ -244,3 +244,21 @@ def test_save_load(tmp_path):
                                        dec.logit_attribution(answer, pos=last), rtol=0, atol=0)
     with pytest.raises(DepassError, match="not kept"):
         tl_depass.Decomposition.load(tmp_path / "0").logit_attribution(1, pos=2)
+
+
+def test_bridge_readouts_and_attribute():
+    model, tokens = bridge_model()
+    tokens, mask = padded(tokens, "right")
+    last = torch.tensor([3, 5])
+    dec_all = tl_depass.decompose(model, tokens, tl_depass.Heads(), attention_mask=mask, keep=[])
+    dec = tl_depass.decompose(model, tokens, tl_depass.Heads(), attention_mask=mask, keep=[],
+                              logits="last")
+    same(dec.logit_attribution(3, 7), dec_all.logit_attribution(3, 7, last), "logit_attribution")
+    torch.testing.assert_close(dec.head_scores(3, 7), dec_all.head_scores(3, 7, last),
+                               equal_nan=True)
+    with pytest.raises(DepassError, match="not kept"):
+        dec.logit_attribution(3, 7, pos=torch.tensor([2, 2]))
+    got = tl_depass.attribute(model, tokens, tl_depass.Heads(), answer=3, wrong=7, pos=last,
+                              attention_mask=mask, method="forward")
+    named = [dec_all.labels.index(label) for label in got.labels]
+    same(got.scores, dec_all.logit_attribution(3, 7, last)[named].T, "attribute forward")
