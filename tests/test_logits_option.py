@@ -262,3 +262,13 @@ def test_bridge_readouts_and_attribute():
                               attention_mask=mask, method="forward")
     named = [dec_all.labels.index(label) for label in got.labels]
     same(got.scores, dec_all.logit_attribution(3, 7, last)[named].T, "attribute forward")
+
+
+@pytest.mark.parametrize("form", ["last", None])
+def test_chunked(form):
+    """Chunked runs (statistics sweeps for the non-linear rules) keep the same logits."""
+    model, tokens = ht_model()
+    tokens, mask = padded(tokens, "left")
+    dec_all = tl_depass.decompose(model, tokens, attention_mask=mask)
+    dec = tl_depass.decompose(model, tokens, attention_mask=mask, logits=form, chunk_size=2)
+    check_against_all(dec_all, dec, form, mask)
