@@ -272,3 +272,13 @@ def test_chunked(form):
     dec_all = tl_depass.decompose(model, tokens, attention_mask=mask)
     dec = tl_depass.decompose(model, tokens, attention_mask=mask, logits=form, chunk_size=2)
     check_against_all(dec_all, dec, form, mask)
+
+
+@pytest.mark.parametrize("build", [ht_model, bridge_model], ids=["hooked", "bridge"])
+def test_metric_scores_needs_every_position(build):
+    from tl_depass import compare
+
+    model, tokens = build()
+    dec = tl_depass.decompose(model, tokens, logits="last")
+    with pytest.raises(tl_depass.DepassError, match="logits='all'"):
+        compare.metric_scores(model, dec, lambda logits: logits[:, -1, 3].sum())

@@ -50,6 +50,9 @@ def metric_scores(model, dec: Decomposition, metric: Metric) -> Float[Tensor, " 
     """Each component's share of `metric`: <d metric / d logits, component logits> at the clean
     logits (through any final softcap). Exact for metrics linear in the logits (a logit
     difference, say); the first-order share otherwise."""
+    if dec.logit_positions is not None or "logits" not in dec.results:
+        raise DepassError("metric_scores reads the logits at every position: decompose with "
+                          "logits='all' (the default)")
     pre = dec.clean["logits"].detach().clone().requires_grad_(True)
     cap = model.cfg.output_logits_soft_cap
     with torch.enable_grad():
