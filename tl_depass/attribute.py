@@ -20,10 +20,11 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tl_depass import memory
+from tl_depass.arguments import check_pos_embed, prepare_tokens
 from tl_depass.backends import check_model, forward_as_recorded
 from tl_depass.clean_run import CleanRun, record_clean_run
 from tl_depass.components import PosEmbed, TokensAt, as_components, token_labels
-from tl_depass.decompose import check_pos_embed, decompose, prepare_tokens
+from tl_depass.decompose import decompose
 from tl_depass.decomposition import Answer, answer_ids, check_wrong, readout_positions
 from tl_depass.errors import DepassError
 from tl_depass.frozen import FROZEN_INPUTS, frozen_hooks

@@ -19,10 +19,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from tl_depass.arguments import prepare_tokens
 from tl_depass.backends import check_model, forward_as_recorded
 from tl_depass.clean_run import record_clean_run
 from tl_depass.components import Entry, Group, TokensAt
-from tl_depass.decompose import decompose, prepare_tokens
+from tl_depass.decompose import decompose
 from tl_depass.decomposition import Decomposition
 from tl_depass.errors import DepassError
 from tl_depass.frozen import FROZEN_INPUTS, frozen_hooks

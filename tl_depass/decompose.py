@@ -1,141 +1,26 @@
 """decompose(): clean run -> initial components -> folded, replayed forward(s) -> Decomposition."""
 
-import difflib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 from beartype import beartype
 from jaxtyping import jaxtyped
 from torch import Tensor
 
-from tl_depass import backends, memory, rules
-from tl_depass.backends import canonical_names, check_model
+from tl_depass import memory, rules
+from tl_depass.arguments import Keep, Logits, check_call, logits_all, resolve
+from tl_depass.backends import canonical_names
 from tl_depass.clean_run import FROZEN, CleanRun, record_clean_run
-from tl_depass.components import Group, PosEmbed, TokensAt, as_components, groups
+from tl_depass.components import Group, PosEmbed, TokensAt, groups
 from tl_depass.decomposition import Decomposition
 from tl_depass.errors import DepassError
 from tl_depass.guard import check_complete, check_user_hooks, replaced_hooks, serialised
 from tl_depass.replay import FoldedForward, Plan, RuleSetup, mlp_site
-from tl_depass.support import check_supported
-from tl_depass.validate import RESIDUAL, check_options, check_text, public
+from tl_depass.validate import NOT_DECOMPOSABLE, RESIDUAL, public
 
-NOT_DECOMPOSABLE = ("hook_scale", "hook_attn_scores", "hook_pattern", "hook_tokens")
 # Hooks right after a bias is added (a Bridge's raw `o.hook_out` / `out.hook_out` fire where an
 # adapter that delegates attention to HF has no `hook_attn_out`; correcting twice is a no-op).
 BIASED = ("hook_attn_out", "hook_mlp_out", "unembed.hook_out", "attn.o.hook_out", "mlp.out.hook_out")
-Keep = str | Sequence[str] | Callable[[str], bool] | None
-Logits = str | int | Tensor | None
-
-
-def prepare_tokens(model, tokens, attention_mask) -> tuple[Tensor, Tensor | None]:
-    if isinstance(tokens, list) and not all(isinstance(t, str) for t in tokens):
-        raise DepassError(f"tokens is a list of {sorted({type(t).__name__ for t in tokens})}: pass "
-                          "token ids as an integer tensor [batch, pos] (torch.tensor(ids)), or text")
-    if isinstance(tokens, (str, list)):
-        if model.tokenizer is None:
-            raise DepassError("string input needs a tokenizer; pass token ids [batch, pos]")
-        check_text(model, tokens)
-        tokens = model.to_tokens(tokens)
-        if attention_mask is None and tokens.shape[0] > 1:
-            attention_mask = backends.attention_mask(model, tokens)
-    if (not isinstance(tokens, Tensor) or tokens.is_floating_point() or tokens.is_complex()
-            or tokens.dtype == torch.bool):
-        raise DepassError(
-            f"tokens must be an integer tensor [batch, pos] (or a string); got "
-            f"{getattr(tokens, 'dtype', type(tokens).__name__)}: use model.to_tokens(text)"
-        )
-    if tokens.ndim == 1:
-        tokens = tokens[None]
-    if tokens.ndim != 2 or 0 in tokens.shape:
-        raise DepassError(f"tokens must have shape [batch, pos] with batch, pos >= 1; got "
-                          f"{tuple(tokens.shape)}")
-    bad = (tokens < 0) | (tokens >= model.cfg.d_vocab)
-    if bad.any():
-        raise DepassError(
-            f"token ids {tokens[bad].unique().tolist()[:5]} are outside the vocabulary "
-            f"[0, {model.cfg.d_vocab}) of this model"
-        )
-    if tokens.shape[1] > model.cfg.n_ctx:
-        raise DepassError(
-            f"{tokens.shape[1]} positions exceed the model's context n_ctx={model.cfg.n_ctx}: "
-            "shorten the prompt"
-        )
-    tokens = tokens.to(model.cfg.device)
-    if attention_mask is not None:
-        if not isinstance(attention_mask, Tensor):
-            raise DepassError(f"attention_mask must be a tensor [batch, pos] of 0/1, got "
-                              f"{type(attention_mask).__name__}")
-        if tuple(attention_mask.shape) != tuple(tokens.shape):
-            raise DepassError(
-                f"attention_mask has shape {tuple(attention_mask.shape)} but tokens have "
-                f"{tuple(tokens.shape)}: pass one 0/1 entry per token"
-            )
-        if not ((attention_mask == 0) | (attention_mask == 1)).all():
-            raise DepassError("attention_mask must hold only 0 (padding) and 1 (token)")
-        if (attention_mask.sum(1) == 0).any():
-            raise DepassError("attention_mask has a row with no tokens")
-        attention_mask = attention_mask.to(model.cfg.device).long()
-    return tokens, attention_mask
-
-
-def keep_names(hooks: dict[str, str], keep: Keep) -> list[str] | Callable[[str], bool]:
-    """Explicit hook names to keep (checked now, aliases resolved), or a filter applied to the
-    hooks DePass decomposes (those after the entry point)."""
-    if keep is None:
-        return lambda name: RESIDUAL.match(name) is not None
-    if callable(keep) and not isinstance(keep, str):
-        return keep
-    names = [keep] if isinstance(keep, str) else list(keep)
-    names = [n if n == "logits" else resolve(hooks, n) for n in names]
-    for name in names:
-        if name.endswith(NOT_DECOMPOSABLE):
-            raise DepassError(
-                f"{name} is not a sum of component shares (DePass freezes it); keep residual, "
-                "attention or MLP activations instead"
-            )
-    return [n for n in names if n != "logits"]
-
-
-def resolve(hooks: dict[str, str], name: str) -> str:
-    """The canonical name of hook `name` in `hooks` (backends.canonical_names: a Bridge alias or
-    raw name maps to the HookedTransformer name of the same hook point)."""
-    if name not in hooks:
-        close = difflib.get_close_matches(name, list(hooks), n=3)
-        raise DepassError(f"unknown hook name {name!r}; did you mean {close}?")
-    return hooks[name]
-
-
-def logit_positions(tokens: Tensor, mask: Tensor | None, logits: object) -> Tensor | None:
-    """decompose's `logits=`: the kept position of each batch row ([batch]), or None ("all" and
-    None: every position or none, which the caller tells apart)."""
-    batch, n = tokens.shape
-    if logits is None or isinstance(logits, str) and logits == "all":
-        return None
-    if isinstance(logits, str):
-        if logits != "last":
-            raise DepassError(f"unknown logits={logits!r}; use 'all', 'last', None, a position "
-                              "(int) or one position per batch row (an integer tensor [batch])")
-        if mask is None:
-            return torch.full((batch,), n - 1, dtype=torch.long, device=tokens.device)
-        return n - 1 - mask.flip(1).argmax(1)  # each row's last real token (any padding side)
-    if isinstance(logits, bool) or not isinstance(logits, (int, Tensor)):
-        raise DepassError(f"logits must be 'all', 'last', None, an int or an integer tensor "
-                          f"[batch]; got {type(logits).__name__}")
-    if isinstance(logits, Tensor) and (
-            logits.is_floating_point() or logits.is_complex() or logits.dtype == torch.bool
-            or tuple(logits.shape) != (batch,)):
-        raise DepassError(f"logits= as a tensor must hold one integer position per batch row, "
-                          f"shape [{batch}]; got {logits.dtype} of shape {tuple(logits.shape)}")
-    pos = torch.as_tensor(logits, device=tokens.device).long().reshape(-1).expand(batch)
-    if ((pos < -n) | (pos >= n)).any():
-        raise DepassError(f"logits= position {pos.tolist()} out of range for {n} positions: pass "
-                          f"positions in -{n}..{n - 1}")
-    pos = pos % n
-    if mask is not None and (mask[torch.arange(batch), pos] == 0).any():
-        rows = torch.nonzero(mask[torch.arange(batch), pos] == 0).flatten().tolist()
-        raise DepassError(f"logits= position {pos.tolist()} is padding in batch rows {rows}: pass "
-                          "logits='last' (each row's last token) or one position per row")
-    return pos.clone()
 
 
 def make_plan(model, clean: CleanRun, entries: list[str], keep: list[str] | Callable,
@@ -217,19 +102,16 @@ def decompose(
     (`dec.logits` [component, batch, d_vocab], positions in `dec.logit_positions`), or None (no
     logits). Only the kept positions are unembedded; `dec.clean_logits` stays the full clean
     logits, `dec.clean["logits"]` has `dec.logits`' positions."""
-    check_model(model)
-    check_supported(model.cfg)
-    check_options(model, mlp_rule, temperature, chunk_size, ignore_bos)
-    tokens, mask = prepare_tokens(model, tokens, attention_mask)
-    logit_pos = logit_positions(tokens, mask, logits)
-    n_logits = tokens.shape[1] if logits_all(logits) else int(logits is not None)
-    spec = check_pos_embed(as_components(components, model), pos_embed)
+    call = check_call(model, tokens, components, mlp_rule=mlp_rule, temperature=temperature,
+                      attention_mask=attention_mask, ignore_bos=ignore_bos, pos_embed=pos_embed,
+                      keep=keep, chunk_size=chunk_size, logits=logits)
+    tokens, mask, spec, keep_list = call.tokens, call.mask, call.spec, call.keep
+    logit_pos, n_logits = call.logit_positions, call.n_logits
     hooks = canonical_names(model)
     entry = getattr(spec, "hook", None)  # None: the level knows its entry points (canonical)
-    keep_list = keep_names(hooks, keep)
-    exact = memory.count_components(spec, model, tokens.shape[1], pos_embed)[2]
+    *counts, exact = memory.count_components(spec, model, tokens.shape[1], pos_embed)
     chunk = memory.fitted(model, tokens, mask, spec, keep_list, pos_embed, chunk_size, max_memory,
-                          n_logits=n_logits)
+                          tuple(counts), n_logits=n_logits)
     reads = {resolve(hooks, n) for n in getattr(spec, "reads", lambda model: [])(model)}
     clean = record_clean_run(
         model, tokens, mask,
@@ -267,17 +149,6 @@ def decompose(
     return check_complete(Decomposition(model, labels, results, clean_values, tokens, mask,
                                         clean.logits, n_groups=len(parts), logits=option,
                                         logit_positions=logit_pos), user)
-
-
-def logits_all(logits: object) -> bool:
-    return isinstance(logits, str) and logits == "all"
-
-
-def check_pos_embed(spec, pos_embed: PosEmbed):
-    if pos_embed == "separate" and spec != TokensAt(0):
-        raise DepassError(f"pos_embed='separate' splits the token level (TokensAt(0)) only, not "
-                          f"{type(spec).__name__}: leave pos_embed='with_token'")
-    return spec
 
 
 def fill_before_entry(results: dict[str, Tensor], clean: CleanRun, parts: list[Group]) -> None:

@@ -14,7 +14,6 @@ The constants were fitted to the peak resident memory (VmHWM) of calls on CPU, f
 float64: the estimate is 0.7x-1.4x of it (docs/benchmarks.md, "Memory"; tests/test_memory.py).
 """
 
-import importlib
 import inspect
 import os
 from collections.abc import Callable
@@ -22,11 +21,12 @@ from dataclasses import dataclass
 
 import torch
 
-from tl_depass.backends import canonical_names, check_model
-from tl_depass.components import Split, TokensAt, as_components
+from tl_depass.arguments import check_call
+from tl_depass.backends import canonical_names
+from tl_depass.components import Split, TokensAt
 from tl_depass.errors import DepassError
 from tl_depass.levels import Heads, Modules, Neurons, SAEFeatures, Subspace
-from tl_depass.validate import RESIDUAL, check_layers
+from tl_depass.validate import NOT_DECOMPOSABLE, RESIDUAL, check_layers
 
 # Per row and position, in units of the model's dtype: the MLP's working set (pre-activation,
 # its corrected copy, the activation, the rule's temporaries), the attention's (scores, masked
@@ -104,8 +104,7 @@ def kept_hooks(names: list[str], spec, keep: list[str] | Callable[[str], bool]) 
             RESIDUAL.match(n) or not keep(n) for n in names):
         return [n for n in names if RESIDUAL.match(n) and keep(n)
                 and residual_key(n) >= residual_key(entry)]
-    return [n for n in names if keep(n) and not n.endswith(("hook_scale", "hook_pattern",
-                                                            "hook_attn_scores", "hook_tokens"))]
+    return [n for n in names if keep(n) and not n.endswith(NOT_DECOMPOSABLE)]
 
 
 def hook_width(cfg, name: str) -> int:
@@ -309,21 +308,13 @@ def estimate_memory(model, tokens, components: object = "tokens", **options) -> 
     model, for the chunk size decompose would run with (given, or the largest that fits in the
     available memory or `max_memory`). For SAEFeatures(features=None) and levels of your own,
     whose counts only the clean run knows, the fewest components they can have."""
-    dp = importlib.import_module("tl_depass.decompose")  # the module (decompose imports this one)
-    check_model(model)
-    names = set(inspect.signature(dp.decompose).parameters) - {"model", "tokens", "components"}
-    unknown = sorted(set(options) - names)
+    names = set(inspect.signature(check_call).parameters) - {"model", "tokens", "components"}
+    unknown = sorted(set(options) - names - {"max_memory"})
     if unknown:
         raise DepassError(f"estimate_memory: unknown options {unknown}; it takes decompose's "
-                          f"options {sorted(names)}")
-    dp.check_options(model, options.get("mlp_rule", "softmax"), options.get("temperature", 0.1),
-                     options.get("chunk_size"), options.get("ignore_bos", False))
-    tokens, mask = dp.prepare_tokens(model, tokens, options.get("attention_mask"))
-    pos_embed = options.get("pos_embed", "with_token")
-    spec = dp.check_pos_embed(as_components(components, model), pos_embed)
-    keep = dp.keep_names(canonical_names(model), options.get("keep"))
-    logits = options.get("logits", "all")
-    dp.logit_positions(tokens, mask, logits)  # checked as decompose checks it
-    n_logits = None if dp.logits_all(logits) else int(logits is not None)
-    return planned(model, tokens, mask, spec, keep, pos_embed, options.get("chunk_size"),
-                   options.get("max_memory"), n_logits=n_logits)
+                          f"options {sorted(names | {'max_memory'})}")
+    max_memory = options.pop("max_memory", None)
+    call = check_call(model, tokens, components, **options)
+    return planned(model, call.tokens, call.mask, call.spec, call.keep,
+                   options.get("pos_embed", "with_token"), options.get("chunk_size"), max_memory,
+                   n_logits=call.n_logits)

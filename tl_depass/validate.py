@@ -21,6 +21,8 @@ from tl_depass.errors import DepassError
 from tl_depass.rules import RULES
 
 RESIDUAL = re.compile(r"blocks\.\d+\.hook_resid_(pre|mid|post)$")
+#: Hook-name endings whose values are not sums of component shares (DePass freezes them).
+NOT_DECOMPOSABLE = ("hook_scale", "hook_attn_scores", "hook_pattern", "hook_tokens")
 
 #: What to pass instead, per argument name (appended to the type error).
 FIXES = {
