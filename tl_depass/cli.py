@@ -25,6 +25,7 @@ from torch import Tensor
 from tl_depass import report
 from tl_depass.backends import check_no_remote_code, load_pretrained, pretrained_name
 from tl_depass.errors import DepassError
+from tl_depass.validate import unknown_words
 
 DEFAULT_MODEL = "induction"
 #: Models with fewer parameters run on one thread: for them, waking more threads costs more than
@@ -169,7 +170,7 @@ def to_tokens(model, text: str, what: str) -> Tensor:
     if model.tokenizer is None:
         raise CliError(f"this model has no tokenizer, so a {what} cannot be read")
     tokens = model.to_tokens(text, truncate=False)  # TransformerLens would cut at n_ctx silently
-    unknown = unknown_words(model, text)
+    unknown = unknown_words(model.tokenizer, text.split())
     if unknown:
         raise CliError(f"the {what} has words that are not in the model's vocabulary: {unknown}"
                        + vocab_hint(model))
@@ -177,15 +178,6 @@ def to_tokens(model, text: str, what: str) -> Tensor:
         raise CliError(f"the {what} is {tokens.shape[1]} tokens long, more than the model's "
                        f"context of n_ctx={model.cfg.n_ctx} tokens: shorten it")
     return tokens
-
-
-def unknown_words(model, text: str) -> list[str]:
-    """Words the tokenizer can only map to its unknown token."""
-    tok = model.tokenizer
-    if tok.unk_token_id is None:
-        return []
-    return [w for w in text.split() if w != tok.unk_token
-            and tok.unk_token_id in tok.encode(w, add_special_tokens=False)]
 
 
 def vocab_hint(model) -> str:

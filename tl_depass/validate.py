@@ -181,12 +181,16 @@ def check_text(model, texts: str | list) -> None:
         check_words(model.tokenizer, text.split(), "the prompt")
 
 
-def check_words(tok, words: list[str], what: str) -> None:
+def unknown_words(tok, words: list[str]) -> list[str]:
+    """The words a tokenizer can only map to its unknown token."""
     unk = tok.unk_token_id
     if unk is None:
-        return
-    unknown = [w for w in words if w != tok.unk_token
-               and unk in tok.encode(w, add_special_tokens=False)]
+        return []
+    return [w for w in words if w != tok.unk_token and unk in tok.encode(w, add_special_tokens=False)]
+
+
+def check_words(tok, words: list[str], what: str) -> None:
+    unknown = unknown_words(tok, words)
     if unknown:
         vocab = tok.get_vocab()
         close = difflib.get_close_matches(unknown[0], vocab, n=3) if len(vocab) < 10**5 else []
