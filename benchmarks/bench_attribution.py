@@ -37,9 +37,9 @@ import torch
 from torch import Tensor
 
 import tl_depass
-from tl_depass import baselines
-from tl_depass.components import Split
+from tl_depass.evaluate import baselines
 from tl_depass.levels import Heads, Neurons
+from tl_depass.levels.components import Split
 
 LIBC = ctypes.CDLL("libc.so.6")
 
@@ -319,7 +319,7 @@ def cases(quick: bool) -> list[Case]:
     out = []
     for name in tl_depass.models.names():
         model = tl_depass.models.load(name)
-        batch = tl_depass.tasks.generate(name, 32, seed=0)
+        batch = tl_depass.models.tasks.generate(name, 32, seed=0)
         n = batch.tokens.shape[1]
         out.append(Case(f"{name} (32 prompts x {n} tokens)", model, batch.tokens, batch.answers,
                         batch.wrong, repeats=3, slow_repeats=3, layer=None if model.cfg.attn_only else 0,

@@ -1,4 +1,4 @@
-"""The machinery of the bad-input probe (tests/test_bad_input.py): the models the cases use,
+"""The machinery of the bad-input probe (tests/engine/test_validate.py): the models the cases use,
 short calls into the public API, and how an outcome is classified."""
 
 import copy
@@ -13,8 +13,9 @@ from functools import cached_property
 import torch
 
 import tl_depass
-from tl_depass import DepassError, Heads, Split, cli, models, tasks
-from tl_depass.backends import hooked_class
+from tl_depass import DepassError, Heads, Split, models, tasks
+from tl_depass.app import cli
+from tl_depass.engine.backends import hooked_class
 
 HOOKED = hooked_class() is not None
 LIMIT = 300  # characters: a message longer than this is not a clear one
@@ -33,7 +34,7 @@ class Env:
     @cached_property
     def model(self):
         if HOOKED:
-            from models import make_model
+            from tiny import make_model
 
             return make_model()
         from bridges import make_bridge
@@ -158,7 +159,7 @@ class Case:
 
 def eps0_nan(env: Env):
     """A LayerNorm with eps = 0 on a constant residual stream: 0 / 0 in the first norm."""
-    from models import make_model
+    from tiny import make_model
 
     model = make_model(eps=0.0)
     with torch.no_grad():

@@ -3,7 +3,7 @@
 import pandas as pd
 import pytest
 import torch
-from models import close, make_model, random_tokens
+from tiny import close, make_model, random_tokens
 
 import tl_depass
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from matrix import MATRIX
-from models import close, make_model, random_tokens
+from tiny import close, make_model, random_tokens
 
 import tl_depass
 from tl_depass import Heads, Modules, Neurons, TokensAt

@@ -15,8 +15,8 @@ import torch
 
 import tl_depass
 from tl_depass import DepassError, Heads
-from tl_depass.backends import hooked_class
-from tl_depass.guard import user_hooks
+from tl_depass.engine.backends import hooked_class
+from tl_depass.engine.guard import user_hooks
 
 HUGE = 2**62  # max_memory that never limits
 ENGINE = importlib.import_module("tl_depass.decompose")  # the module (the package exports the function)
@@ -46,7 +46,7 @@ def gpt2_bridge(vocab: int = 2000, n_ctx: int = 128):
 def hooked(vocab: int = 2000):
     if hooked_class() is None:
         pytest.skip("no HookedTransformer in this transformer_lens (4.x): the Bridge runs these")
-    from models import make_model
+    from tiny import make_model
 
     return make_model(d_model=64, d_mlp=256, d_vocab=vocab, n_ctx=128, n_heads=4, d_head=16)
 

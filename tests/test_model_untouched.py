@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from models import make_model, random_tokens
+from tiny import make_model, random_tokens
 
 import tl_depass
 

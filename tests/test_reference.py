@@ -8,7 +8,6 @@ split rules and for ignore_bos.
 
 import pytest
 import torch
-from models import GPT2_LIKE, LLAMA_LIKE, make_model, random_tokens
 from reference import (
     LAYER_HOOKS,
     act_slope_at_zero,
@@ -16,6 +15,7 @@ from reference import (
     reference_depass,
     split_activation,
 )
+from tiny import GPT2_LIKE, LLAMA_LIKE, make_model, random_tokens
 from torch.testing import assert_close
 
 from tl_depass import completeness_rtol

@@ -10,7 +10,7 @@ import torch
 
 import tl_depass
 from tl_depass import Attribution, Decomposition, DepassError
-from tl_depass.backends import bridge_class, hooked_class
+from tl_depass.engine.backends import bridge_class, hooked_class
 from tl_depass.saving import FORMAT_VERSION, JSON, TENSORS
 
 

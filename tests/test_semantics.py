@@ -3,10 +3,10 @@
 import pytest
 import torch
 from matrix import MATRIX
-from models import close, make_model, random_tokens
+from tiny import close, make_model, random_tokens
 
 import tl_depass
-from tl_depass.rules import RULES
+from tl_depass.engine.rules import RULES
 
 
 def split_at(model, tokens, hook, parts):

@@ -6,17 +6,29 @@
     tl_depass.attribute(model, tokens, tl_depass.Heads(), answer=a, wrong=w, mlp_rule="ratio")
 """
 
-from tl_depass import compare, models, tasks
+from tl_depass import models, moved
+from tl_depass.app import viz
 from tl_depass.attribute import Attribution, attribute
-from tl_depass.components import Split, TokensAt
 from tl_depass.decompose import decompose
 from tl_depass.decomposition import Decomposition
 from tl_depass.errors import DepassError, UnsupportedModelError
-from tl_depass.levels import Heads, Modules, Neurons, SAEFeatures, Subspace
+from tl_depass.evaluate import baselines, compare
+from tl_depass.levels import (
+    Heads,
+    Modules,
+    Neurons,
+    ParamComponents,
+    SAEFeatures,
+    Split,
+    Subspace,
+    TokensAt,
+)
 from tl_depass.memory import MemoryEstimate, estimate_memory
-from tl_depass.params import ParamComponents
+from tl_depass.models import tasks
 from tl_depass.saving import load_results
 from tl_depass.tolerances import COMPLETENESS_RTOL, completeness_rtol
+
+moved.install()
 
 __version__ = "0.1.0"
 
@@ -36,6 +48,7 @@ __all__ = [
     "TokensAt",
     "UnsupportedModelError",
     "attribute",
+    "baselines",
     "compare",
     "completeness_rtol",
     "decompose",
@@ -43,4 +56,5 @@ __all__ = [
     "load_results",
     "models",
     "tasks",
+    "viz",
 ]

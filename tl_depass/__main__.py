@@ -1,8 +1,8 @@
-"""`python -m tl_depass` is the `tl-depass` command (see `tl_depass.cli`)."""
+"""`python -m tl_depass` is the `tl-depass` command (see `tl_depass.app.cli`)."""
 
 import sys
 
-from tl_depass.cli import main
+from tl_depass.app.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -20,19 +20,19 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tl_depass import memory
-from tl_depass.arguments import check_pos_embed, prepare_tokens
-from tl_depass.backends import check_model, forward_as_recorded
-from tl_depass.clean_run import CleanRun, record_clean_run
-from tl_depass.components import PosEmbed, TokensAt, as_components, token_labels
 from tl_depass.decompose import decompose
 from tl_depass.decomposition import Answer, answer_ids, check_wrong, readout_positions
+from tl_depass.engine.arguments import check_pos_embed, prepare_tokens
+from tl_depass.engine.backends import check_model, forward_as_recorded
+from tl_depass.engine.clean_run import CleanRun, record_clean_run
+from tl_depass.engine.frozen import FROZEN_INPUTS, frozen_hooks
+from tl_depass.engine.guard import serialised
+from tl_depass.engine.replay import mlp_site
+from tl_depass.engine.validate import check_layers, check_options, public
 from tl_depass.errors import DepassError
-from tl_depass.frozen import FROZEN_INPUTS, frozen_hooks
-from tl_depass.guard import serialised
-from tl_depass.levels import Heads, Modules, Neurons, check_layers
-from tl_depass.replay import mlp_site
+from tl_depass.levels import Heads, Modules, Neurons
+from tl_depass.levels.components import PosEmbed, TokensAt, as_components, token_labels
 from tl_depass.saving import load_result, save_result
-from tl_depass.validate import check_options, public
 
 Method = Literal["auto", "forward", "backward"]
 UNNAMED = re.compile(r"(.* )?(rest|bias)")  # the rest and bias components are not returned

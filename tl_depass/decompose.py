@@ -7,16 +7,17 @@ from beartype import beartype
 from jaxtyping import jaxtyped
 from torch import Tensor
 
-from tl_depass import memory, rules
-from tl_depass.arguments import Keep, Logits, check_call, logits_all, resolve
-from tl_depass.backends import canonical_names
-from tl_depass.clean_run import FROZEN, CleanRun, record_clean_run
-from tl_depass.components import Group, PosEmbed, TokensAt, groups
+from tl_depass import memory
 from tl_depass.decomposition import Decomposition
+from tl_depass.engine import rules
+from tl_depass.engine.arguments import Keep, Logits, check_call, logits_all, resolve
+from tl_depass.engine.backends import canonical_names
+from tl_depass.engine.clean_run import FROZEN, CleanRun, record_clean_run
+from tl_depass.engine.guard import check_complete, check_user_hooks, replaced_hooks, serialised
+from tl_depass.engine.replay import FoldedForward, Plan, RuleSetup, mlp_site
+from tl_depass.engine.validate import NOT_DECOMPOSABLE, RESIDUAL, public
 from tl_depass.errors import DepassError
-from tl_depass.guard import check_complete, check_user_hooks, replaced_hooks, serialised
-from tl_depass.replay import FoldedForward, Plan, RuleSetup, mlp_site
-from tl_depass.validate import NOT_DECOMPOSABLE, RESIDUAL, public
+from tl_depass.levels.components import Group, PosEmbed, TokensAt, groups
 
 # Hooks right after a bias is added (a Bridge's raw `o.hook_out` / `out.hook_out` fire where an
 # adapter that delegates attention to HF has no `hook_attn_out`; correcting twice is a no-op).

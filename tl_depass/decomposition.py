@@ -10,11 +10,11 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tl_depass.backends import canonical_names
+from tl_depass.engine.backends import canonical_names
+from tl_depass.engine.validate import check_finite, public, token_of
 from tl_depass.errors import DepassError, NotKeptError
 from tl_depass.saving import SavedModel, load_result, model_facts, save_result
 from tl_depass.tolerances import relative_error
-from tl_depass.validate import check_finite, public, token_of
 
 Answer = int | str | list | Tensor
 
@@ -275,8 +275,8 @@ class Decomposition:
              batch: int = 0, k: int = 20, kind: str = "plotly"):
         """A picture of the logit attribution that fits the level (tokens: a heatmap over
         positions; heads: layer x head; others: the top k components), displayable in Jupyter.
-        `kind="circuitsvis"`: CircuitsVis' colored tokens (token level). See `tl_depass.viz`."""
-        from tl_depass.viz import show
+        `kind="circuitsvis"`: CircuitsVis' colored tokens (token level). See `tl_depass.app.viz`."""
+        from tl_depass.app.viz import show
 
         return show(self, answer, wrong, pos=pos, batch=batch, k=k, kind=kind)
 

@@ -21,12 +21,12 @@ from dataclasses import dataclass
 
 import torch
 
-from tl_depass.arguments import check_call
-from tl_depass.backends import canonical_names
-from tl_depass.components import Split, TokensAt
+from tl_depass.engine.arguments import check_call
+from tl_depass.engine.backends import canonical_names
+from tl_depass.engine.validate import NOT_DECOMPOSABLE, RESIDUAL, check_layers
 from tl_depass.errors import DepassError
 from tl_depass.levels import Heads, Modules, Neurons, SAEFeatures, Subspace
-from tl_depass.validate import NOT_DECOMPOSABLE, RESIDUAL, check_layers
+from tl_depass.levels.components import Split, TokensAt
 
 # Per row and position, in units of the model's dtype: the MLP's working set (pre-activation,
 # its corrected copy, the activation, the rule's temporaries), the attention's (scores, masked

@@ -20,8 +20,8 @@ from types import SimpleNamespace
 from safetensors.torch import save_file
 from torch import Tensor
 
+from tl_depass.engine.files import read_json, read_safetensors, require_keys
 from tl_depass.errors import DepassError
-from tl_depass.files import read_json, read_safetensors, require_keys
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "SavedModel", "load_result", "load_results", "model_facts",
            "save_result"]

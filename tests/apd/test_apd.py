@@ -8,7 +8,7 @@ from torch.testing import assert_close
 from tl_depass.apd import contract
 from tl_depass.apd.apd import APD, batch_topk
 from tl_depass.apd.configs import APDConfig, OptimConfig, ResidualMLPConfig, TMSConfig
-from tl_depass.apd.presets import preset
+from tl_depass.apd.experiments.presets import preset
 from tl_depass.apd.targets import make_target
 
 OPTIM = OptimConfig(lr=1e-3, steps=10, batch_size=4)

@@ -14,7 +14,7 @@ from tl_depass.apd.configs import (
     SPDConfig,
     TMSConfig,
 )
-from tl_depass.apd.presets import PRESETS, preset
+from tl_depass.apd.experiments.presets import PRESETS, preset
 from tl_depass.apd.targets import make_target
 
 OPTIM = OptimConfig(lr=1e-3, steps=10, batch_size=8)

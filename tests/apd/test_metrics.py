@@ -47,7 +47,7 @@ def test_permute_to_diagonal_puts_each_features_column_first():
 
 
 def test_report_table_lists_every_run(tmp_path):
-    from tl_depass.apd.report import load_results, markdown_table
+    from tl_depass.apd.experiments.summary import load_results, markdown_table
 
     row = {
         "experiment": "tms-5-2/spd",

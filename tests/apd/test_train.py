@@ -10,7 +10,7 @@ from torch.testing import assert_close
 
 from tl_depass.apd.apd import APD
 from tl_depass.apd.configs import OptimConfig, TMSConfig
-from tl_depass.apd.presets import preset, shortened
+from tl_depass.apd.experiments.presets import preset, shortened
 from tl_depass.apd.reproduce import main
 from tl_depass.apd.spd import SPD
 from tl_depass.apd.targets import make_target

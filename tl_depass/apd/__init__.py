@@ -1,5 +1,5 @@
 """Parameter decomposition: APD (Braun et al. 2025) and SPD (Bushnaq et al. 2025) of the papers'
-toy models, and SPD of TransformerLens models (`transformer`, `transformer_train`), whose
+toy models, and SPD of TransformerLens models (`lm.transformer`, `lm.train`), whose
 subcomponents `tl_depass.ParamComponents` turns into DePass components.
 
 Targets (`TMS`, `ResidualMLP`) are trained from scratch; `APD` and `SPD` decompose their
@@ -22,12 +22,12 @@ from tl_depass.apd.configs import (
     SPDConfig,
     TMSConfig,
 )
-from tl_depass.apd.presets import PRESETS, preset, shortened
+from tl_depass.apd.experiments.presets import PRESETS, preset, shortened
+from tl_depass.apd.lm.train import TransformerSPDConfig, evaluate, masked_logits, train_spd
+from tl_depass.apd.lm.transformer import ParamDecomposition, ParamSite, SiteSpec, find_sites
 from tl_depass.apd.spd import SPD
 from tl_depass.apd.targets import TMS, ResidualMLP, Site, ToyTarget, make_target, sparse_features
 from tl_depass.apd.train import TargetObjective, train
-from tl_depass.apd.transformer import ParamDecomposition, ParamSite, SiteSpec, find_sites
-from tl_depass.apd.transformer_train import TransformerSPDConfig, evaluate, masked_logits, train_spd
 
 __all__ = [
     "APD",

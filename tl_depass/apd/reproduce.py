@@ -18,6 +18,14 @@ import torch
 
 from tl_depass.apd.apd import APD
 from tl_depass.apd.configs import APDConfig, ExperimentConfig, TMSConfig
+from tl_depass.apd.experiments.plots import (
+    plot_ci_heatmaps,
+    plot_neuron_contributions,
+    plot_norms,
+    plot_tms_vectors,
+    save,
+)
+from tl_depass.apd.experiments.presets import preset, shortened
 from tl_depass.apd.metrics import (
     alive_count,
     apd_top1_mse,
@@ -28,14 +36,6 @@ from tl_depass.apd.metrics import (
     one_hot_causal_importance,
     subcomponent_norms,
 )
-from tl_depass.apd.plots import (
-    plot_ci_heatmaps,
-    plot_neuron_contributions,
-    plot_norms,
-    plot_tms_vectors,
-    save,
-)
-from tl_depass.apd.presets import preset, shortened
 from tl_depass.apd.spd import SPD
 from tl_depass.apd.targets import ResidualMLP, ToyTarget, make_target
 from tl_depass.apd.train import CHECKPOINT_NAME, TargetObjective, load_checkpoint, train

@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 
 from tl_depass.apd.configs import OptimConfig
 from tl_depass.apd.targets import ToyTarget
+from tl_depass.engine.files import read_checkpoint, require_keys
 from tl_depass.errors import DepassError
-from tl_depass.files import read_checkpoint, require_keys
 
 __all__ = ["Objective", "TargetObjective", "train", "lr_factor", "load_checkpoint", "CHECKPOINT_NAME"]
 

@@ -44,7 +44,7 @@ def conditions(args, seconds: float, names: list[str]) -> str:
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     load = f"{os.getloadavg()[2]:.1f}" if hasattr(os, "getloadavg") else "unknown"
     return (f"Run {when}: models {', '.join(names)}; {args.n} prompts per task "
-            f"(`tl_depass.tasks.generate(task, {args.n}, seed={args.seed})`), float32. "
+            f"(`tl_depass.models.tasks.generate(task, {args.n}, seed={args.seed})`), float32. "
             f"Wall time {seconds:.0f} s in all on {platform.machine()} "
             f"({os.cpu_count()} CPU cores visible, torch threads {torch.get_num_threads()}, "
             f"load average {load} over the last 15 minutes at the end: other jobs shared the "
@@ -59,9 +59,10 @@ def main(argv=None) -> int:
         return 2
     import pandas as pd
 
-    from tl_depass import models, tasks
-    from tl_depass.evaluate import report
+    from tl_depass import models
+    from tl_depass.evaluate import summary as report
     from tl_depass.evaluate.run import evaluate
+    from tl_depass.models import tasks
 
     torch.set_num_threads(args.threads)
     names = args.models or models.names()

@@ -3,7 +3,7 @@ highest, or lowest, and measure what the model still gets right; and how well ea
 scores agree with the exact per-unit causal effects.
 
 Scores are `[layer head_index]` for heads and `[d_mlp]` for neurons, one ranking per task (the
-batch mean), as `tl_depass.baselines` returns them. Ablation is zero-ablation of every position
+batch mean), as `tl_depass.evaluate.baselines` returns them. Ablation is zero-ablation of every position
 (`attn.hook_z` of the head, or `mlp.hook_post` of the neuron), everything else free.
 """
 

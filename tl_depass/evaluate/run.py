@@ -2,7 +2,7 @@
 
 A task batch has `tokens [batch pos]` (BOS first), `answers [batch]` and `wrong [batch]` (the
 answer and a competitor at the last position), `corrupted [batch pos]` and `key_positions
-[batch pos]` (the positions that truly matter), as `tl_depass.tasks.generate` returns them.
+[batch pos]` (the positions that truly matter), as `tl_depass.models.tasks.generate` returns them.
 """
 
 import time
@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tl_depass import baselines as B
+from tl_depass.evaluate import baselines as B
 from tl_depass.evaluate import components as C
 from tl_depass.evaluate import tokens as T
 

@@ -15,7 +15,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from tl_depass.baselines import delete_positions
+from tl_depass.evaluate.baselines import delete_positions
 
 PERCENTS: tuple[int, ...] = (10, 20, 30, 40, 50, 60, 70, 80, 90, 100)
 

@@ -1,7 +1,7 @@
 """Small trained TransformerLens models with known mechanisms, shipped inside the package.
 
     model = tl_depass.models.load("induction")       # HookedTransformer on TL 3.x
-    batch = tl_depass.tasks.generate("induction", 32)
+    batch = tl_depass.models.tasks.generate("induction", 32)
     model.to_str_tokens(batch.tokens[0])
 
 Each model is a `<name>.safetensors` (HookedTransformer state dict, parameters only) and a
@@ -20,9 +20,9 @@ from typing import Literal
 
 import torch
 
-from tl_depass.backends import hooked_class, native_bridge
+from tl_depass.engine.backends import hooked_class, native_bridge
+from tl_depass.engine.files import check_tensors, read_json, read_safetensors, require_keys
 from tl_depass.errors import DepassError
-from tl_depass.files import check_tensors, read_json, read_safetensors, require_keys
 
 HERE = Path(__file__).parent
 BUNDLED = ("induction", "recall", "ioi")
@@ -30,7 +30,7 @@ Backend = Literal["auto", "hooked", "bridge"]
 
 
 def names() -> list[str]:
-    """The bundled models (each named after the task it solves, see `tl_depass.tasks`)."""
+    """The bundled models (each named after the task it solves, see `tl_depass.models.tasks`)."""
     return [n for n in BUNDLED if (HERE / f"{n}.json").exists()]
 
 
@@ -133,7 +133,7 @@ def describe(name: str) -> str:
     blocks = "attention-only" if c.get("attn_only") else f"d_mlp {c['d_mlp']} ({c['act_fn']})"
     norm = c.get("normalization_type") or "no norm"
     acc = meta["accuracy"]
-    from tl_depass.tasks import TASKS
+    from tl_depass.models.tasks import TASKS
 
     task = TASKS.get(meta["task"], meta["task"])
     return (f"{name}: {c['n_layers']}-layer {blocks} transformer, d_model {c['d_model']}, "

@@ -10,7 +10,8 @@ import warnings
 import torch
 
 import tl_depass
-from tl_depass import models, tasks
+from tl_depass import models
+from tl_depass.models import tasks
 
 
 def predictions(model, tokens):
@@ -53,8 +54,8 @@ def heads(model, batch, n: int) -> None:
     metric = logit_diff(small)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cmp = tl_depass.compare.with_patching(model, small.tokens, small.corrupted, metric, "heads")
-    plain = tl_depass.compare.zero_ablation(model, small.tokens, metric, frozen=False)
+        cmp = tl_depass.evaluate.compare.with_patching(model, small.tokens, small.corrupted, metric, "heads")
+    plain = tl_depass.evaluate.compare.zero_ablation(model, small.tokens, metric, frozen=False)
     print(f"  heads, metric = mean logit difference over {n} prompts "
           f"(clean {metric(model(small.tokens)).item():.2f}, corrupted "
           f"{metric(model(small.corrupted)).item():.2f})")

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor
 
-from tl_depass import tasks
+from tl_depass.models import tasks
 
 HERE = Path(__file__).parent
 TRAIN_SEED_OFFSET = 1_000_000  # training batches use tasks seeds 1_000_000 + step

@@ -1,0 +1,2 @@
+"""Applications on top of the library: the `tl-depass` command (`cli`), the explanation it
+computes (`explain`), the HTML page it writes (`html`) and the plots (`viz`)."""

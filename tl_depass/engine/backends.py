@@ -1,0 +1,201 @@
+"""HookedTransformer and TransformerBridge differences, in one place.
+
+The engine speaks HookedTransformer hook names. A TransformerBridge (TL 3.9, and the only model
+class of TL 4.x) exposes the same points under those names as aliases of its raw names
+(`blocks.0.hook_resid_pre` is `blocks.0.hook_in`); every hook point here gets ONE canonical
+name, the HookedTransformer one where it has one, so nothing is recorded or overridden twice.
+"""
+
+import re
+import warnings
+from contextlib import contextmanager
+
+import torch
+
+from tl_depass.errors import DepassError, UnsupportedModelError
+
+# The names a HookedTransformer gives its hook points; on a Bridge, the aliases we prefer.
+HT_NAME = re.compile(
+    r"(hook_embed|hook_pos_embed|hook_tokens|unembed\.hook_out|(embed\.ln|ln_final)\.hook_(scale|normalized)"
+    r"|blocks\.\d+\.(hook_(resid_pre|resid_mid|resid_post|attn_out|mlp_out|attn_in|mlp_in"
+    r"|q_input|k_input|v_input)|(ln\d(_post)?|mlp\.ln)\.hook_(scale|normalized)|attn\.hook_(q|k|v|z"
+    r"|attn_scores|pattern|result|rot_q|rot_k)|mlp\.hook_(pre|pre_linear|post|mid)))"
+)
+
+
+def bridge_class():
+    try:
+        from transformer_lens.model_bridge import TransformerBridge
+    except ImportError:
+        return None
+    return TransformerBridge
+
+
+def hooked_class():
+    try:  # TL 4 removed it; there even hasattr(transformer_lens, "HookedTransformer") raises
+        from transformer_lens import HookedTransformer
+    except ImportError:
+        return None
+    return HookedTransformer
+
+
+class _AnyModel(type):
+    def __instancecheck__(cls, obj) -> bool:
+        return isinstance(obj, model_classes())
+
+
+class Model(metaclass=_AnyModel):
+    """A TransformerLens model: a HookedTransformer (TL 3.x) or a TransformerBridge (TL 3.9+,
+    the only class of TL 4.x), whichever the installed version has. Use it in annotations:
+    `isinstance(x, Model)` (and so beartype) checks against the installed classes, imported only
+    when a check runs, so that `import tl_depass` does not import the Bridge."""
+
+
+def model_classes() -> tuple[type, ...]:
+    return tuple(c for c in (hooked_class(), bridge_class()) if c is not None)
+
+
+#: Hugging Face moved its root-level model ids into organisations (the hub still redirects the old
+#: ids). TransformerLens 3 knows the old ids, TransformerLens 4's registry only the new ones.
+HUB_MOVED = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
+             "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl",
+             "distilgpt2": "distilbert/distilgpt2"}
+
+
+def pretrained_name(name: str) -> str | None:
+    """The id this TransformerLens loads the pretrained model `name` under, or None if it knows
+    no such model (checked offline). Short names and TransformerLens aliases are accepted on
+    every version: `gpt2`, `gpt2-small` and `openai-community/gpt2` are the same model."""
+    if hooked_class() is not None:  # 3.x: its own table of official names and aliases
+        from transformer_lens.loading_from_pretrained import get_official_model_name
+
+        moved_back = {new.lower(): old for old, new in HUB_MOVED.items()}
+        try:
+            return get_official_model_name(moved_back.get(name.lower(), name))
+        except ValueError:
+            return None
+    from transformer_lens.tools.model_registry import api  # 4.x: Hugging Face ids
+    from transformer_lens.tools.model_registry.registry_io import load_model_aliases
+
+    aliases = {a.lower(): official for official, names in load_model_aliases().items() for a in names}
+    official = aliases.get(name.lower(), name)
+    official = HUB_MOVED.get(official.lower(), official)
+    return official if api.is_model_supported(official) else None
+
+
+def check_no_remote_code(name: str) -> None:
+    """Refuse a pretrained model that TransformerLens 3.x would load with trust_remote_code=True
+    (it turns that on by itself for some official names), which runs the repository's Python
+    code. TransformerLens 4 never turns it on unasked, and tl_depass never asks."""
+    if hooked_class() is None:
+        return
+    from transformer_lens.loading_from_pretrained import NEED_REMOTE_CODE_MODELS
+
+    if name.startswith(NEED_REMOTE_CODE_MODELS):
+        raise DepassError(
+            f"TransformerLens loads {name} with trust_remote_code=True, which runs Python code from "
+            "its hub repository; tl_depass never does. If you trust it, load it yourself "
+            "(HookedTransformer.from_pretrained(..., trust_remote_code=True)) and pass the model")
+
+
+def load_pretrained(name: str, device: str = "cpu"):
+    """HookedTransformer.from_pretrained on TransformerLens 3.x, TransformerBridge on 4.x; `name`
+    as resolved by `pretrained_name`. Downloads from the Hugging Face hub; never runs code from it."""
+    check_no_remote_code(name)
+    hooked = hooked_class()
+    if hooked is not None:
+        return hooked.from_pretrained(name, device=device)
+    return bridge_class().boot_transformers(name, device=device)
+
+
+def attention_mask(model, tokens: torch.Tensor) -> torch.Tensor:
+    """The 0/1 mask of the padding that `model.to_tokens` added to a batch of strings."""
+    from transformer_lens.utilities import get_attention_mask  # 3.9 and 4.x alike
+
+    return get_attention_mask(model.tokenizer, tokens, model.cfg.default_prepend_bos)
+
+
+def native_bridge():
+    """TransformerLens 4's TL-native Bridge as (TransformerBridgeConfig, boot_native,
+    convert_tl_checkpoint), or None where this TransformerLens lacks it (3.x)."""
+    try:
+        from transformer_lens.config import TransformerBridgeConfig
+        from transformer_lens.model_bridge.sources import boot_native
+        from transformer_lens.utilities.tl_checkpoint_conversion import convert_tl_checkpoint
+    except ImportError:
+        return None
+    return TransformerBridgeConfig, boot_native, convert_tl_checkpoint
+
+
+def is_bridge(model) -> bool:
+    bridge = bridge_class()
+    return bridge is not None and isinstance(model, bridge)
+
+
+def check_model(model) -> None:
+    classes = [c for c in (hooked_class(), bridge_class()) if c is not None]
+    if not isinstance(model, tuple(classes)):
+        raise DepassError(
+            f"decompose needs a {' or '.join(c.__name__ for c in classes)} from transformer_lens, "
+            f"got {type(model).__name__}: wrap Hugging Face models with "
+            "TransformerBridge.boot_transformers(...)"
+        )
+
+
+def canonical_names(model) -> dict[str, str]:
+    """Every hook name the model answers to -> the one name DePass uses for that hook point.
+    Hook points the Bridge refuses to hook (use_attn_result off, ...) are left out."""
+    gated = getattr(model, "_gated_hook_reason", None) if is_bridge(model) else None
+    by_point: dict[int, list[str]] = {}
+    for name, point in model.hook_dict.items():
+        if gated is not None and gated(point.name or name) is not None:
+            continue
+        by_point.setdefault(id(point), []).append(name)
+    out = {}
+    for names in by_point.values():
+        best = next((n for n in names if HT_NAME.fullmatch(n)), names[0])
+        out |= dict.fromkeys(names, best)
+    return out
+
+
+def act_fn(model, prefix: str):
+    """The elementwise activation of the MLP at `prefix`."""
+    module = model.get_submodule(prefix)
+    if hasattr(module, "act_fn") and not is_bridge(model):
+        return module.act_fn
+    from transformer_lens.utilities.activation_functions import SUPPORTED_ACTIVATIONS
+
+    name = model.cfg.act_fn
+    if name not in SUPPORTED_ACTIVATIONS:
+        raise UnsupportedModelError(
+            f"the MLP activation {name!r} of this model is not one TransformerLens knows "
+            f"({sorted(SUPPORTED_ACTIVATIONS)}); DePass needs it for the MLP rules"
+        )
+    return SUPPORTED_ACTIVATIONS[name]
+
+
+def clean_hook_value(name: str, x: torch.Tensor) -> torch.Tensor | None:
+    """What a recording hook returns in the clean run. A Bridge norm whose `hook_scale` is hooked
+    computes the norm itself (TL's path) instead of delegating to Hugging Face (whose RMSNorm
+    runs in float32): the decomposed pass replays scales through that same path, so the clean
+    run must take it too. On a HookedTransformer the clone changes nothing."""
+    return x.clone() if name.endswith("hook_scale") else None
+
+
+@contextmanager
+def forward_as_recorded(model):
+    """Inside: a Bridge over a Hugging Face model computes attention eagerly, so that adapters
+    that delegate attention to HF (OPT) fire `hook_pattern`; the Bridge's notice that hooked norm
+    scales take TL's norm path (which DePass wants, see clean_hook_value) is silenced."""
+    hf = getattr(model, "original_model", None) if is_bridge(model) else None
+    before = getattr(getattr(hf, "config", None), "_attn_implementation", None)
+    switch = before not in (None, "eager") and hasattr(hf, "set_attn_implementation")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "A forward hook edited hook_scale")
+        if switch:
+            hf.set_attn_implementation("eager")
+        try:
+            yield
+        finally:
+            if switch:
+                hf.set_attn_implementation(before)

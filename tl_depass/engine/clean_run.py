@@ -1,0 +1,72 @@
+"""The clean run: one ordinary forward whose hooks record the quantities DePass freezes."""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from tl_depass.engine.backends import canonical_names, clean_hook_value, forward_as_recorded
+from tl_depass.errors import DepassError
+
+#: Hook-name endings whose values hold -inf by design (causal masks), not a broken model.
+MASKED = ("hook_attn_scores",)
+#: Hook-name endings whose clean values the decomposed pass replays.
+FROZEN = ("hook_scale", "hook_pattern", "attn.hook_z", "mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_mid",
+          "mlp.hook_post", "hook_embed", "hook_pos_embed", "unembed.hook_out")
+
+
+@dataclass
+class CleanRun:
+    order: list[str]  # every hook point that fired, in the order it first fired
+    values: dict[str, Tensor]  # recorded activations, keyed by the name we registered
+    logits: Float[Tensor, "batch pos d_vocab"]  # the model's own output (after any softcap)
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self.values[name]
+
+    def after(self, name: str) -> list[str]:
+        """Hook points that fire after `name` first fires (the part of the model DePass replays)."""
+        return self.order[self.order.index(name) + 1:]
+
+
+def unflatten_rows(x: Tensor, batch: int, pos: int) -> Tensor:
+    """[batch*pos, d] -> [batch, pos, d]: some Hugging Face blocks (OPT's MLP) flatten the token
+    axes; DePass keeps TransformerLens's [batch, pos, ...] everywhere."""
+    if x.is_floating_point() and x.ndim == 2 and x.shape[0] == batch * pos:
+        return x.unflatten(0, (batch, pos))
+    return x
+
+
+def record_clean_run(
+    model, tokens: Int[Tensor, "batch pos"], attention_mask: Tensor | None,
+    record: Callable[[str], bool],
+) -> CleanRun:
+    """Run `model` once, unchanged (recording hooks change no value), keeping what `record` names."""
+    order: list[str] = []
+    seen: set[str] = set()
+    values: dict[str, Tensor] = {}
+    bad: list[str] = []  # hooks with NaN or inf values, in forward order
+
+    def recorder(name: str):
+        def hook(x: Tensor, hook) -> Tensor | None:
+            if name not in seen:
+                seen.add(name)
+                order.append(name)
+            if not bad and x.is_floating_point() and not name.endswith(MASKED) \
+                    and not torch.isfinite(x).all():
+                bad.append(name)
+            if record(name):
+                values[name] = unflatten_rows(x.detach().clone(), *tokens.shape)
+            return clean_hook_value(name, x)
+        return hook
+
+    hooks = [(name, recorder(name)) for name in dict.fromkeys(canonical_names(model).values())]
+    with torch.no_grad(), forward_as_recorded(model), model.hooks(fwd_hooks=hooks):
+        logits = model(tokens, attention_mask=attention_mask)
+    real = logits if attention_mask is None else logits[attention_mask.bool()]
+    if not torch.isfinite(real).all():
+        raise DepassError(f"the clean run is not finite: NaN or inf first appear at "
+                          f"{bad[0] if bad else 'the logits'}; check the weights there (and norm eps > 0)")
+    return CleanRun(order, values, logits)

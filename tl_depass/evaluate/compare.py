@@ -1,0 +1,170 @@
+"""DePass next to the activation patching researchers already trust.
+
+The two measure different things. DePass splits the CLEAN run's output into each component's
+contribution with attention patterns, norm scales and MLP activations frozen (no counterfactual
+input). Activation patching (denoising, as in `transformer_lens.patching`) measures the CAUSAL
+effect of restoring one clean activation inside the corrupted run, with everything downstream
+free to react. They agree where a component's effect is direct and roughly linear; they differ
+where later attention or MLP gates respond to the change (DePass holds those fixed) and where a
+component matters equally in the clean and corrupted runs (patching sees no difference).
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import einops
+import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from tl_depass.decompose import decompose
+from tl_depass.decomposition import Decomposition
+from tl_depass.engine.arguments import prepare_tokens
+from tl_depass.engine.backends import check_model, forward_as_recorded
+from tl_depass.engine.clean_run import record_clean_run
+from tl_depass.engine.frozen import FROZEN_INPUTS, frozen_hooks
+from tl_depass.engine.guard import serialised
+from tl_depass.engine.replay import mlp_site
+from tl_depass.engine.validate import check_layers, check_options, public
+from tl_depass.errors import DepassError
+from tl_depass.levels.components import Entry, Group, TokensAt
+from tl_depass.levels.units import Heads, rest_entry
+
+Level = Literal["heads", "positions", "mlp"]
+Metric = Callable[[Tensor], Tensor]
+
+
+@dataclass
+class Comparison:
+    level: Level
+    axes: tuple[str, str]  # ("layer", "head") or ("layer", "pos")
+    depass: Float[Tensor, "layer index"]
+    patching: Float[Tensor, "layer index"]
+    pearson: float
+    spearman: float
+    frame: pd.DataFrame  # one row per (layer, index): depass and patching scores
+
+
+def metric_scores(model, dec: Decomposition, metric: Metric) -> Float[Tensor, " component"]:
+    """Each component's share of `metric`: <d metric / d logits, component logits> at the clean
+    logits (through any final softcap). Exact for metrics linear in the logits (a logit
+    difference, say); the first-order share otherwise."""
+    if dec.logit_positions is not None or "logits" not in dec.results:
+        raise DepassError("metric_scores reads the logits at every position: decompose with "
+                          "logits='all' (the default)")
+    pre = dec.clean["logits"].detach().clone().requires_grad_(True)
+    cap = model.cfg.output_logits_soft_cap
+    with torch.enable_grad():
+        value = metric(cap * torch.tanh(pre / cap) if cap and cap > 0 else pre)
+        (grad,) = torch.autograd.grad(value, pre)
+    return einops.einsum(dec.logits, grad, "c b p v, b p v -> c")
+
+
+@dataclass(frozen=True)
+class MLPByPosition:
+    """Each position's MLP output at each layer is a component (what `get_act_patch_mlp_out`
+    patches)."""
+
+    layers: tuple[int, ...] | None = None
+
+    def groups(self, model, clean) -> list[Group]:
+        out = []
+        n = clean.logits.shape[1]
+        for layer in check_layers(model, self.layers, "MLPByPosition"):
+            site = mlp_site(model, clean, f"blocks.{layer}.mlp")
+            act = site.facts.act
+
+            def rows(offset, k, act=act):
+                x = act.new_zeros((k, *act.shape))
+                for r in range(max(offset, 1), offset + k):
+                    x[r - offset, :, r - 1] = act[:, r - 1]
+                return x
+
+            out.append(Group([f"L{layer} rest"] + [f"L{layer}P{p}" for p in range(n)]
+                             + [f"L{layer} bias"],
+                             [rest_entry(clean, layer), Entry(site.act_hook, rows, site.facts.extra)]))
+        return out
+
+
+@serialised
+def depass_scores(model, tokens, metric: Metric, level: Level, mlp_rule: str
+                  ) -> Float[Tensor, "layer index"]:
+    L, n = model.cfg.n_layers, tokens.shape[1]
+    if level == "positions":
+        rows = []
+        for layer in range(L):
+            dec = decompose(model, tokens, TokensAt(layer), mlp_rule=mlp_rule, keep=[])
+            rows.append(metric_scores(model, dec, metric)[:n])
+        return torch.stack(rows)
+    spec, width = (Heads(), model.cfg.n_heads) if level == "heads" else (MLPByPosition(), n)
+    dec = decompose(model, tokens, spec, mlp_rule=mlp_rule, keep=[])
+    scores = metric_scores(model, dec, metric).reshape(L, width + 2)
+    return scores[:, 1:-1]  # drop each layer's rest and bias
+
+
+PATCHERS = {  # transformer_lens.patching function, result axes
+    "heads": ("get_act_patch_attn_head_out_all_pos", ("layer", "head")),
+    "positions": ("get_act_patch_resid_pre", ("layer", "pos")),
+    "mlp": ("get_act_patch_mlp_out", ("layer", "pos")),
+}
+
+
+@public
+@serialised
+def with_patching(model, clean_tokens, corrupted_tokens, metric: Metric, level: Level = "heads",
+                  mlp_rule: str = "softmax") -> Comparison:
+    """Run `transformer_lens.patching` at `level` (heads: attention head outputs, all positions;
+    positions: resid_pre; mlp: MLP outputs by position) with `metric` (logits -> scalar), and
+    the matching DePass scores (each component's share of `metric` in the clean run)."""
+    if level not in PATCHERS:
+        raise DepassError(f"unknown level {level!r}; use one of {list(PATCHERS)}")
+    check_model(model)
+    check_options(model, mlp_rule, 1.0, None)
+    clean_tokens, _ = prepare_tokens(model, clean_tokens, None)
+    corrupted_tokens, _ = prepare_tokens(model, corrupted_tokens, None)
+    if clean_tokens.shape != corrupted_tokens.shape:
+        raise DepassError(f"clean tokens {tuple(clean_tokens.shape)} and corrupted tokens "
+                          f"{tuple(corrupted_tokens.shape)} differ in shape: patching needs the "
+                          "same length")
+    from transformer_lens import patching
+
+    name, axes = PATCHERS[level]
+    _, cache = model.run_with_cache(clean_tokens)
+    patched = getattr(patching, name)(model, corrupted_tokens, cache, metric)
+    ours = depass_scores(model, clean_tokens, metric, level, mlp_rule).to(patched)
+    frame = pd.DataFrame([
+        {axes[0]: i, axes[1]: j, "depass": ours[i, j].item(), "patching": patched[i, j].item()}
+        for i in range(ours.shape[0]) for j in range(ours.shape[1])
+    ])
+    spearman = frame.depass.rank().corr(frame.patching.rank())  # Pearson of ranks, no scipy
+    return Comparison(level, axes, ours, patched, frame.depass.corr(frame.patching), spearman,
+                      frame)
+
+
+@public
+@serialised
+def zero_ablation(model, tokens, metric: Metric, frozen: bool = True
+                  ) -> Float[Tensor, "layer head_index"]:
+    """metric(clean) - metric(with one head's output zeroed), for every head. `frozen=True`
+    holds attention patterns, norm scales and MLP activation ratios at their clean values (the
+    frozen model, where DePass with mlp_rule="ratio" must agree exactly); `frozen=False` is
+    plain zero ablation (the causal effect)."""
+    check_model(model)
+    tokens, _ = prepare_tokens(model, tokens, None)
+    clean = record_clean_run(model, tokens, None, lambda n: n.endswith(FROZEN_INPUTS))
+    hooks = frozen_hooks(model, clean) if frozen else []
+    base = metric(clean.logits)
+    out = torch.zeros(model.cfg.n_layers, model.cfg.n_heads, dtype=base.dtype)
+    with torch.no_grad(), forward_as_recorded(model):
+        for layer in range(model.cfg.n_layers):
+            for head in range(model.cfg.n_heads):
+                def ablate(z, hook, head=head):
+                    z = z.clone()
+                    z[:, :, head] = 0
+                    return z
+                logits = model.run_with_hooks(
+                    tokens, fwd_hooks=hooks + [(f"blocks.{layer}.attn.hook_z", ablate)])
+                out[layer, head] = base - metric(logits)
+    return out
