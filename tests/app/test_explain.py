@@ -21,7 +21,9 @@ from PIL import Image
 import tl_depass
 from tl_depass import tasks
 from tl_depass.app import explain as report
+from tl_depass.app import html
 from tl_depass.app.cli import main
+from tl_depass.app.results import Explanation, Level
 
 MODEL = "induction"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -121,8 +123,8 @@ def test_report_numbers_match_the_library(tmp_path):
     model = load(MODEL)
     batch = tasks.generate(MODEL, 1, seed=0)
     answer, wrong = int(batch.answers[0]), int(batch.wrong[0])
-    ex = report.explain(model, batch.tokens, answer, wrong, batch.corrupted, levels=["heads"],
-                        progress=False)
+    ex = report.explain(model, report.Prompt(batch.tokens, answer, wrong, batch.corrupted),
+                        levels=["heads"], progress=False)
     dec = tl_depass.decompose(model, batch.tokens, tl_depass.Heads())
     torch.testing.assert_close(ex.levels["heads"].depass,
                                dec.head_scores(answer, wrong)[0].flatten())
@@ -166,3 +168,66 @@ def test_show_fits_the_level():
     assert isinstance(view, circuitsvis.utils.render.RenderedHTML)
     with pytest.raises(tl_depass.DepassError, match="token-level"):
         heads.show(answer, kind="circuitsvis")
+
+
+def test_deprecated_positional_call_warns_and_agrees():
+    """explain(model, tokens, target, wrong, corrupted, rule, ...) still works, with a warning,
+    and computes what explain(model, Prompt(...), rule=...) does."""
+    from tl_depass.models import load
+
+    model = load(MODEL)
+    batch = tasks.generate(MODEL, 1, seed=0)
+    answer, wrong = int(batch.answers[0]), int(batch.wrong[0])
+    new = report.explain(model, report.Prompt(batch.tokens, answer, wrong, batch.corrupted),
+                         levels=["heads"], rule="ratio", model_name="m", progress=False)
+    with pytest.warns(DeprecationWarning, match="Prompt"):
+        old = report.explain(model, batch.tokens, answer, wrong, batch.corrupted, "ratio", None, "m",
+                             ["heads"], False)
+    assert old.rule == new.rule == "ratio" and old.model_name == "m" and list(old.levels) == ["heads"]
+    torch.testing.assert_close(old.levels["heads"].depass, new.levels["heads"].depass)
+    torch.testing.assert_close(old.levels["heads"].patching, new.levels["heads"].patching)
+    with pytest.raises(tl_depass.DepassError, match="keyword"):
+        report.explain(model, report.Prompt(batch.tokens, answer), "ratio")
+    with pytest.raises(tl_depass.DepassError, match="same length"):
+        report.Prompt(batch.tokens, answer, wrong, batch.corrupted[:, :-1])
+    with pytest.raises(tl_depass.DepassError, match="not a token id"):
+        report.explain(model, report.Prompt(batch.tokens, model.cfg.d_vocab), progress=False)
+
+
+def test_render_from_a_saved_explanation(tmp_path):
+    """Rendering reads only the Explanation: one computed once and saved renders, without the
+    model, to the same page every time (figure ids are fixed, not random)."""
+    from tl_depass.models import load
+
+    model = load(MODEL)
+    batch = tasks.generate(MODEL, 1, seed=0)
+    prompt = report.Prompt(batch.tokens, int(batch.answers[0]), int(batch.wrong[0]), batch.corrupted)
+    ex = report.explain(model, prompt, levels=["tokens", "heads"], progress=False)
+    torch.save(ex, tmp_path / "ex.pt")
+    del model
+    saved = torch.load(tmp_path / "ex.pt", weights_only=False)
+    page = html.render(saved)
+    assert html.render(saved) == page == html.render(ex)
+    path = report.write_html(saved, tmp_path / "a.html")  # the old import path still works
+    assert html.write_html(saved, tmp_path / "b.html").read_text(encoding="utf-8") == \
+        path.read_text(encoding="utf-8") == page
+    assert "<h2>Token contributions</h2>" in page and "<h2>Heads</h2>" in page
+
+
+def test_render_a_constructed_explanation():
+    """An Explanation built by hand (no model anywhere) renders: facts, tables and figures."""
+    heads = Level(["L0H0", "L0H1", "L1H0", "L1H1"], torch.tensor([0.5, -0.25, 1.0, 0.0]),
+                  torch.tensor([0.4, -0.1, 0.9, 0.05]), 0.9, 0.8, {"blocks.0.hook_resid_pre": 1e-9})
+    tokens = Level(["tok 0 a", "tok 1 b", "bias"], torch.tensor([0.75, 0.5, 0.0]),
+                   completeness={"hook_embed": 2e-9})
+    ex = Explanation("hand-made", ["a", "b"], " c", None, 1.25, "softmax", 1e-5, None, None,
+                     {"tokens": tokens, "heads": heads}, torch.tensor([[0.75, 0.5], [0.25, 1.0]]), None)
+    page = html.render(ex)
+    assert page == html.render(ex)
+    parsed = Classes()
+    parsed.feed(page)
+    # tokens, heads, completeness, DePass vs patching
+    assert parsed.fetches == [] and parsed.meta["depass-figures"] == "4"
+    assert "logit(&#x27; c&#x27;)</code> at the last position = +1.2500" in page
+    assert "worst relative error 2.0e-09" in page and "Pearson 0.90, Spearman 0.80" in page
+    assert "<td>L1H0</td><td>+1.000</td><td>+0.900</td>" in page

@@ -269,9 +269,10 @@ def explain(args) -> int:
     if sum(p.numel() for p in model.parameters()) < SMALL:
         torch.set_num_threads(1)
     try:
-        ex = explanation.explain(model, prompt.tokens, prompt.target, prompt.wrong, prompt.corrupted,
-                            args.rule, args.layer, Path(args.model).stem, levels, not args.quiet,
-                            args.patch_limit)
+        ex = explanation.explain(
+            model, explanation.Prompt(prompt.tokens, prompt.target, prompt.wrong, prompt.corrupted),
+            levels=levels, rule=args.rule, neuron_layer=args.layer, model_name=Path(args.model).stem,
+            progress=not args.quiet, patch_limit=args.patch_limit)
     finally:
         torch.set_num_threads(threads)
     print(summary(ex, args.level, args.top, model))

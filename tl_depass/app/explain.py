@@ -1,36 +1,31 @@
-"""Explain one prediction at every level and write it as a self-contained HTML report.
+"""Explain one prediction at every level: the computing half of `tl-depass explain`.
 
-`explain(...)` runs DePass at the token level (from every layer's residual stream), on all heads,
-on attention and MLP modules and on one layer's neurons, checks completeness, and, given a
-corrupted prompt, runs activation patching at the same levels (`tl_depass.evaluate.compare` and
-`transformer_lens.patching`). `write_html(...)` assembles the plotly figures of `tl_depass.app.viz`.
-
-Why plotly and not CircuitsVis in the report: CircuitsVis' HTML (`str(...)`, and Jupyter's
-display whenever the machine is online) imports its JavaScript from the unpkg CDN, so a saved
-page is blank without network. Its offline form inlines a 1.3 MB bundle per picture. The report
-must open offline (the browser test runs with no network), so it uses plotly figures with
-plotly.js inlined once (about 4.6 MB per report). CircuitsVis stays available in Jupyter through
-`dec.show(kind="circuitsvis")`.
+`explain(model, Prompt(tokens, target, wrong, corrupted))` runs DePass at the token level (from
+every layer's residual stream), on all heads, on attention and MLP modules and on one layer's
+neurons, checks completeness, and, given a corrupted prompt, runs activation patching at the same
+levels (`tl_depass.evaluate.compare` and `transformer_lens.patching`). It returns an `Explanation`:
+tensors, labels and correlations, nothing drawn. `tl_depass.app.html` renders it to a
+self-contained HTML page (`write_html`, also importable from here).
 """
 
-import html
-import os
-import tempfile
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 
 import pandas as pd
-import plotly.offline
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from tl_depass.app import viz
+from tl_depass.app.results import Explanation, Level, Prompt, top_table  # noqa: F401 (public here too)
 from tl_depass.decompose import decompose
+from tl_depass.engine.backends import Model
+from tl_depass.engine.hooks import block_hook
+from tl_depass.engine.rules import RULES, Rule
+from tl_depass.engine.validate import public
 from tl_depass.errors import DepassError
 from tl_depass.evaluate import compare
 from tl_depass.levels import Heads, Modules, Neurons
@@ -38,48 +33,6 @@ from tl_depass.levels.components import TokensAt
 from tl_depass.tolerances import completeness_rtol
 
 LEVELS = ("tokens", "heads", "modules", "neurons")
-
-
-@dataclass
-class Level:
-    """DePass scores (each component's share of the metric) at one level, and, when a corrupted
-    prompt was given, the activation patching effect of each component (metric with that clean
-    activation restored in the corrupted run, minus the corrupted metric)."""
-
-    labels: list[str]
-    depass: Float[Tensor, " component"]
-    patching: Float[Tensor, " component"] | None = None
-    pearson: float = float("nan")
-    spearman: float = float("nan")
-    completeness: dict[str, float] = field(default_factory=dict)  # hook -> worst relative error
-    note: str = ""  # what to keep in mind when reading the agreement
-
-    def agreement(self, note: bool = True) -> str:
-        if self.patching is None:
-            return "no activation patching (no corrupted prompt)"
-        if self.pearson != self.pearson:
-            return "n/a (fewer than 3 components)"
-        return f"Pearson {self.pearson:.2f}, Spearman {self.spearman:.2f}" + (self.note if note else "")
-
-
-@dataclass
-class Explanation:
-    model_name: str
-    str_tokens: list[str]
-    target: str
-    wrong: str | None
-    metric: float  # the clean metric: logit(target) [- logit(wrong)] at the last position
-    rule: str
-    tolerance: float
-    corrupted: list[str] | None
-    neuron_layer: int | None
-    levels: dict[str, Level]
-    tokens_by_layer: Float[Tensor, "layer pos"] | None  # each position's share entering each layer
-    tokens_patching: Float[Tensor, "layer pos"] | None  # patching each position's resid_pre
-
-    @property
-    def metric_name(self) -> str:
-        return f"logit({self.target!r})" + ("" if self.wrong is None else f" - logit({self.wrong!r})")
 
 
 def correlations(x: Tensor, y: Tensor) -> tuple[float, float]:
@@ -162,18 +115,56 @@ def run_levels(run, bar, out: dict, neuron_layer: int | None) -> tuple:
     return tokens_by_layer, tokens_patching, neuron_layer
 
 
-def explain(model, tokens: Tensor, target: int, wrong: int | None, corrupted: Tensor | None,
-            rule: str = "softmax", neuron_layer: int | None = None, model_name: str = "model",
-            levels: Sequence[str] = LEVELS, progress: bool = True, patch_limit: int = 512
-            ) -> Explanation:
-    """DePass at `levels` (default all; "neurons" only where the model has MLPs) for `target`
-    (minus `wrong`) at the last position of `tokens` ([1, pos]); activation patching at the same
-    levels when `corrupted` is given. `neuron_layer=None`: the layer whose MLP has the largest
-    share of the metric. Patching at most `patch_limit` neurons (a random sample above that)."""
+@public
+def explain(model: Model, prompt: Prompt | Tensor, *legacy: object, levels: Sequence[str] = LEVELS,
+            rule: Rule = "softmax", neuron_layer: int | None = None, model_name: str = "model",
+            progress: bool = True, patch_limit: int = 512) -> Explanation:
+    """DePass at `levels` (default all; "neurons" only where the model has MLPs) for the prompt's
+    target (minus its wrong answer) at the last position; activation patching at the same levels
+    when it has a corrupted prompt. `neuron_layer=None`: the layer whose MLP has the largest
+    share of the metric. Patching at most `patch_limit` neurons (a random sample above that).
+    The old positional call `explain(model, tokens, target, wrong, corrupted, rule, ...)` still
+    works, with a DeprecationWarning."""
+    options = dict(levels=levels, rule=rule, neuron_layer=neuron_layer, model_name=model_name,
+                   progress=progress, patch_limit=patch_limit)
+    if isinstance(prompt, Tensor):
+        prompt = _legacy(prompt, legacy, options)
+    elif legacy:
+        raise DepassError(f"explain takes the model and a Prompt, then options by keyword only; "
+                          f"got {len(legacy)} more positional argument(s): pass rule=..., levels=...")
+    return _explain(model, prompt, **options)
+
+
+OLD_OPTIONS = ("rule", "neuron_layer", "model_name", "levels", "progress", "patch_limit")
+
+
+def _legacy(tokens: Tensor, legacy: tuple, options: dict) -> Prompt:
+    """The deprecated call explain(model, tokens, target, wrong, corrupted, *OLD_OPTIONS)."""
+    if not 3 <= len(legacy) <= 3 + len(OLD_OPTIONS):
+        raise DepassError("explain(model, tokens, target, wrong, corrupted, ...) needs target, wrong "
+                          "and corrupted; better: explain(model, Prompt(tokens, target, wrong, "
+                          "corrupted), rule=..., levels=...)")
+    warnings.warn("explain(model, tokens, target, wrong, corrupted, ...) is deprecated: call "
+                  "explain(model, Prompt(tokens, target, wrong, corrupted), rule=..., levels=...)",
+                  DeprecationWarning, stacklevel=4)  # _legacy, explain, public's wrapper, caller
+    options.update(zip(OLD_OPTIONS, legacy[3:], strict=False))
+    return Prompt(tokens, *legacy[:3])
+
+
+def _explain(model: Model, prompt: Prompt, levels: Sequence[str], rule: str,
+             neuron_layer: int | None, model_name: str, progress: bool, patch_limit: int
+             ) -> Explanation:
     cfg = model.cfg
+    tokens, target, wrong, corrupted = prompt.tokens, prompt.target, prompt.wrong, prompt.corrupted
     unknown = [name for name in levels if name not in LEVELS]
     if unknown:
         raise DepassError(f"unknown levels {unknown}; use some of {list(LEVELS)}")
+    if rule not in RULES:
+        raise DepassError(f"unknown rule {rule!r}; use one of {RULES}")
+    for what, token in (("target", target), ("wrong", wrong)):
+        if token is not None and not 0 <= token < cfg.d_vocab:
+            raise DepassError(f"{what}={token} is not a token id of this model (0..{cfg.d_vocab - 1}); "
+                              "pass model.to_single_token(text)")
     if cfg.attn_only:
         levels = [name for name in levels if name != "neurons"]
     run = Run(model, tokens, corrupted, target, wrong, rule, patch_limit)
@@ -195,7 +186,8 @@ def explain(model, tokens: Tensor, target: int, wrong: int | None, corrupted: Te
 class Run:
     """One prompt, one metric: the DePass scores and patching effects of each level."""
 
-    def __init__(self, model, tokens, corrupted, target: int, wrong: int | None, rule: str,
+    def __init__(self, model: Model, tokens: Int[Tensor, "1 pos"],
+                 corrupted: Int[Tensor, "1 pos"] | None, target: int, wrong: int | None, rule: str,
                  patch_limit: int = 512):
         self.model, self.tokens, self.corrupted, self.rule = model, tokens, corrupted, rule
         self.patch_limit = patch_limit
@@ -261,7 +253,7 @@ class Run:
             # One patched forward per neuron: above `patch_limit` neurons, patch a random sample
             # (an unbiased estimate of the agreement over all of them, at a bounded cost).
             # The top 20 by DePass are patched too, for the tables; the sample alone is correlated.
-            d_mlp, hook = self.model.cfg.d_mlp, f"blocks.{layer}.mlp.hook_post"
+            d_mlp, hook = self.model.cfg.d_mlp, block_hook(layer, "mlp.hook_post")
             chosen = list(range(d_mlp)) if d_mlp <= self.patch_limit else sorted(torch.randperm(
                 d_mlp, generator=torch.Generator().manual_seed(0))[:self.patch_limit].tolist())
             top = level.depass.abs().argsort(descending=True)[:20].tolist()
@@ -292,119 +284,11 @@ def _set_patching(level: Level, effect: Tensor) -> None:
     level.pearson, level.spearman = correlations(level.depass, level.patching)
 
 
-# --- HTML ---
+def __getattr__(name: str):
+    """The page is rendered by tl_depass.app.html (imported only when asked for: computing needs
+    no plotly.js); `tl_depass.app.explain.write_html` keeps working."""
+    if name in ("write_html", "render", "figures", "write_atomic", "NOTE", "STYLE"):
+        from tl_depass.app import html
 
-def figures(ex: Explanation) -> list[tuple[str, object]]:
-    """(section title, plotly figure) in report order, for the levels that were computed."""
-    what, lv = ex.metric_name, ex.levels
-    out = []
-    if "tokens" in lv:
-        rows = ["tokens (embeddings)"] + [f"resid entering L{i}"
-                                          for i in range(1, len(ex.tokens_by_layer))]
-        out.append(("Token contributions", viz.token_heatmap(
-            ex.tokens_by_layer, ex.str_tokens, rows, f"Each position's share of {what}")))
-    if "heads" in lv:
-        grid = lv["heads"].depass.reshape(-1, len([x for x in lv["heads"].labels
-                                                    if x.startswith("L0H")]))
-        out.append(("Heads", viz.head_heatmap(grid, f"Each head's total effect on {what}")))
-    if "modules" in lv:
-        out.append(("Modules", viz.top_bar(lv["modules"].depass, lv["modules"].labels, 40,
-                                           f"Attention and MLP blocks: share of {what}")))
-    if "neurons" in lv:
-        out.append(("Top neurons", viz.top_bar(lv["neurons"].depass, lv["neurons"].labels, 20,
-                                               f"Layer {ex.neuron_layer} neurons: share of {what}")))
-    out.append(("Completeness", viz.completeness_plot(
-        {name: level.completeness for name, level in lv.items()}, ex.tolerance)))
-    panels = {name: (level.depass, level.patching, level.labels, level.agreement(note=False))
-              for name, level in lv.items() if level.patching is not None}
-    if "tokens" in panels:  # every (layer, position), as in transformer_lens.patching
-        labels = [f"entering L{i}, {p}: {t}" for i in range(len(ex.tokens_by_layer))
-                  for p, t in enumerate(ex.str_tokens)]
-        panels["tokens"] = (ex.tokens_by_layer.flatten(), ex.tokens_patching.flatten(), labels,
-                            lv["tokens"].agreement(note=False))
-    if panels:
-        out.append(("DePass vs activation patching", viz.patching_scatter(panels)))
-    return out
-
-
-def top_table(level: Level, k: int = 10) -> list[tuple[str, float, float | None]]:
-    order = level.depass.abs().argsort(descending=True)[:k].tolist()
-    out = []
-    for i in order:
-        p = None if level.patching is None else level.patching[i].item()
-        out.append((level.labels[i], level.depass[i].item(), None if p != p else p))  # NaN: not patched
-    return out
-
-
-def write_html(ex: Explanation, path: str | Path) -> Path:
-    """Write the report; plotly.js is inlined, so the file opens with no network."""
-    path = Path(path)
-    figs = figures(ex)
-    esc = html.escape
-    parts = [f"<h1>DePass: why does <code>{esc(ex.model_name)}</code> predict "
-             f"<code>{esc(ex.target)}</code>?</h1>",
-             "<table class='facts'>",
-             f"<tr><th>prompt</th><td><code>{esc(' '.join(ex.str_tokens))}</code></td></tr>",
-             f"<tr><th>metric</th><td><code>{esc(ex.metric_name)}</code> at the last position = "
-             f"{ex.metric:+.4f}</td></tr>",
-             f"<tr><th>MLP rule</th><td>{esc(ex.rule)}</td></tr>",
-             "<tr><th>corrupted prompt</th><td>" + (
-                 f"<code>{esc(' '.join(ex.corrupted))}</code>" if ex.corrupted else
-                 "none given: no activation patching comparison") + "</td></tr>"]
-    worst = max(max(lv.completeness.values()) for lv in ex.levels.values())
-    parts.append(f"<tr><th>completeness</th><td>worst relative error {worst:.1e} (tolerance "
-                 f"{ex.tolerance:.0e}): {'OK' if worst <= ex.tolerance else 'FAILED'}</td></tr>")
-    for name, lv in ex.levels.items():
-        if lv.patching is not None:
-            parts.append(f"<tr><th>agreement ({name})</th><td>{lv.agreement()}</td></tr>")
-    parts.append("</table><div class='tables'>")
-    for name, lv in ex.levels.items():
-        rows = "".join(f"<tr><td>{esc(lab)}</td><td>{d:+.3f}</td><td>"
-                       f"{'' if p is None else f'{p:+.3f}'}</td></tr>"
-                       for lab, d, p in top_table(lv, 8))
-        parts.append(f"<table class='top'><caption>top {name}</caption><tr><th>component</th>"
-                     f"<th>DePass</th><th>patching</th></tr>{rows}</table>")
-    parts.append("</div>")
-    for title, fig in figs:
-        parts.append(f"<h2>{esc(title)}</h2><div class='depass-figure'>"
-                     + fig.to_html(full_html=False, include_plotlyjs=False) + "</div>")
-    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'>"
-            f"<meta name='depass-figures' content='{len(figs)}'>"
-            f"<title>DePass report: {esc(ex.model_name)}</title><style>{STYLE}</style>"
-            f"<script type='text/javascript'>{plotly.offline.get_plotlyjs()}</script></head>"
-            f"<body>{''.join(parts)}<p class='note'>{esc(NOTE)}</p></body></html>")
-    write_atomic(path, page)
-    return path
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to a temporary file in `path`'s folder, then rename it over `path`: a reader
-    never sees half a report, and a symlink at `path` is refused, never written through."""
-    if path.is_symlink():
-        raise DepassError(f"{path} is a symlink: the report is never written through one")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is private; a report is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-NOTE = ("DePass splits the clean run's metric into each component's share with attention "
-        "patterns, norm scales and MLP activations frozen; activation patching measures the effect "
-        "of restoring one clean activation in the corrupted run with everything downstream free. "
-        "They agree where effects are direct and roughly linear. Made by tl_depass.")
-STYLE = """body{font-family:system-ui,sans-serif;margin:24px auto;padding:0 24px;max-width:1100px;
-color:#222}
-code{background:#f3f3f3;padding:1px 4px;border-radius:3px}
-table.facts th{text-align:left;padding-right:16px;vertical-align:top}
-.tables{display:flex;flex-wrap:wrap;gap:24px;margin:16px 0;align-items:flex-start}
-table.top{border-collapse:collapse;font-size:13px}
-table.top td,table.top th{border-bottom:1px solid #ddd;padding:2px 8px;text-align:right}
-table.top td:first-child{text-align:left}caption{font-weight:600;text-align:left}
-.note{color:#666;font-size:13px}"""
+        return getattr(html, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

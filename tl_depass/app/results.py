@@ -1,0 +1,85 @@
+"""What `tl_depass.app.explain` computes and `tl_depass.app.html` renders: the prompt explained
+(`Prompt`), each level's DePass scores, patching effects and their agreement (`Level`), and the
+whole explanation (`Explanation`). Plain data: an Explanation saved with `torch.save` renders again
+without the model."""
+
+from dataclasses import dataclass, field
+
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from tl_depass.engine.validate import public_fields
+from tl_depass.errors import DepassError
+
+
+@dataclass
+class Level:
+    """DePass scores (each component's share of the metric) at one level, and, when a corrupted
+    prompt was given, the activation patching effect of each component (metric with that clean
+    activation restored in the corrupted run, minus the corrupted metric)."""
+
+    labels: list[str]
+    depass: Float[Tensor, " component"]
+    patching: Float[Tensor, " component"] | None = None
+    pearson: float = float("nan")
+    spearman: float = float("nan")
+    completeness: dict[str, float] = field(default_factory=dict)  # hook -> worst relative error
+    note: str = ""  # what to keep in mind when reading the agreement
+
+    def agreement(self, note: bool = True) -> str:
+        if self.patching is None:
+            return "no activation patching (no corrupted prompt)"
+        if self.pearson != self.pearson:
+            return "n/a (fewer than 3 components)"
+        return f"Pearson {self.pearson:.2f}, Spearman {self.spearman:.2f}" + (self.note if note else "")
+
+
+@dataclass
+class Explanation:
+    """One prediction explained at each computed level (`levels`: "tokens", "heads", "modules",
+    "neurons"), with the prompt, target and metric as text, ready to render."""
+
+    model_name: str
+    str_tokens: list[str]
+    target: str
+    wrong: str | None
+    metric: float  # the clean metric: logit(target) [- logit(wrong)] at the last position
+    rule: str
+    tolerance: float
+    corrupted: list[str] | None
+    neuron_layer: int | None
+    levels: dict[str, Level]
+    tokens_by_layer: Float[Tensor, "layer pos"] | None  # each position's share entering each layer
+    tokens_patching: Float[Tensor, "layer pos"] | None  # patching each position's resid_pre
+
+    @property
+    def metric_name(self) -> str:
+        return f"logit({self.target!r})" + ("" if self.wrong is None else f" - logit({self.wrong!r})")
+
+
+@public_fields
+@dataclass(frozen=True)
+class Prompt:
+    """What to explain: `target` (minus `wrong`) at the last position of `tokens`; `corrupted`
+    (same length) turns on the activation patching comparison."""
+
+    tokens: Int[Tensor, "1 pos"]
+    target: int
+    wrong: int | None = None
+    corrupted: Int[Tensor, "1 corrupted_pos"] | None = None  # == pos: checked below, with the fix
+
+    def __post_init__(self):
+        if self.corrupted is not None and self.corrupted.shape != self.tokens.shape:
+            raise DepassError(f"the corrupted prompt has {self.corrupted.shape[1]} tokens and the "
+                              f"prompt {self.tokens.shape[1]}: activation patching needs the same "
+                              "length; pad or shorten one of them, or pass corrupted=None")
+
+
+def top_table(level: Level, k: int = 10) -> list[tuple[str, float, float | None]]:
+    """The `k` components with the largest |DePass| share: (label, share, patching effect or None)."""
+    order = level.depass.abs().argsort(descending=True)[:k].tolist()
+    out = []
+    for i in order:
+        p = None if level.patching is None else level.patching[i].item()
+        out.append((level.labels[i], level.depass[i].item(), None if p != p else p))  # NaN: not patched
+    return out
