@@ -14,7 +14,9 @@ import tl_depass
 from tl_depass import models, tasks
 from tl_depass.app import cli
 from tl_depass.app.explain import LEVELS
-from tl_depass.engine.backends import hooked_class, load_pretrained, pretrained_name
+from tl_depass.engine.backends import hooked_class
+from tl_depass.models import pretrained
+from tl_depass.models.pretrained import load_pretrained, pretrained_name
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -150,18 +152,18 @@ def test_short_names_and_hub_ids_resolve_to_one_model(name):
 
 
 def test_pretrained_names_need_network(capsys, monkeypatch):
-    monkeypatch.setattr(cli, "hub_reachable", lambda timeout=3.0: False)  # never download here
+    monkeypatch.setattr(pretrained, "hub_reachable", lambda timeout=3.0: False)  # never download here
     code, _, err = run(capsys, *README_GPT2, "--no-report")
     assert code == 1 and "Hugging Face hub" in err and "no network" in err, err
 
     asked = []
 
-    def offline(name):
+    def offline(name, **settings):
         asked.append(name)
         raise OSError("We couldn't connect to 'https://huggingface.co'")
 
-    monkeypatch.setattr(cli, "hub_reachable", lambda timeout=3.0: True)
-    monkeypatch.setattr(cli, "load_pretrained", offline)
+    monkeypatch.setattr(pretrained, "hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr(pretrained, "load_pretrained", offline)
     code, _, err = run(capsys, *README_GPT2, "--no-report")
     assert code == 1 and "needs network access" in err and "OSError" in err
     assert asked == [GPT2]
@@ -170,8 +172,8 @@ def test_pretrained_names_need_network(capsys, monkeypatch):
 @pytest.mark.skipif(hooked_class() is None, reason="TL 4 never turns trust_remote_code on unasked")
 def test_models_that_would_run_hub_code_are_refused(capsys, monkeypatch):
     """TransformerLens 3.x loads some official models with trust_remote_code=True by itself."""
-    monkeypatch.setattr(cli, "hub_reachable", lambda timeout=3.0: True)
-    monkeypatch.setattr(cli, "load_pretrained", lambda name: pytest.fail("must not load"))
+    monkeypatch.setattr(pretrained, "hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr(pretrained, "load_pretrained", lambda name, **kw: pytest.fail("must not load"))
     for name in ("bigcode/santacoder", "microsoft/phi-2"):
         code, _, err = run(capsys, "explain", "--model", name, "--no-report")
         assert code == 1 and "trust_remote_code" in err and "never" in err, err
@@ -226,7 +228,7 @@ def test_every_readme_command_runs(command, network, tmp_path, capsys, monkeypat
     monkeypatch.chdir(tmp_path)
     argv = shlex.split(command)[1:]
     if network:
-        monkeypatch.setattr(cli, "hub_reachable", lambda timeout=3.0: False)
+        monkeypatch.setattr(pretrained, "hub_reachable", lambda timeout=3.0: False)
     code, out, err = run(capsys, *argv, *(["--quiet"] if argv[0] == "explain" else []))
     if network:
         assert code == 1 and "no network" in err, err

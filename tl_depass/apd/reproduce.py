@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 
 from tl_depass.apd.apd import APD
-from tl_depass.apd.configs import APDConfig, ExperimentConfig, TMSConfig
+from tl_depass.apd.configs import APDConfig, ConfigError, ExperimentConfig, TMSConfig
 from tl_depass.apd.experiments.plots import (
     plot_ci_heatmaps,
     plot_neuron_contributions,
@@ -39,6 +39,8 @@ from tl_depass.apd.metrics import (
 from tl_depass.apd.spd import SPD
 from tl_depass.apd.targets import ResidualMLP, ToyTarget, make_target
 from tl_depass.apd.train import CHECKPOINT_NAME, TargetObjective, load_checkpoint, train
+from tl_depass.app import commands
+from tl_depass.errors import DepassError
 
 __all__ = ["with_seed", "run_experiment", "evaluate", "main"]
 
@@ -228,7 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
         "experiment", help="tms-5-2, tms-5-2-id, tms-40-10, tms-40-10-id, resid-mlp-1, resid-mlp-2"
     )
     parser.add_argument("--method", choices=["apd", "spd"], required=True)
-    parser.add_argument("--seed", type=int, default=0)
+    commands.add_seed(parser)
     parser.add_argument(
         "--steps", type=int, default=None, help="shorten the decomposition (default: paper)"
     )
@@ -236,14 +238,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--target-steps", type=int, default=None, help="shorten target training")
     parser.add_argument("--runs", type=Path, default=Path("runs/apd"))
     parser.add_argument("--figures", type=Path, default=Path("docs/apd_figures"))
-    parser.add_argument("--threads", type=int, default=1)
+    commands.add_threads(parser)
     parser.add_argument("--device", default="cpu", help="where to train: cpu, cuda, cuda:1, ...")
     parser.add_argument(
         "--stop-at", type=int, default=None, help="stop (or resume up to) this decomposition step"
     )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
     config = with_seed(preset(args.experiment, args.method), args.seed)
     if args.steps is not None or args.batch_size is not None:
         config = shortened(config, args.steps or config.method.optim.steps, args.batch_size)
@@ -253,7 +254,8 @@ def main(argv: list[str] | None = None) -> dict:
             config, target=dataclasses.replace(config.target, train=train_cfg)
         )
     progress = "none" if args.no_progress else "bar"
-    results = run_experiment(config, args.runs, args.figures, progress, args.stop_at, args.device)
+    with commands.torch_settings(threads=args.threads):
+        results = run_experiment(config, args.runs, args.figures, progress, args.stop_at, args.device)
     summary = {
         k: results[k] for k in results if k not in ("config", "norms", "best_component_per_feature")
     }
@@ -262,4 +264,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    commands.run_command("python -m tl_depass.apd.reproduce", main, (DepassError, ConfigError))

@@ -11,10 +11,6 @@ with activation patching, and writes a self-contained HTML report (see `tl_depas
 """
 
 import argparse
-import os
-import socket
-import sys
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +18,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from tl_depass.app import commands
 from tl_depass.app import explain as explanation
-from tl_depass.engine.backends import check_no_remote_code, load_pretrained, pretrained_name
+from tl_depass.engine.backends import Model
 from tl_depass.engine.validate import unknown_words
 from tl_depass.errors import DepassError
 
@@ -94,15 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser().print_help()
         print("\nStart with:  tl-depass explain")
         return 0
-    with warnings.catch_warnings():  # for this command only, not the caller's process
-        warnings.filterwarnings("ignore", category=DeprecationWarning)  # TL 3.x's 4.0 notice
-        try:
-            if args.command == "models":
-                return list_models()
-            return explain(args)
-        except (CliError, DepassError) as e:
-            print(f"tl-depass: error: {e}", file=sys.stderr)
-            return 1
+    run = list_models if args.command == "models" else lambda: explain(args)
+    return commands.report_errors("tl-depass", run, (CliError, DepassError))
 
 
 def list_models() -> int:
@@ -117,55 +107,15 @@ def list_models() -> int:
     return 0
 
 
-def load_model(name: str):
+def load_model(name: str) -> tuple[Model, str | None]:
     """(model, task name or None) for a bundled name, a path, or a TransformerLens name."""
     from tl_depass import models
 
-    if name in models.names() or Path(name).suffix in (".json", ".safetensors"):
-        model = models.load(name)
-        return model, models.info(name).get("task")
-    official = pretrained_name(name)
-    if official is None:
-        raise CliError(f"unknown model {name!r}: not a bundled model ({', '.join(models.names())}), "
-                       "not a path to a .json/.safetensors model, and not a pretrained model "
-                       "TransformerLens knows (a Hugging Face id such as openai-community/gpt2, or "
-                       "a TransformerLens short name such as gpt2 or pythia-70m)")
-    check_no_remote_code(official)
-    if not hub_reachable():
-        raise CliError(f"{name!r} is a TransformerLens pretrained model: its weights come from the "
-                       "Hugging Face hub, which this machine cannot reach (no network). Set "
-                       "HF_HUB_OFFLINE=1 to use a copy already in the Hugging Face cache, or use "
-                       f"a bundled model: {', '.join(models.names())}")
-    try:
-        return load_pretrained(official), None
-    except DepassError:
-        raise
-    except Exception as e:  # offline: OSError, requests/httpx errors, HF hub errors
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise CliError(f"could not load the pretrained model {name!r}: TransformerLens downloads "
-                       f"its weights from the Hugging Face hub, which needs network access "
-                       f"({type(e).__name__}: {first}). Offline, use a bundled model: "
-                       f"{', '.join(models.names())}") from None
+    task = models.info(name).get("task") if models.pretrained.is_local(name) else None
+    return models.load_any(name), task
 
 
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face hub answers (always True with HF_HUB_OFFLINE set: the cache is
-    used). Checked first because an unreachable hub costs ~30 s of retries before failing."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
-        return True
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
-
-    url = urlparse(constants.ENDPOINT)
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
-    except OSError:
-        return False
-    return True
-
-
-def to_tokens(model, text: str, what: str) -> Tensor:
+def to_tokens(model: Model, text: str, what: str) -> Tensor:
     if not text.strip():
         raise CliError(f"the {what} is empty")
     if model.tokenizer is None:
@@ -181,7 +131,7 @@ def to_tokens(model, text: str, what: str) -> Tensor:
     return tokens
 
 
-def vocab_hint(model) -> str:
+def vocab_hint(model: Model) -> str:
     vocab = model.tokenizer.get_vocab()
     if len(vocab) > 200:
         return ""
@@ -189,7 +139,7 @@ def vocab_hint(model) -> str:
     return f". The vocabulary: {' '.join(words)}"
 
 
-def token_id(model, text: str, what: str) -> int:
+def token_id(model: Model, text: str, what: str) -> int:
     if model.tokenizer is None:
         if text.isdigit() and int(text) < model.cfg.d_vocab:
             return int(text)
@@ -205,7 +155,7 @@ def token_id(model, text: str, what: str) -> int:
     return ids[0]
 
 
-def read_prompt(model, task: str | None, args) -> Prompt:
+def read_prompt(model: Model, task: str | None, args) -> Prompt:
     """The prompt, target, wrong answer and corrupted prompt from the arguments, with the
     bundled task's first prompt filling in what is not given."""
     wrong = corrupted = None
@@ -287,7 +237,7 @@ def explain(args) -> int:
     return 0
 
 
-def summary(ex: explanation.Explanation, level: str, k: int, model) -> str:
+def summary(ex: explanation.Explanation, level: str, k: int, model: Model) -> str:
     cfg = model.cfg
     kind = "attention-only" if cfg.attn_only else f"d_mlp {cfg.d_mlp}"
     lines = [f"model {ex.model_name}: {cfg.n_layers} layers, {cfg.n_heads} heads, {kind}, "

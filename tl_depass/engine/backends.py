@@ -55,57 +55,75 @@ def model_classes() -> tuple[type, ...]:
     return tuple(c for c in (hooked_class(), bridge_class()) if c is not None)
 
 
-#: Hugging Face moved its root-level model ids into organisations (the hub still redirects the old
-#: ids). TransformerLens 3 knows the old ids, TransformerLens 4's registry only the new ones.
-HUB_MOVED = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
-             "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl",
-             "distilgpt2": "distilbert/distilgpt2"}
+# --- pretrained models: what each TransformerLens's registry knows and how it loads ----------------
+# (tl_depass.models.pretrained builds the loading on these; the names below it moved there)
 
 
-def pretrained_name(name: str) -> str | None:
-    """The id this TransformerLens loads the pretrained model `name` under, or None if it knows
-    no such model (checked offline). Short names and TransformerLens aliases are accepted on
-    every version: `gpt2`, `gpt2-small` and `openai-community/gpt2` are the same model."""
-    if hooked_class() is not None:  # 3.x: its own table of official names and aliases
+def registry_name(name: str) -> str | None:
+    """`name` as this TransformerLens's table of pretrained models spells it, or None if the table
+    lacks it (offline). 3.x: official names and their aliases (`gpt2-small`), with Hugging Face's
+    old root-level ids (`gpt2`); 4.x: Hugging Face ids (`openai-community/gpt2`)."""
+    if hooked_class() is not None:
         from transformer_lens.loading_from_pretrained import get_official_model_name
 
-        moved_back = {new.lower(): old for old, new in HUB_MOVED.items()}
         try:
-            return get_official_model_name(moved_back.get(name.lower(), name))
+            return get_official_model_name(name)
         except ValueError:
             return None
-    from transformer_lens.tools.model_registry import api  # 4.x: Hugging Face ids
+    from transformer_lens.tools.model_registry import api
+
+    return name if api.is_model_supported(name) else None
+
+
+def registry_aliases() -> dict[str, str]:
+    """Lower-cased alias -> official name, for a registry whose `registry_name` takes official
+    names only (4.x); empty on 3.x, whose lookup reads aliases itself."""
+    if hooked_class() is not None:
+        return {}
     from transformer_lens.tools.model_registry.registry_io import load_model_aliases
 
-    aliases = {a.lower(): official for official, names in load_model_aliases().items() for a in names}
-    official = aliases.get(name.lower(), name)
-    official = HUB_MOVED.get(official.lower(), official)
-    return official if api.is_model_supported(official) else None
+    return {a.lower(): official for official, names in load_model_aliases().items() for a in names}
 
 
-def check_no_remote_code(name: str) -> None:
-    """Refuse a pretrained model that TransformerLens 3.x would load with trust_remote_code=True
-    (it turns that on by itself for some official names), which runs the repository's Python
-    code. TransformerLens 4 never turns it on unasked, and tl_depass never asks."""
+def registry_has_root_ids() -> bool:
+    """Whether the registry knows Hugging Face's old root-level ids (`gpt2`; 3.x) rather than
+    the organisations' ids they moved to (`openai-community/gpt2`; 4.x)."""
+    return hooked_class() is not None
+
+
+def remote_code_prefixes() -> tuple[str, ...]:
+    """Names this TransformerLens loads with trust_remote_code=True by itself (3.x, for some
+    official names); none on 4.x, which never turns it on unasked."""
     if hooked_class() is None:
-        return
+        return ()
     from transformer_lens.loading_from_pretrained import NEED_REMOTE_CODE_MODELS
 
-    if name.startswith(NEED_REMOTE_CODE_MODELS):
-        raise DepassError(
-            f"TransformerLens loads {name} with trust_remote_code=True, which runs Python code from "
-            "its hub repository; tl_depass never does. If you trust it, load it yourself "
-            "(HookedTransformer.from_pretrained(..., trust_remote_code=True)) and pass the model")
+    return tuple(NEED_REMOTE_CODE_MODELS)
 
 
-def load_pretrained(name: str, device: str = "cpu"):
-    """HookedTransformer.from_pretrained on TransformerLens 3.x, TransformerBridge on 4.x; `name`
-    as resolved by `pretrained_name`. Downloads from the Hugging Face hub; never runs code from it."""
-    check_no_remote_code(name)
+def from_pretrained(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Model:
+    """HookedTransformer.from_pretrained on TransformerLens 3.x (its notice that HookedTransformer
+    goes away in 4.0 silenced, here only), TransformerBridge.boot_transformers on 4.x."""
     hooked = hooked_class()
     if hooked is not None:
-        return hooked.from_pretrained(name, device=device)
-    return bridge_class().boot_transformers(name, device=device)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "HookedTransformer.* is deprecated", DeprecationWarning)
+            return hooked.from_pretrained(name, device=device, dtype=dtype)
+    return bridge_class().boot_transformers(name, device=device, dtype=dtype)
+
+
+#: Moved to tl_depass.models.pretrained; the old names still work here, with a DeprecationWarning.
+MOVED_TO_MODELS = ("HUB_MOVED", "pretrained_name", "check_no_remote_code", "load_pretrained")
+
+
+def __getattr__(name: str):
+    if name in MOVED_TO_MODELS:
+        from tl_depass.models import pretrained
+
+        warnings.warn(f"tl_depass.engine.backends.{name} moved to tl_depass.models.pretrained."
+                      f"{name}; import it from there", DeprecationWarning, stacklevel=2)
+        return getattr(pretrained, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def attention_mask(model, tokens: torch.Tensor) -> torch.Tensor:

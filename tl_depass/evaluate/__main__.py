@@ -18,15 +18,17 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def parser() -> argparse.ArgumentParser:
+    from tl_depass.app import commands
+
     p = argparse.ArgumentParser(prog="python -m tl_depass.evaluate", description=(
         "Faithfulness protocols (token deletion, head/neuron ablation, agreement with exact "
         "patching) for DePass and the baselines on the bundled models."))
     p.add_argument("--all", action="store_true", help="every bundled model and its task")
     p.add_argument("--models", nargs="+", help="bundled model names (default with --all: all of them)")
     p.add_argument("--n", type=int, default=256, help="prompts per task (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="task and random-method seed (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s; the models "
-                   "are tiny, and one thread is faster than two busy ones)")
+    commands.add_seed(p, "task and random-method seed (default: %(default)s)")
+    commands.add_threads(p, "torch threads (default: %(default)s; the models are tiny, and one "
+                         "thread is faster than two busy ones)")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "results.md",
                    help="the Markdown file to write; figures go to <its folder>/results_figures")
     return p

@@ -1,6 +1,7 @@
 """Small trained TransformerLens models with known mechanisms, shipped inside the package.
 
     model = tl_depass.models.load("induction")       # HookedTransformer on TL 3.x
+    model = tl_depass.models.load_any("gpt2")        # or a pretrained model (models.pretrained)
     batch = tl_depass.models.tasks.generate("induction", 32)
     model.to_str_tokens(batch.tokens[0])
 
@@ -20,9 +21,10 @@ from typing import Literal
 
 import torch
 
-from tl_depass.engine.backends import hooked_class, native_bridge
+from tl_depass.engine.backends import Model, hooked_class, native_bridge
 from tl_depass.engine.files import check_tensors, read_json, read_safetensors, require_keys
 from tl_depass.errors import DepassError
+from tl_depass.models.pretrained import load_any, load_pretrained, pretrained_name
 
 HERE = Path(__file__).parent
 BUNDLED = ("induction", "recall", "ioi")
@@ -168,7 +170,8 @@ def tokenizer(vocab: list[str]):
     return AutoTokenizer.from_pretrained(tokenizer_dir(tuple(vocab)))
 
 
-def load(name_or_path: str | Path, *, backend: Backend = "auto", dtype: torch.dtype = torch.float32):
+def load(name_or_path: str | Path, *, backend: Backend = "auto",
+         dtype: torch.dtype = torch.float32) -> Model:
     """A bundled model by name (see `names()`), or a model from a path to its .json/.safetensors
     pair, with its word-level tokenizer attached (`model.to_tokens("t1 t2")` prepends "<bos>").
 
@@ -192,13 +195,13 @@ def load(name_or_path: str | Path, *, backend: Backend = "auto", dtype: torch.dt
 
 
 def load_hooked(config: dict, vocab: list[str], state: dict, dtype: torch.dtype,
-                paths: tuple[Path, Path]):
+                paths: tuple[Path, Path]) -> Model:
     import warnings
 
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     with warnings.catch_warnings():  # TL 3.x announces HookedTransformer's removal in 4.0
-        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", "HookedTransformer is deprecated", DeprecationWarning)
         try:
             model = HookedTransformer(HookedTransformerConfig(**config, dtype=dtype))
         except (AssertionError, ValueError) as e:
@@ -211,7 +214,7 @@ def load_hooked(config: dict, vocab: list[str], state: dict, dtype: torch.dtype,
 
 
 def load_bridge(config: dict, vocab: list[str], state: dict, dtype: torch.dtype,
-                paths: tuple[Path, Path]):
+                paths: tuple[Path, Path]) -> Model:
     native = native_bridge()
     if native is None:
         raise DepassError("backend='bridge' needs a TransformerLens with TL-native bridges and "
@@ -235,4 +238,4 @@ def load_bridge(config: dict, vocab: list[str], state: dict, dtype: torch.dtype,
     return bridge
 
 
-__all__ = ["describe", "info", "load", "names"]
+__all__ = ["describe", "info", "load", "load_any", "load_pretrained", "names", "pretrained_name"]

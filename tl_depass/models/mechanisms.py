@@ -11,10 +11,13 @@ import torch
 
 import tl_depass
 from tl_depass import models
+from tl_depass.app import commands
+from tl_depass.engine.backends import Model
+from tl_depass.engine.hooks import block_hook, mlp_out
 from tl_depass.models import tasks
 
 
-def predictions(model, tokens):
+def predictions(model: Model, tokens):
     with torch.no_grad():
         return model(tokens)[:, -1].argmax(-1)
 
@@ -24,7 +27,7 @@ def logit_diff(batch):
     return lambda logits: (logits[rows, -1, batch.answers] - logits[rows, -1, batch.wrong]).mean()
 
 
-def top_position_share(model, batch, wrong: bool) -> float:
+def top_position_share(model: Model, batch, wrong: bool) -> float:
     dec = tl_depass.decompose(model, batch.tokens)
     score = dec.logit_attribution(batch.answers, batch.wrong if wrong else None)[:-1]
     top = score.argmax(0)
@@ -38,7 +41,7 @@ def table(name: str, values: torch.Tensor) -> str:
     return "\n".join(rows)
 
 
-def common(model, name: str, batch) -> None:
+def common(model: Model, name: str, batch) -> None:
     acc = (predictions(model, batch.tokens) == batch.answers).float().mean().item()
     moved = (predictions(model, batch.corrupted) == batch.wrong).float().mean().item()
     print(f"\n== {name}: accuracy {acc:.3f}; corrupted prompts answered with `wrong`: {moved:.3f}")
@@ -48,7 +51,7 @@ def common(model, name: str, batch) -> None:
               f"{top_position_share(model, batch, wrong):.3f} of prompts")
 
 
-def heads(model, batch, n: int) -> None:
+def heads(model: Model, batch, n: int) -> None:
     small = tasks.TaskBatch(*(getattr(batch, f)[:n] for f in
                               ("tokens", "answers", "wrong", "corrupted", "key_positions")))
     metric = logit_diff(small)
@@ -66,14 +69,14 @@ def heads(model, batch, n: int) -> None:
     _, cache = model.run_with_cache(small.tokens)
     rows, key = torch.arange(n), small.key_positions.float().argmax(1)
     for layer in range(model.cfg.n_layers):
-        pattern = cache[f"blocks.{layer}.attn.hook_pattern"]
+        pattern = cache[block_hook(layer, "attn.hook_pattern")]
         to_key = pattern[rows, :, -1, key].mean(0)
         prev_at_key = pattern[rows, :, key, key - 1].mean(0)
         print(f"  L{layer} attention last->key {[round(x, 2) for x in to_key.tolist()]}, "
               f"key->key-1 {[round(x, 2) for x in prev_at_key.tolist()]}")
 
 
-def neurons(model, batch, layer: int, k: int) -> None:
+def neurons(model: Model, batch, layer: int, k: int) -> None:
     dec = tl_depass.decompose(model, batch.tokens, tl_depass.Neurons(layer))
     scores = dec.neuron_scores(batch.answers)[:, layer]
     rows = torch.arange(len(batch))
@@ -84,7 +87,8 @@ def neurons(model, batch, layer: int, k: int) -> None:
             post[rows[:, None], -1, idx] = 0
             return post
         with torch.no_grad():
-            logits = model.run_with_hooks(batch.tokens, fwd_hooks=[(f"blocks.{layer}.mlp.hook_post", hook)])
+            hooks = [(block_hook(layer, "mlp.hook_post"), hook)]
+            logits = model.run_with_hooks(batch.tokens, fwd_hooks=hooks)
         return (logits[:, -1].argmax(-1) != batch.answers).float().mean().item()
 
     g = torch.Generator().manual_seed(0)
@@ -94,14 +98,14 @@ def neurons(model, batch, layer: int, k: int) -> None:
           f"answer: DePass top {k}: {changed(scores.topk(k, 1).indices):.3f}, bottom {k}: "
           f"{changed((-scores).topk(k, 1).indices):.3f}, random {k}: {changed(random):.3f}")
     for mlp in range(model.cfg.n_layers):
-        zero = [(f"blocks.{mlp}.hook_mlp_out", lambda x, hook: torch.zeros_like(x))]
+        zero = [(mlp_out(mlp), lambda x, hook: torch.zeros_like(x))]
         with torch.no_grad():
             acc = (model.run_with_hooks(batch.tokens, fwd_hooks=zero)[:, -1].argmax(-1)
                    == batch.answers).float().mean().item()
         print(f"  accuracy with MLP {mlp} zeroed: {acc:.3f}")
 
 
-def fresh_name_oracle(model, batch) -> None:
+def fresh_name_oracle(model: Model, batch) -> None:
     dec = tl_depass.decompose(model, batch.tokens)
     top = dec.logit_attribution(batch.answers)[:-1].argmax(0)
     names = tasks.ids("ioi", tasks.NAMES)
@@ -113,19 +117,19 @@ def fresh_name_oracle(model, batch) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=commands.description(__doc__))
     parser.add_argument("--n", type=int, default=200, help="prompts per task (tasks seed 0)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    for name in models.names():
-        model, batch = models.load(name), tasks.generate(name, args.n, seed=0)
-        common(model, name, batch)
-        heads(model, batch, min(args.n, 64))
-        if name == "recall":
-            neurons(model, batch, 0, model.cfg.d_mlp // 4)
-        if name == "ioi":
-            fresh_name_oracle(model, batch)
+    with commands.torch_settings(threads=1):
+        for name in models.names():
+            model, batch = models.load(name), tasks.generate(name, args.n, seed=0)
+            common(model, name, batch)
+            heads(model, batch, min(args.n, 64))
+            if name == "recall":
+                neurons(model, batch, 0, model.cfg.d_mlp // 4)
+            if name == "ioi":
+                fresh_name_oracle(model, batch)
 
 
 if __name__ == "__main__":
-    main()
+    commands.run_command("python -m tl_depass.models.mechanisms", main)

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor
 
+from tl_depass.app import commands
+from tl_depass.engine.backends import Model
 from tl_depass.models import tasks
 
 HERE = Path(__file__).parent
@@ -73,17 +75,17 @@ def training_batch(name: str, n: int, seed: int) -> tuple[Tensor, Tensor, Tensor
 
 
 @torch.no_grad()
-def accuracy(model, name: str, n: int, seed: int) -> float:
+def accuracy(model: Model, name: str, n: int, seed: int) -> float:
     batch = tasks.generate(name, n, seed)
     return (model(batch.tokens)[:, -1].argmax(-1) == batch.answers).float().mean().item()
 
 
-def build(name: str):
+def build(name: str) -> tuple[Model, dict]:
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     cfg = dict(SPECS[name]["config"], d_vocab=len(tasks.VOCAB[name]))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
+    with warnings.catch_warnings():  # TL 3.x announces HookedTransformer's removal in 4.0
+        warnings.filterwarnings("ignore", "HookedTransformer is deprecated", DeprecationWarning)
         return HookedTransformer(HookedTransformerConfig(**cfg)), cfg
 
 
@@ -136,17 +138,15 @@ def train(name: str, out: Path = HERE, log_every: int = 500) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=commands.description(__doc__))
     parser.add_argument("--name", default="all", choices=[*SPECS, "all"])
     parser.add_argument("--out", type=Path, default=HERE, help="folder for the .json/.safetensors")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="CPU threads (results are bit-identical only for the same count)")
+    commands.add_threads(parser, "CPU threads (results are bit-identical only for the same count)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.use_deterministic_algorithms(True)
-    for name in SPECS if args.name == "all" else [args.name]:
-        train(name, args.out)
+    with commands.torch_settings(threads=args.threads, deterministic=True):
+        for name in SPECS if args.name == "all" else [args.name]:
+            train(name, args.out)
 
 
 if __name__ == "__main__":
-    main()
+    commands.run_command("python -m tl_depass.models.train", main)
