@@ -6,8 +6,9 @@
     tl_depass.attribute(model, tokens, tl_depass.Heads(), answer=a, wrong=w, mlp_rule="ratio")
 """
 
+import importlib
+
 from tl_depass import models, moved
-from tl_depass.app import viz
 from tl_depass.attribute import Attribution, attribute
 from tl_depass.decompose import decompose
 from tl_depass.decomposition import Decomposition
@@ -29,6 +30,13 @@ from tl_depass.saving import load_results
 from tl_depass.tolerances import COMPLETENESS_RTOL, completeness_rtol
 
 moved.install()
+
+
+def __getattr__(name: str):
+    """`tl_depass.viz` imports plotly (the [viz] extra): only when first used."""
+    if name == "viz":
+        return importlib.import_module("tl_depass.app.viz")
+    raise AttributeError(f"module 'tl_depass' has no attribute {name!r}")
 
 __version__ = "0.1.0"
 

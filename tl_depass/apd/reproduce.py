@@ -16,6 +16,7 @@ from typing import Literal
 
 import torch
 
+from tl_depass import commands
 from tl_depass.apd.apd import APD
 from tl_depass.apd.configs import APDConfig, ConfigError, ExperimentConfig, TMSConfig
 from tl_depass.apd.experiments.plots import (
@@ -39,7 +40,6 @@ from tl_depass.apd.metrics import (
 from tl_depass.apd.spd import SPD
 from tl_depass.apd.targets import ResidualMLP, ToyTarget, make_target
 from tl_depass.apd.train import CHECKPOINT_NAME, TargetObjective, load_checkpoint, train
-from tl_depass.app import commands
 from tl_depass.errors import DepassError
 
 __all__ = ["with_seed", "run_experiment", "evaluate", "main"]

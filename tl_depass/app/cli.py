@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from tl_depass.app import commands
+from tl_depass import commands
 from tl_depass.app import explain as explanation
 from tl_depass.engine.backends import Model
 from tl_depass.engine.validate import unknown_words

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def parser() -> argparse.ArgumentParser:
-    from tl_depass.app import commands
+    from tl_depass import commands
 
     p = argparse.ArgumentParser(prog="python -m tl_depass.evaluate", description=(
         "Faithfulness protocols (token deletion, head/neuron ablation, agreement with exact "

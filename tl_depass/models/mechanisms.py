@@ -10,8 +10,7 @@ import warnings
 import torch
 
 import tl_depass
-from tl_depass import models
-from tl_depass.app import commands
+from tl_depass import commands, models
 from tl_depass.engine.backends import Model
 from tl_depass.engine.hooks import block_hook, mlp_out
 from tl_depass.models import tasks

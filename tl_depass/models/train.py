@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor
 
-from tl_depass.app import commands
+from tl_depass import commands
 from tl_depass.engine.backends import Model
 from tl_depass.models import tasks
 

@@ -52,6 +52,6 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    from tl_depass.app import commands
+    from tl_depass import commands
 
     commands.run_command("python -m tl_depass.apd.experiments.summary", main)

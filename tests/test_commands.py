@@ -1,4 +1,4 @@
-"""The command-line entry points (`tl_depass.app.commands` is what they share): each runs, and
+"""The command-line entry points (`tl_depass.commands` is what they share): each runs, and
 none leaves a warning filter or a torch setting behind in the caller's process."""
 
 import subprocess
@@ -8,9 +8,10 @@ import warnings
 import pytest
 import torch
 
+from tl_depass import commands
 from tl_depass.apd import reproduce
 from tl_depass.apd.experiments import summary
-from tl_depass.app import cli, commands
+from tl_depass.app import cli
 from tl_depass.errors import DepassError
 from tl_depass.evaluate import __main__ as evaluate
 from tl_depass.models import mechanisms, train
