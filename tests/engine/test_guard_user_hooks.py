@@ -16,7 +16,7 @@ FIX = "remove it, or fold its effect into the model"
 
 @pytest.fixture
 def models():
-    return pytest.importorskip("models")  # skips where TransformerLens has no HookedTransformer
+    return pytest.importorskip("tiny")  # skips where TransformerLens has no HookedTransformer
 
 
 def hook_count(model) -> int:
