@@ -20,7 +20,7 @@ def same(actual, expected, what: str) -> None:
 
 
 def ht_model():
-    models = pytest.importorskip("models")  # skips on TransformerLens 4.x (no HookedTransformer)
+    models = pytest.importorskip("tiny")  # skips on TransformerLens 4.x (no HookedTransformer)
     model = models.make_model()
     return model, models.random_tokens(model, batch=2, pos=6)
 
@@ -213,7 +213,7 @@ def test_attribute_forward_unchanged():
 
 
 def test_estimate_shrinks():
-    models = pytest.importorskip("models")
+    models = pytest.importorskip("tiny")
     model = models.make_model(n_ctx=512, d_vocab=50257, n_layers=1)  # GPT-2's vocabulary
     tokens = models.random_tokens(model, batch=1, pos=512)
     full = tl_depass.estimate_memory(model, tokens, keep=[], max_memory=2**50)

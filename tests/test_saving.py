@@ -24,7 +24,7 @@ def same(actual, expected, what: str) -> None:
 
 
 def ht_case(case: str):
-    models = pytest.importorskip("models")  # skips on TransformerLens 4.x (no HookedTransformer)
+    models = pytest.importorskip("tiny")  # skips on TransformerLens 4.x (no HookedTransformer)
     model = models.make_model()
     tokens = models.random_tokens(model, batch=2, pos=6)
     if case == "tokens":
@@ -62,7 +62,7 @@ def small_model():
     if hooked_class() is None:
         model = bridge_case("bridge model")[0]
         return model, torch.randint(0, 61, (2, 6), generator=torch.Generator().manual_seed(1))
-    models = pytest.importorskip("models")
+    models = pytest.importorskip("tiny")
     model = models.make_model()
     return model, models.random_tokens(model, batch=2, pos=6)
 
@@ -213,7 +213,7 @@ def test_to_cpu_returns_a_copy(tmp_path):
 
 def test_token_strings_are_saved_with_a_tokenizer(tmp_path):
     """With a tokenizer the token strings are saved; a string answer live equals its id offline."""
-    models = pytest.importorskip("models")
+    models = pytest.importorskip("tiny")
     from tokenizers import Tokenizer, pre_tokenizers
     from tokenizers.models import WordLevel
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
