@@ -145,16 +145,17 @@ def with_patching(model, clean_tokens, corrupted_tokens, metric: Metric, level: 
 
 def head_ablation(model: Model, tokens: Int[Tensor, "batch pos"], metric: Metric, frozen: bool
                   ) -> Float[Tensor, "layer head_index"]:
-    """metric(clean) − metric(one head's z zeroed at every position), for every head; in the
-    frozen model (its hooks added to every forward, one head per forward) or in the model as it
-    is (heads folded into the batch, 64 per forward). `model` and `tokens` checked by the caller."""
+    """metric(clean) − metric(one head's z zeroed at every position), for every head, in the
+    frozen model (its hooks added to every forward) or in the model as it is. One forward per
+    head, as transformer_lens.patching: a batched forward rounds differently (for folded heads,
+    see baselines.activation_patching). `model` and `tokens` are checked by the caller."""
     clean = record_clean_run(model, tokens, None, lambda n: n.endswith(FROZEN_INPUTS))
     extra = frozen_hooks(model, clean) if frozen else []
     base = metric(clean.logits)
     units = [patch.head(layer, h) for layer in range(model.cfg.n_layers)
              for h in range(model.cfg.n_heads)]
     with forward_as_recorded(model):
-        values = patch.patch_each(model, tokens, units, metric, 1 if frozen else 64, extra)
+        values = patch.patch_each(model, tokens, units, metric, 1, extra)
     return (base - values).reshape(model.cfg.n_layers, model.cfg.n_heads).to("cpu", base.dtype)
 
 
