@@ -179,6 +179,8 @@ def test_end_to_end_on_a_tiny_model(model, tmp_path):
         assert (corr.method == "exact zero-ablation").sum() == 1  # not correlated with itself
     text = report.markdown([result], "test conditions", {"tiny": "a tiny model"}, tmp_path / "figs", "figs")
     assert "| DePass (softmax) |" in text and "\\|AtP\\| vs zero" in text
+    # only what the run computed: the prose about it is hand-written in docs/findings.md
+    assert "(findings.md)" in text and "What wins" not in text and "## Caveats" not in text
     assert (tmp_path / "figs" / "tiny_tokens.png").exists()
     assert (tmp_path / "figs" / "tiny_ablation.png").exists()
 
