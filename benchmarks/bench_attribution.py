@@ -232,7 +232,7 @@ def all_heads(case: Case) -> None:
     metric = baselines.logit_diff_metric(ans, wrong)
     what = f"patching every head ({cfg.n_layers * cfg.n_heads} zero-ablations)"
     if k == cfg.n_layers:
-        run(case, "2 heads", what, lambda: baselines.activation_patching(m, toks, metric, "heads"),
+        run(case, "2 heads", what, lambda: baselines.activation_patching(m, toks, metric, Heads()),
             repeats=slow)
     else:
         def some_layers():
@@ -257,7 +257,7 @@ def one_layer_neurons(case: Case) -> None:
     metric = baselines.logit_diff_metric(ans, wrong)
     what = f"ablating each neuron ({d_mlp} zero-ablations)"
     if k == d_mlp:
-        run(case, item, what, lambda: baselines.activation_patching(m, toks, metric, "neurons", layer),
+        run(case, item, what, lambda: baselines.activation_patching(m, toks, metric, Neurons(layer)),
             repeats=slow)
     else:
         run(case, item, what, lambda: ablate_subset(m, toks, metric, f"blocks.{layer}.mlp.hook_post", k,

@@ -98,5 +98,7 @@ def test_attribute_both_methods_and_compare(recall):
     for level in ("heads", "positions", "mlp"):
         result = compare.with_patching(recall, batch.tokens[:1], batch.corrupted[:1], metric, level=level)
         assert result is not None
-    for frozen in (True, False):
+    for ablation in (compare.frozen_ablation, compare.plain_ablation):
+        assert ablation(recall, batch.tokens, metric).shape == (2, 4)
+    for frozen in (True, False):  # the old flag, deprecated
         assert compare.zero_ablation(recall, batch.tokens, metric, frozen=frozen).shape == (2, 4)

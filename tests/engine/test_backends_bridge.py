@@ -73,7 +73,7 @@ def test_linear_rule_equals_frozen_zero_ablation(arch):
     bridge, _, tokens = bridge_or_skip(arch, False)
     dec = tl_depass.decompose(bridge, tokens, tl_depass.Heads(), mlp_rule="ratio")
     shares = compare.metric_scores(bridge, dec, logit_diff).reshape(2, -1)[:, 1:-1]
-    oracle = compare.zero_ablation(bridge, tokens, logit_diff)
+    oracle = compare.frozen_ablation(bridge, tokens, logit_diff)
     torch.testing.assert_close(shares, oracle, rtol=0, atol=F64 * oracle.abs().max().item(),
                                msg=lambda m: f"{arch}: {m}")
 

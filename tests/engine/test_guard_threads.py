@@ -93,7 +93,8 @@ def test_threads_on_zero_ablation_give_the_single_threaded_results(models):
     tokens = [models.random_tokens(model, seed=10 + i) for i in range(THREADS)]
 
     def work(i, j):
-        return compare.zero_ablation(model, tokens[i], lambda x: x[:, -1, 3].sum(), frozen=j % 2 == 0)
+        ablation = compare.frozen_ablation if j % 2 == 0 else compare.plain_ablation
+        return ablation(model, tokens[i], lambda x: x[:, -1, 3].sum())
 
     expected = {(i, j): work(i, j) for i in range(THREADS) for j in range(CALLS)}
     check_results(*run_together(work), expected)

@@ -35,7 +35,7 @@ def calls(model, tokens):
         "attribute backward": lambda: tl_depass.attribute(
             model, tokens, tl_depass.Heads(), answer=3, mlp_rule="ratio", method="backward"),
         "attribute forward": lambda: tl_depass.attribute(model, tokens, answer=3, method="forward"),
-        "zero_ablation": lambda: compare.zero_ablation(model, tokens, lambda x: x[:, -1, 3].sum()),
+        "frozen_ablation": lambda: compare.frozen_ablation(model, tokens, lambda x: x[:, -1, 3].sum()),
     }
 
 

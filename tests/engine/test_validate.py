@@ -130,7 +130,7 @@ CASES = [
     Case(N, "NaN weights, attribute forward", lambda e: tl_depass.attribute(
         e.broken("blocks.1."), e.tokens, "tokens", answer=3), "finite"),
     Case(N, "LayerNorm eps=0 on a constant stream", eps0_nan, "finite", hooked_only=True),
-    Case(N, "NaN weights, zero_ablation", lambda e: compare.zero_ablation(
+    Case(N, "NaN weights, plain_ablation", lambda e: compare.plain_ablation(
         e.broken("blocks.0."), e.tokens, metric), "finite"),
     Case(N, "temperature NaN", lambda e: D(e, temperature=nan), "temperature"),
     Case(N, "temperature inf", lambda e: D(e, temperature=float("inf")), "temperature"),
@@ -281,17 +281,17 @@ CASES = [
         e.model, e.tokens, e.tokens.flip(1), 3), "metric"),
     Case(C, "with_patching not a model", lambda e: compare.with_patching(
         torch.nn.Linear(2, 2), e.tokens, e.tokens, metric), "transformer_lens"),
-    Case(C, "zero_ablation float tokens", lambda e: compare.zero_ablation(
+    Case(C, "plain_ablation float tokens", lambda e: compare.plain_ablation(
         e.model, e.tokens.float(), metric), "integer"),
-    Case(C, "zero_ablation tokens outside the vocabulary", lambda e: compare.zero_ablation(
+    Case(C, "plain_ablation tokens outside the vocabulary", lambda e: compare.plain_ablation(
         e.model, e.tokens - 100, metric), "vocabulary"),
-    Case(C, "zero_ablation not a model", lambda e: compare.zero_ablation(
+    Case(C, "plain_ablation not a model", lambda e: compare.plain_ablation(
         torch.nn.Linear(2, 2), e.tokens, metric), "transformer_lens"),
-    Case(C, "zero_ablation metric not callable", lambda e: compare.zero_ablation(
+    Case(C, "plain_ablation metric not callable", lambda e: compare.plain_ablation(
         e.model, e.tokens, "logit"), "metric"),
-    Case(C, "zero_ablation tokens a list", lambda e: compare.zero_ablation(
+    Case(C, "plain_ablation tokens a list", lambda e: compare.plain_ablation(
         e.model, [1, 2, 3], metric), "tokens"),
-    Case(C, "zero_ablation too long", lambda e: compare.zero_ablation(
+    Case(C, "plain_ablation too long", lambda e: compare.plain_ablation(
         e.model, torch.zeros(1, e.model.cfg.n_ctx + 1, dtype=torch.long), metric), "n_ctx"),
     # --- the command line ---------------------------------------------------------------------
     Case(O, "--out in a missing folder", lambda e: run_cli(

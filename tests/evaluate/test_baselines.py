@@ -5,7 +5,7 @@ import pytest
 import torch
 from tiny import make_model, random_tokens
 
-from tl_depass import DepassError, compare
+from tl_depass import DepassError, Heads, Neurons, compare
 from tl_depass.evaluate import baselines as B
 
 ANSWERS = torch.tensor([3, 11, 17])
@@ -37,7 +37,7 @@ def test_integrated_gradients_completeness(model, tokens):
     with torch.no_grad():
         gap = B.answer_logprob(model(tokens), ANSWERS) - logprob_with_embedding(model, tokens, 0 * x)
     for steps, rtol in [(100, 2e-2), (400, 2e-3)]:
-        scores, delta = B.integrated_gradients(model, tokens, ANSWERS, steps=steps, return_delta=True)
+        scores, delta = B.integrated_gradients_with_delta(model, tokens, ANSWERS, steps=steps)
         assert scores.shape == tokens.shape
         torch.testing.assert_close(scores.sum(1), gap, rtol=0, atol=rtol * gap.abs().max().item())
         torch.testing.assert_close(delta, scores.sum(1) - gap, rtol=0, atol=1e-8)
@@ -108,8 +108,8 @@ def finite_difference_effect(model, tokens, metric, name, unit, ref, eps=1e-5):
 def test_attribution_patching_is_the_first_order_term(model, tokens, corrupt):
     corrupted = random_tokens(model, batch=3, pos=8, seed=5, bos=0) if corrupt else None
     metric = B.logit_diff_metric(ANSWERS, WRONG)
-    heads = B.attribution_patching(model, tokens, metric, "heads", corrupted=corrupted, absolute=False)
-    neurons = B.attribution_patching(model, tokens, metric, "neurons", 1, corrupted=corrupted,
+    heads = B.attribution_patching(model, tokens, metric, Heads(), corrupted=corrupted, absolute=False)
+    neurons = B.attribution_patching(model, tokens, metric, Neurons(1), corrupted=corrupted,
                                      absolute=False)
     assert heads.shape == (2, 4) and neurons.shape == (24,)
     refs = {}
@@ -125,7 +125,7 @@ def test_attribution_patching_is_the_first_order_term(model, tokens, corrupt):
         name = "blocks.1.mlp.hook_post"
         fd = finite_difference_effect(model, tokens, metric, name, neuron, refs.get(name))
         torch.testing.assert_close(neurons[neuron], fd, rtol=1e-6, atol=1e-9)
-    absolute = B.attribution_patching(model, tokens, metric, "heads", corrupted=corrupted)
+    absolute = B.attribution_patching(model, tokens, metric, Heads(), corrupted=corrupted)
     torch.testing.assert_close(absolute, heads.abs())
     assert no_hooks(model)
 
@@ -134,11 +134,11 @@ def test_activation_patching_is_exact(model, tokens):
     metric = B.logit_diff_metric(ANSWERS, WRONG)
     # zero-ablation: the same numbers as tl_depass.evaluate.compare's plain zero ablation
     torch.testing.assert_close(B.activation_patching(model, tokens, metric, chunk=3),
-                               compare.zero_ablation(model, tokens, metric, frozen=False))
+                               compare.plain_ablation(model, tokens, metric))
     corrupted = random_tokens(model, batch=3, pos=8, seed=5, bos=0)
     _, cache = model.run_with_cache(corrupted)
     heads = B.activation_patching(model, tokens, metric, corrupted=corrupted)
-    neurons = B.activation_patching(model, tokens, metric, "neurons", 0, corrupted=corrupted, chunk=5)
+    neurons = B.activation_patching(model, tokens, metric, Neurons(0), corrupted=corrupted, chunk=5)
     base = metric(model(tokens))
     for name, unit, got in [("blocks.1.attn.hook_z", 2, heads[1, 2]),
                             ("blocks.0.mlp.hook_post", 7, neurons[7])]:
@@ -160,7 +160,7 @@ def test_activation_readouts(model, tokens):
     torch.testing.assert_close(B.activation_norm(model, tokens),
                                z.pow(2).sum((2, 4)).sqrt().mean(1))
     post = cache["post", 1]
-    torch.testing.assert_close(B.activation_norm(model, tokens, "neurons", 1),
+    torch.testing.assert_close(B.activation_norm(model, tokens, Neurons(1)),
                                post.norm(dim=1).mean(0))
     torch.testing.assert_close(B.neuron_activation(model, tokens, 1), post[:, -1].mean(0))
     r = B.random_scores((2, 4), seed=3)
@@ -173,7 +173,7 @@ def test_depass_scorers(model, tokens):
     ablation; token shares sum (with the bias) to the linearised log-prob."""
     metric = B.logit_diff_metric(ANSWERS, WRONG)
     torch.testing.assert_close(B.depass_heads(model, tokens, ANSWERS, WRONG, "ratio"),
-                               compare.zero_ablation(model, tokens, metric, frozen=True))
+                               compare.frozen_ablation(model, tokens, metric))
     scores = B.depass_tokens(model, tokens, ANSWERS, "ratio", bos=0)
     assert scores.shape == tokens.shape
     assert (scores[:, 1:] != 0).all()
@@ -215,7 +215,7 @@ def test_baselines_run_on_a_transformer_bridge():
     metric = B.logit_diff_metric(answers, wrong)
     rows = B.rollout_matrix(bridge, tokens).sum(-1)
     torch.testing.assert_close(rows, torch.ones(2, 8, dtype=torch.float64))
-    scores, delta = B.integrated_gradients(bridge, tokens, answers, return_delta=True)
+    scores, delta = B.integrated_gradients_with_delta(bridge, tokens, answers)
     assert delta.abs().max() < 1e-2 * scores.sum(1).abs().max()
     signed = B.attribution_patching(bridge, tokens, metric, absolute=False)
     fd = finite_difference_effect(bridge, tokens, metric, "blocks.1.attn.hook_z", 2, None)
@@ -229,7 +229,7 @@ def test_baselines_run_on_a_transformer_bridge():
         want = metric(bridge(tokens)) - metric(bridge.run_with_hooks(
             tokens, fwd_hooks=[("blocks.1.attn.hook_z", zero)]))
     torch.testing.assert_close(B.activation_patching(bridge, tokens, metric)[1, 2], want)
-    assert B.attribution_patching(bridge, tokens, metric, "neurons", 1).shape == (bridge.cfg.d_mlp,)
+    assert B.attribution_patching(bridge, tokens, metric, Neurons(1)).shape == (bridge.cfg.d_mlp,)
     assert no_hooks(bridge)
 
 
@@ -244,6 +244,10 @@ def test_clear_errors_and_no_hooks_left(model, tokens):
         B.attribution_patching(model, tokens, metric, corrupted=tokens[:, :5])
     with pytest.raises(DepassError, match="level must be"):
         B.activation_patching(model, tokens, metric, "neurons")  # no layer
+    with pytest.raises(DepassError, match="Neurons: layer"):
+        B.activation_patching(model, tokens, metric, Neurons(5))
+    with pytest.raises(DepassError, match="the layer goes in the level"):
+        B.activation_norm(model, tokens, Neurons(1), 1)
 
     def broken(z, hook):
         raise RuntimeError("a hook that fails mid-forward")
@@ -259,3 +263,24 @@ def test_hook_aliases_do_not_matter(model, tokens, monkeypatch):
     want = B.attribution_patching(model, tokens, metric, absolute=False)
     monkeypatch.setattr(model.blocks[0].attn.hook_z, "name", "blocks.0.attn.alias_z")
     torch.testing.assert_close(B.attribution_patching(model, tokens, metric, absolute=False), want)
+
+
+def test_old_forms_still_work_with_a_warning(model, tokens):
+    """`(level: str, layer)` pairs and `integrated_gradients(return_delta=True)` are deprecated:
+    the same numbers as the level objects and `integrated_gradients_with_delta`."""
+    metric = B.logit_diff_metric(ANSWERS, WRONG)
+    for old, new in [(("heads",), (Heads(),)), (("neurons", 1), (Neurons(1),))]:
+        for fn in (B.attribution_patching, B.activation_patching, B.activation_norm):
+            args = (model, tokens) if fn is B.activation_norm else (model, tokens, metric)
+            with pytest.warns(DeprecationWarning, match="level object"):
+                got = fn(*args, *old)
+            torch.testing.assert_close(got, fn(*args, *new))
+    with pytest.warns(DeprecationWarning, match="integrated_gradients_with_delta"):
+        scores, delta = B.integrated_gradients(model, tokens, ANSWERS, steps=20, return_delta=True)
+    want = B.integrated_gradients_with_delta(model, tokens, ANSWERS, steps=20)
+    torch.testing.assert_close((scores, delta), want)
+    torch.testing.assert_close(B.integrated_gradients(model, tokens, ANSWERS, steps=20), want[0])
+    # a subset of layers: the rows of those layers
+    torch.testing.assert_close(B.activation_patching(model, tokens, metric, Heads(layers=[1])),
+                               B.activation_patching(model, tokens, metric)[1:])
+    assert no_hooks(model)

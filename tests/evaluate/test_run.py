@@ -7,9 +7,10 @@ import pytest
 import torch
 from tiny import make_model, random_tokens
 
+from tl_depass import Heads, Neurons
 from tl_depass.evaluate import baselines as B
 from tl_depass.evaluate import components as C
-from tl_depass.evaluate import evaluate
+from tl_depass.evaluate import evaluate, patch
 from tl_depass.evaluate import summary as report
 from tl_depass.evaluate import tokens as T
 
@@ -125,20 +126,23 @@ def test_ablation_wiring(model):
         with torch.no_grad():
             return C.task_metrics(model.run_with_hooks(tokens, fwd_hooks=hooks), answers, wrong)
 
-    assert C.ablated_metrics(model, tokens, answers, wrong, top, "heads") == manual([(0, 1), (1, 2)])
+    assert C.ablated_metrics(model, tokens, answers, wrong, top, Heads()) == manual([(0, 1), (1, 2)])
     bottom = C.selection(scores, 2, "bottom")
-    assert C.ablated_metrics(model, tokens, answers, wrong, bottom, "heads") == manual([(0, 2), (1, 1)])
+    assert C.ablated_metrics(model, tokens, answers, wrong, bottom, Heads()) == manual([(0, 2), (1, 1)])
+    with pytest.warns(DeprecationWarning, match="level object"):  # the old string form
+        assert C.ablated_metrics(model, tokens, answers, wrong, top, "heads") == manual([(0, 1), (1, 2)])
     # neurons: the post-activation seen downstream has exactly the chosen neurons zeroed
     chosen = torch.zeros(24, dtype=torch.bool)
     chosen[[3, 10]] = True
     seen = {}
-    hooks = C.ablation_hooks(chosen, "neurons", 1) + [
-        ("blocks.1.mlp.hook_post", lambda a, hook: seen.update(a=a))]
     _, cache = model.run_with_cache(tokens)
-    with torch.no_grad():
-        model.run_with_hooks(tokens, fwd_hooks=hooks)
+    with torch.no_grad(), patch.patched(model, [C.unit_patches(chosen, Neurons(1))]), model.hooks(
+            fwd_hooks=[("blocks.1.mlp.hook_post", lambda a, hook: seen.update(a=a))]):
+        model(tokens)  # the patch's hook runs first, then the one that looks
     assert (seen["a"][..., chosen] == 0).all()
     torch.testing.assert_close(seen["a"][..., ~chosen], cache["post", 1][..., ~chosen])
+    with pytest.warns(DeprecationWarning, match="unit_patches"):
+        assert len(C.ablation_hooks(chosen, "neurons", 1)) == 1
 
 
 def test_correlations():
@@ -175,6 +179,8 @@ def test_end_to_end_on_a_tiny_model(model, tmp_path):
         assert (corr.method == "exact zero-ablation").sum() == 1  # not correlated with itself
     text = report.markdown([result], "test conditions", {"tiny": "a tiny model"}, tmp_path / "figs", "figs")
     assert "| DePass (softmax) |" in text and "\\|AtP\\| vs zero" in text
+    # only what the run computed: the prose about it is hand-written in docs/findings.md
+    assert "(findings.md)" in text and "What wins" not in text and "## Caveats" not in text
     assert (tmp_path / "figs" / "tiny_tokens.png").exists()
     assert (tmp_path / "figs" / "tiny_ablation.png").exists()
 

@@ -192,7 +192,7 @@ def test_zero_ablation_agrees_exactly_with_linear_rule():
     tokens = random_tokens(model)
     dec = tl_depass.decompose(model, tokens, Heads(), mlp_rule="ratio")
     shares = compare.metric_scores(model, dec, logit_diff).reshape(model.cfg.n_layers, -1)[:, 1:-1]
-    close(shares, compare.zero_ablation(model, tokens, logit_diff), "frozen zero ablation")
+    close(shares, compare.frozen_ablation(model, tokens, logit_diff), "frozen zero ablation")
     close(dec.head_scores(3, wrong=4).mean(0), shares, "head_scores")
 
 

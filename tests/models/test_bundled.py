@@ -161,7 +161,7 @@ def test_induction_heads(loaded):
     head = int(prev.argmax())
     assert prev[head] > 0.8  # measured 0.94 (L0H0)
     # ... removing it breaks the task (plain zero ablation) ...
-    plain = tl_depass.evaluate.compare.zero_ablation(model, batch.tokens, metric, frozen=False)
+    plain = tl_depass.evaluate.compare.plain_ablation(model, batch.tokens, metric)
     assert plain[0, head] > 0.5 * metric(model(batch.tokens))
     # ... while DePass gives it almost nothing: it acts through the keys (K-composition), and
     # DePass freezes attention patterns, so a head that only moves patterns has no share

@@ -10,12 +10,9 @@ self-contained HTML page (`write_html`, also importable from here).
 
 import warnings
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
-from functools import partial
 
-import pandas as pd
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -23,11 +20,13 @@ from tl_depass.app import viz
 from tl_depass.app.results import Explanation, Level, Prompt, top_table  # noqa: F401 (public here too)
 from tl_depass.decompose import decompose
 from tl_depass.engine.backends import Model
-from tl_depass.engine.hooks import block_hook
+from tl_depass.engine.hooks import attn_z, block_hook, resid_pre
 from tl_depass.engine.rules import RULES, Rule
 from tl_depass.engine.validate import public
 from tl_depass.errors import DepassError
 from tl_depass.evaluate import compare
+from tl_depass.evaluate.metrics import correlation, logit_diff_rows
+from tl_depass.evaluate.patch import Patch, patch_each
 from tl_depass.levels import Heads, Modules, Neurons
 from tl_depass.levels.components import TokensAt
 from tl_depass.tolerances import completeness_rtol
@@ -35,12 +34,6 @@ from tl_depass.tolerances import completeness_rtol
 LEVELS = ("tokens", "heads", "modules", "neurons")
 
 
-def correlations(x: Tensor, y: Tensor) -> tuple[float, float]:
-    """Pearson and Spearman (Pearson of ranks) correlations; NaN below 3 points (meaningless)."""
-    if x.numel() < 3:
-        return float("nan"), float("nan")
-    frame = pd.DataFrame({"x": x.double().flatten().tolist(), "y": y.double().flatten().tolist()})
-    return float(frame.x.corr(frame.y)), float(frame.x.rank().corr(frame.y.rank()))
 
 
 def worst_per_hook(dec) -> dict[str, float]:
@@ -50,49 +43,6 @@ def worst_per_hook(dec) -> dict[str, float]:
         hook = key.split(" [")[0]
         out[hook] = max(out.get(hook, 0.0), err)
     return out
-
-
-def patch_effects(model, corrupted: Tensor, metric_rows: Callable[[Tensor], Tensor],
-                  sites: list[tuple[str, Callable[[Tensor, Tensor], Tensor]]], clean_cache,
-                  batch_size: int = 64) -> Float[Tensor, " site"]:
-    """metric(corrupted run with one clean activation restored) - metric(corrupted), one site at a
-    time; sites are (hook, patch(value, clean_value) -> patched value), run `batch_size` at once."""
-    n = corrupted.shape[0]
-    out = []
-    with torch.no_grad():
-        base = metric_rows(model(corrupted)).mean()
-        for start in range(0, len(sites), batch_size):
-            chunk = sites[start:start + batch_size]
-            tokens = corrupted.repeat(len(chunk), 1)
-            by_hook: dict[str, list] = {}  # one hook function (one copy) per hook point
-            for i, (hook, patch) in enumerate(chunk):
-                by_hook.setdefault(hook, []).append((slice(i * n, (i + 1) * n), patch))
-
-            def fn(value, hook, todo, name):  # `name` as registered: a Bridge's hook.name may be an alias
-                value = value.clone()
-                for rows, patch in todo:
-                    value[rows] = patch(value[rows], clean_cache[name])
-                return value
-            hooks = [(name, partial(fn, todo=todo, name=name)) for name, todo in by_hook.items()]
-            values = metric_rows(model.run_with_hooks(tokens, fwd_hooks=hooks))
-            out.append(values.reshape(len(chunk), n).mean(1) - base)
-    return torch.cat(out)
-
-
-@contextmanager
-def patching_progress(show: bool):
-    """transformer_lens.patching draws its own progress bars; hide them when `show` is False."""
-    if show:
-        yield
-        return
-    from transformer_lens import patching
-
-    original = patching.tqdm
-    patching.tqdm = lambda iterable, *args, **kwargs: iterable
-    try:
-        yield
-    finally:
-        patching.tqdm = original
 
 
 def run_levels(run, bar, out: dict, neuron_layer: int | None) -> tuple:
@@ -170,8 +120,7 @@ def _explain(model: Model, prompt: Prompt, levels: Sequence[str], rule: str,
     run = Run(model, tokens, corrupted, target, wrong, rule, patch_limit)
     bar = tqdm(levels, desc="tl-depass", disable=not progress, leave=False)
     out: dict[str, Level] = {}
-    with patching_progress(progress):
-        tokens_by_layer, tokens_patching, neuron_layer = run_levels(run, bar, out, neuron_layer)
+    tokens_by_layer, tokens_patching, neuron_layer = run_levels(run, bar, out, neuron_layer)
     str_tokens = list(model.to_str_tokens(tokens[0])) if model.tokenizer is not None else [
         f"[{int(t)}]" for t in tokens[0]]
     name = (lambda i: model.to_string([i])) if model.tokenizer is not None else (lambda i: f"[{i}]")
@@ -195,8 +144,7 @@ class Run:
         self.cache = model.run_with_cache(tokens)[1] if corrupted is not None else None
 
     def metric_rows(self, logits: Tensor) -> Tensor:
-        score = logits[:, -1, self.target]
-        return score - logits[:, -1, self.wrong] if self.wrong is not None else score
+        return logit_diff_rows(logits, self.target, self.wrong)
 
     def metric(self, logits: Tensor) -> Tensor:
         return self.metric_rows(logits).mean()
@@ -218,14 +166,14 @@ class Run:
         rows = [level.depass[:n]] + [self.depass(TokensAt(layer), lambda label: True).depass[:n]
                                      for layer in range(1, self.model.cfg.n_layers)]
         by_layer, patched = torch.stack(rows), None
-        if self.corrupted is not None:
-            found = compare.with_patching(self.model, self.tokens, self.corrupted, self.metric,
-                                          "positions", self.rule)
-            patched = (found.patching - self.corrupted_metric()).to(by_layer)
+        if self.corrupted is not None:  # what transformer_lens.patching.get_act_patch_resid_pre does
+            layers = range(self.model.cfg.n_layers)
+            patched = self.patch([(resid_pre(layer), (p,)) for layer in layers for p in range(n)], 1)
+            patched = patched.reshape(len(layers), n).to(by_layer)
             # Restoring position p's embedding restores token p's part; the bias has no site.
             level.patching = torch.cat([patched[0], patched.new_zeros(len(level.labels) - n)])
             # Agreement over every (layer, position), as transformer_lens.patching lays it out.
-            level.pearson, level.spearman = found.pearson, found.spearman
+            level.pearson, level.spearman = correlation(by_layer, patched)
             differ = int((self.tokens != self.corrupted).sum())
             level.note = (f" (patching is 0 wherever the two prompts agree: {differ} of {n} "
                           "positions differ, so ranks are mostly ties)")
@@ -233,16 +181,17 @@ class Run:
 
     def heads(self) -> Level:
         level = self.depass(Heads(), lambda label: viz.HEAD.fullmatch(label) is not None)
-        if self.corrupted is not None:
-            found = compare.with_patching(self.model, self.tokens, self.corrupted, self.metric,
-                                          "heads", self.rule)
-            _set_patching(level, (found.patching - self.corrupted_metric()).flatten())
+        if self.corrupted is not None:  # as get_act_patch_attn_head_out_all_pos
+            cfg = self.model.cfg
+            _set_patching(level, self.patch([(attn_z(layer), (slice(None), h))
+                                             for layer in range(cfg.n_layers)
+                                             for h in range(cfg.n_heads)], 1))
         return level
 
     def modules(self) -> Level:
         level = self.depass(Modules(), lambda label: label.endswith((" attn", " mlp")))
         if self.corrupted is not None:
-            sites = [(f"blocks.{label.split()[0][1:]}.hook_{label.split()[1]}_out", _whole)
+            sites = [(f"blocks.{label.split()[0][1:]}.hook_{label.split()[1]}_out", ())
                      for label in level.labels]
             _set_patching(level, self.patch(sites))
         return level
@@ -258,30 +207,26 @@ class Run:
                 d_mlp, generator=torch.Generator().manual_seed(0))[:self.patch_limit].tolist())
             top = level.depass.abs().argsort(descending=True)[:20].tolist()
             sites = sorted(set(chosen) | set(top))
-            effect = self.patch([(hook, lambda v, c, i=i: _neuron(v, c, i)) for i in sites])
+            effect = self.patch([(hook, (Ellipsis, i)) for i in sites])
             level.patching = torch.full_like(level.depass, float("nan"))
             level.patching[sites] = effect.to(level.depass)
-            level.pearson, level.spearman = correlations(level.depass[chosen], level.patching[chosen])
+            level.pearson, level.spearman = correlation(level.depass[chosen], level.patching[chosen])
             if len(chosen) < d_mlp:
                 level.note = f" (over {len(chosen)} of {d_mlp} neurons, sampled at random)"
         return level
 
-    def patch(self, sites) -> Tensor:
-        return patch_effects(self.model, self.corrupted, self.metric_rows, sites, self.cache)
-
-
-def _whole(value: Tensor, clean: Tensor) -> Tensor:
-    return clean.expand_as(value)
-
-
-def _neuron(value: Tensor, clean: Tensor, i: int) -> Tensor:
-    value[..., i] = clean[..., i]
-    return value
+    def patch(self, sites: list[tuple[str, tuple]], chunk: int = 64) -> Tensor:
+        """metric(corrupted run with one clean activation restored) - metric(corrupted), for each
+        site (hook, index into the activation after its batch axis), `chunk` sites per forward.
+        chunk=1 is transformer_lens.patching's one forward per site, where a site that changes
+        nothing gives exactly 0 (a batched forward rounds differently, and would break the ties)."""
+        units = [Patch(hook, index, self.cache[hook]) for hook, index in sites]
+        return patch_each(self.model, self.corrupted, units, self.metric, chunk) - self.corrupted_metric()
 
 
 def _set_patching(level: Level, effect: Tensor) -> None:
     level.patching = effect.to(level.depass)
-    level.pearson, level.spearman = correlations(level.depass, level.patching)
+    level.pearson, level.spearman = correlation(level.depass, level.patching)
 
 
 def __getattr__(name: str):

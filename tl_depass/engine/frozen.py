@@ -1,7 +1,7 @@
 """The frozen model: the user's model with attention patterns, norm scales and MLP activation
 ratios held at their clean values. Every map from a residual activation to the logits is then
 affine, and DePass with `mlp_rule="ratio"` is exactly its linear part: the oracle for
-`compare.zero_ablation` and the fast backward path of `attribute`."""
+`compare.frozen_ablation` and the fast backward path of `attribute`."""
 
 from collections.abc import Callable
 

@@ -9,31 +9,32 @@ where later attention or MLP gates respond to the change (DePass holds those fix
 component matters equally in the clean and corrupted runs (patching sees no difference).
 """
 
-from collections.abc import Callable
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
 import einops
 import pandas as pd
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_depass.decompose import decompose
 from tl_depass.decomposition import Decomposition
 from tl_depass.engine.arguments import prepare_tokens
-from tl_depass.engine.backends import check_model, forward_as_recorded
+from tl_depass.engine.backends import Model, check_model, forward_as_recorded
 from tl_depass.engine.clean_run import record_clean_run
 from tl_depass.engine.frozen import FROZEN_INPUTS, frozen_hooks
 from tl_depass.engine.guard import serialised
 from tl_depass.engine.replay import mlp_site
 from tl_depass.engine.validate import check_layers, check_options, public
 from tl_depass.errors import DepassError
+from tl_depass.evaluate import patch
+from tl_depass.evaluate.metrics import Metric, correlation
 from tl_depass.levels.components import Entry, Group, TokensAt
 from tl_depass.levels.units import Heads, rest_entry
 
 Level = Literal["heads", "positions", "mlp"]
-Metric = Callable[[Tensor], Tensor]
 
 
 @dataclass
@@ -47,7 +48,7 @@ class Comparison:
     frame: pd.DataFrame  # one row per (layer, index): depass and patching scores
 
 
-def metric_scores(model, dec: Decomposition, metric: Metric) -> Float[Tensor, " component"]:
+def metric_scores(model: Model, dec: Decomposition, metric: Metric) -> Float[Tensor, " component"]:
     """Each component's share of `metric`: <d metric / d logits, component logits> at the clean
     logits (through any final softcap). Exact for metrics linear in the logits (a logit
     difference, say); the first-order share otherwise."""
@@ -89,7 +90,7 @@ class MLPByPosition:
 
 
 @serialised
-def depass_scores(model, tokens, metric: Metric, level: Level, mlp_rule: str
+def depass_scores(model: Model, tokens: Tensor, metric: Metric, level: Level, mlp_rule: str
                   ) -> Float[Tensor, "layer index"]:
     L, n = model.cfg.n_layers, tokens.shape[1]
     if level == "positions":
@@ -138,33 +139,58 @@ def with_patching(model, clean_tokens, corrupted_tokens, metric: Metric, level: 
         {axes[0]: i, axes[1]: j, "depass": ours[i, j].item(), "patching": patched[i, j].item()}
         for i in range(ours.shape[0]) for j in range(ours.shape[1])
     ])
-    spearman = frame.depass.rank().corr(frame.patching.rank())  # Pearson of ranks, no scipy
-    return Comparison(level, axes, ours, patched, frame.depass.corr(frame.patching), spearman,
-                      frame)
+    pearson, spearman = correlation(ours, patched)
+    return Comparison(level, axes, ours, patched, pearson, spearman, frame)
+
+
+def head_ablation(model: Model, tokens: Int[Tensor, "batch pos"], metric: Metric, frozen: bool
+                  ) -> Float[Tensor, "layer head_index"]:
+    """metric(clean) − metric(one head's z zeroed at every position), for every head, in the
+    frozen model (its hooks added to every forward) or in the model as it is. One forward per
+    head, as transformer_lens.patching: a batched forward rounds differently (for folded heads,
+    see baselines.activation_patching). `model` and `tokens` are checked by the caller."""
+    clean = record_clean_run(model, tokens, None, lambda n: n.endswith(FROZEN_INPUTS))
+    extra = frozen_hooks(model, clean) if frozen else []
+    base = metric(clean.logits)
+    units = [patch.head(layer, h) for layer in range(model.cfg.n_layers)
+             for h in range(model.cfg.n_heads)]
+    with forward_as_recorded(model):
+        values = patch.patch_each(model, tokens, units, metric, 1, extra)
+    return (base - values).reshape(model.cfg.n_layers, model.cfg.n_heads).to("cpu", base.dtype)
+
+
+@public
+@serialised
+def plain_ablation(model, tokens, metric: Metric) -> Float[Tensor, "layer head_index"]:
+    """metric(clean) − metric(with one head's output zeroed), for every head: plain zero
+    ablation, everything downstream free to react (the causal effect). `frozen_ablation` holds
+    attention patterns, norm scales and MLP activation ratios at their clean values instead."""
+    check_model(model)
+    tokens, _ = prepare_tokens(model, tokens, None)
+    return head_ablation(model, tokens, metric, False)
 
 
 @public
 @serialised
 def zero_ablation(model, tokens, metric: Metric, frozen: bool = True
                   ) -> Float[Tensor, "layer head_index"]:
-    """metric(clean) - metric(with one head's output zeroed), for every head. `frozen=True`
-    holds attention patterns, norm scales and MLP activation ratios at their clean values (the
-    frozen model, where DePass with mlp_rule="ratio" must agree exactly); `frozen=False` is
-    plain zero ablation (the causal effect)."""
+    """Deprecated: `frozen_ablation` (frozen=True, the old default) or `plain_ablation`
+    (frozen=False); the same numbers."""
+    name = "frozen_ablation" if frozen else "plain_ablation"
+    warnings.warn(f"compare.zero_ablation(..., frozen={frozen}) is deprecated: call "
+                  f"compare.{name}(model, tokens, metric), which gives the same numbers",
+                  DeprecationWarning, stacklevel=4)  # past `public` and `serialised`
     check_model(model)
     tokens, _ = prepare_tokens(model, tokens, None)
-    clean = record_clean_run(model, tokens, None, lambda n: n.endswith(FROZEN_INPUTS))
-    hooks = frozen_hooks(model, clean) if frozen else []
-    base = metric(clean.logits)
-    out = torch.zeros(model.cfg.n_layers, model.cfg.n_heads, dtype=base.dtype)
-    with torch.no_grad(), forward_as_recorded(model):
-        for layer in range(model.cfg.n_layers):
-            for head in range(model.cfg.n_heads):
-                def ablate(z, hook, head=head):
-                    z = z.clone()
-                    z[:, :, head] = 0
-                    return z
-                logits = model.run_with_hooks(
-                    tokens, fwd_hooks=hooks + [(f"blocks.{layer}.attn.hook_z", ablate)])
-                out[layer, head] = base - metric(logits)
-    return out
+    return head_ablation(model, tokens, metric, frozen)
+
+
+@public
+@serialised
+def frozen_ablation(model, tokens, metric: Metric) -> Float[Tensor, "layer head_index"]:
+    """metric(clean) − metric(with one head's output zeroed), for every head, in the frozen model:
+    attention patterns, norm scales and MLP activation ratios held at their clean values, where
+    DePass with mlp_rule="ratio" must agree exactly (the intervention oracle)."""
+    check_model(model)
+    tokens, _ = prepare_tokens(model, tokens, None)
+    return head_ablation(model, tokens, metric, True)

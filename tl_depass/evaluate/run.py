@@ -14,9 +14,13 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from tl_depass.engine.backends import Model
 from tl_depass.evaluate import baselines as B
 from tl_depass.evaluate import components as C
 from tl_depass.evaluate import tokens as T
+from tl_depass.evaluate.metrics import logit_diff
+from tl_depass.evaluate.unit_levels import UnitLevel, as_level
+from tl_depass.levels import Heads, Neurons
 
 RANDOM_DRAWS = 20  # unit-level "random" is the mean over this many random rankings
 PROMPTS_PER_PASS = 64  # DePass runs on this many prompts at a time (bounds the folded batch's memory)
@@ -55,7 +59,7 @@ def timed(fn: Callable[[], Tensor]) -> tuple[Tensor, float]:
     return out.detach().to(torch.float64).cpu(), time.perf_counter() - start
 
 
-def token_methods(model, batch, seed: int = 0) -> dict[str, Callable[[], Tensor]]:
+def token_methods(model: Model, batch, seed: int = 0) -> dict[str, Callable[[], Tensor]]:
     tokens, answers = batch.tokens, batch.answers
     bos = int(tokens[0, 0])
     return {
@@ -75,7 +79,7 @@ def token_methods(model, batch, seed: int = 0) -> dict[str, Callable[[], Tensor]
     }
 
 
-def evaluate_tokens(model, batch, result: Result, seed: int = 0) -> None:
+def evaluate_tokens(model: Model, batch, result: Result, seed: int = 0) -> None:
     rows = []
     methods = token_methods(model, batch, seed)
     for name, fn in tqdm(methods.items(), desc=f"{result.model}: tokens", leave=False):
@@ -88,54 +92,56 @@ def evaluate_tokens(model, batch, result: Result, seed: int = 0) -> None:
     result.chance_hit_rate = T.chance_hit_rate(batch.key_positions)
 
 
-def unit_methods(model, batch, level: str, layer: int | None, seed: int = 0
+def unit_methods(model: Model, batch, level: UnitLevel, seed: int = 0
                  ) -> dict[str, Callable[[], Tensor]]:
     tokens, answers, wrong, corrupted = batch.tokens, batch.answers, batch.wrong, batch.corrupted
-    metric = B.logit_diff_metric(answers, wrong)
-    shape = ((model.cfg.n_layers, model.cfg.n_heads) if level == "heads" else (model.cfg.d_mlp,))
+    metric = logit_diff(answers, wrong)
+    heads = isinstance(level, Heads)
+    shape = ((model.cfg.n_layers, model.cfg.n_heads) if heads else (model.cfg.d_mlp,))
     def depass(rule: str) -> Callable[[], Tensor]:
-        if level == "heads":
+        if heads:
             def fn(t, a, w):
                 return B.depass_heads(model, t, a, w, rule)
         else:
             def fn(t, a, w):
-                return B.depass_neurons(model, t, a, w, layer, rule)
+                return B.depass_neurons(model, t, a, w, level.layer, rule)
         return lambda: by_prompts(fn, tokens, answers, wrong, mean=True)
     methods = {
         "DePass (softmax)": depass("softmax"),
         "DePass (ratio)": depass("ratio"),
-        "|AtP| vs zero": lambda: B.attribution_patching(model, tokens, metric, level, layer),
-        "|AtP| vs corrupted": lambda: B.attribution_patching(model, tokens, metric, level, layer,
+        "|AtP| vs zero": lambda: B.attribution_patching(model, tokens, metric, level),
+        "|AtP| vs corrupted": lambda: B.attribution_patching(model, tokens, metric, level,
                                                              corrupted=corrupted),
-        "AtP vs zero (signed)": lambda: B.attribution_patching(model, tokens, metric, level, layer,
+        "AtP vs zero (signed)": lambda: B.attribution_patching(model, tokens, metric, level,
                                                                absolute=False),
-        "activation norm": lambda: B.activation_norm(model, tokens, level, layer),
+        "activation norm": lambda: B.activation_norm(model, tokens, level),
     }
-    if level == "neurons":
-        methods["raw activation"] = lambda: B.neuron_activation(model, tokens, layer)
+    if not heads:
+        methods["raw activation"] = lambda: B.neuron_activation(model, tokens, level.layer)
     methods["random"] = lambda: torch.stack([B.random_scores(shape, seed + i) for i in range(RANDOM_DRAWS)])
     return methods
 
 
-def evaluate_units(model, batch, level: str, layer: int | None = None, seed: int = 0
-                   ) -> tuple[dict[str, pd.DataFrame], dict[str, Tensor]]:
+def evaluate_units(model: Model, batch, level: "UnitLevel | str", layer: int | None = None,
+                   seed: int = 0) -> tuple[dict[str, pd.DataFrame], dict[str, Tensor]]:
     """Score every unit with every method, then ablate and correlate. The exact references
     (zero-ablation and corrupted patching, one forward per unit) are ranked too, as a bar no
     cheap method is expected to clear. "random" is averaged over RANDOM_DRAWS rankings."""
-    metric = B.logit_diff_metric(batch.answers, batch.wrong)
+    level = as_level(level, layer)
+    metric = logit_diff(batch.answers, batch.wrong)
     scores, seconds = {}, {}
-    methods = unit_methods(model, batch, level, layer, seed)
-    methods["exact zero-ablation"] = lambda: B.activation_patching(model, batch.tokens, metric, level, layer)
+    methods = unit_methods(model, batch, level, seed)
+    methods["exact zero-ablation"] = lambda: B.activation_patching(model, batch.tokens, metric, level)
     methods["exact patching (corrupted)"] = lambda: B.activation_patching(
-        model, batch.tokens, metric, level, layer, corrupted=batch.corrupted)
-    what = "heads" if level == "heads" else f"L{layer} neurons"
+        model, batch.tokens, metric, level, corrupted=batch.corrupted)
+    what = "heads" if isinstance(level, Heads) else f"L{level.layer} neurons"
     for name, fn in tqdm(methods.items(), desc=f"{what}: scores", leave=False):
         scores[name], seconds[name] = timed(fn)
     device = batch.tokens.device
     args = (model, batch.tokens, batch.answers, batch.wrong)
     draws = scores.pop("random")
-    ablation = C.ablation_table(*args, {k: v.to(device) for k, v in scores.items()}, level, layer)
-    random_rows = pd.concat([C.ablation_table(*args, {"random": d.to(device)}, level, layer)
+    ablation = C.ablation_table(*args, {k: v.to(device) for k, v in scores.items()}, level)
+    random_rows = pd.concat([C.ablation_table(*args, {"random": d.to(device)}, level)
                              for d in draws])
     random_rows = random_rows.groupby(["method", "k", "percent", "ablated"], as_index=False,
                                       sort=False).mean()
@@ -155,11 +161,11 @@ def evaluate_units(model, batch, level: str, layer: int | None = None, seed: int
     return frames, scores
 
 
-def mlp_layers(model) -> list[int]:
+def mlp_layers(model: Model) -> list[int]:
     return [] if model.cfg.attn_only else list(range(model.cfg.n_layers))
 
 
-def evaluate(model, batch, name: str, neuron_layers: list[int] | None = None, seed: int = 0
+def evaluate(model: Model, batch, name: str, neuron_layers: list[int] | None = None, seed: int = 0
              ) -> Result:
     """Every protocol on one model and task batch (neurons: every MLP layer by default)."""
     start = time.perf_counter()
@@ -167,9 +173,9 @@ def evaluate(model, batch, name: str, neuron_layers: list[int] | None = None, se
     with torch.no_grad():
         result.clean = C.task_metrics(model(batch.tokens), batch.answers, batch.wrong)
     evaluate_tokens(model, batch, result, seed)
-    result.heads, result.scores["heads"] = evaluate_units(model, batch, "heads", seed=seed)
+    result.heads, result.scores["heads"] = evaluate_units(model, batch, Heads(), seed=seed)
     for layer in mlp_layers(model) if neuron_layers is None else neuron_layers:
         result.neurons[layer], result.scores[f"L{layer} neurons"] = evaluate_units(
-            model, batch, "neurons", layer, seed)
+            model, batch, Neurons(layer), seed=seed)
     result.seconds = time.perf_counter() - start
     return result

@@ -9,7 +9,7 @@ position is compared with the clean one: |p_clean − p_masked| / p_clean × 100
 averaged over prompts. Disrupt: higher is better; Recover: lower is better.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -17,6 +17,7 @@ from torch import Tensor
 
 from tl_depass.evaluate.baselines import delete_positions
 
+LogitsFn = Callable[[Tensor], Tensor]  # a model, or any tokens -> logits function
 PERCENTS: tuple[int, ...] = (10, 20, 30, 40, 50, 60, 70, 80, 90, 100)
 
 
@@ -61,14 +62,14 @@ def relative_change(p_clean: Float[Tensor, " batch"], p_masked: Float[Tensor, " 
     return ((p_clean - p_masked).abs() / p_clean * 100).clamp(max=100)
 
 
-def answer_prob(model, tokens: Int[Tensor, "batch pos"], answers: Int[Tensor, " batch"]
+def answer_prob(model: LogitsFn, tokens: Int[Tensor, "batch pos"], answers: Int[Tensor, " batch"]
                 ) -> Float[Tensor, " batch"]:
     with torch.no_grad():
         probs = model(tokens)[:, -1].softmax(-1)
     return probs.gather(-1, answers[:, None].to(probs.device))[:, 0]
 
 
-def deletion_curves(model, tokens: Int[Tensor, "batch pos"], answers: Int[Tensor, " batch"],
+def deletion_curves(model: LogitsFn, tokens: Int[Tensor, "batch pos"], answers: Int[Tensor, " batch"],
                     scores: Float[Tensor, "batch pos"], percents: Sequence[int] = PERCENTS
                     ) -> dict[str, Float[Tensor, "percent batch"]]:
     """The Disrupt-top and Recover-top curves: the relative change (%) of each prompt at each p

@@ -57,7 +57,7 @@ def heads(model: Model, batch, n: int) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cmp = tl_depass.evaluate.compare.with_patching(model, small.tokens, small.corrupted, metric, "heads")
-    plain = tl_depass.evaluate.compare.zero_ablation(model, small.tokens, metric, frozen=False)
+    plain = tl_depass.evaluate.compare.plain_ablation(model, small.tokens, metric)
     print(f"  heads, metric = mean logit difference over {n} prompts "
           f"(clean {metric(model(small.tokens)).item():.2f}, corrupted "
           f"{metric(model(small.corrupted)).item():.2f})")
