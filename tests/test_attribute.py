@@ -100,6 +100,9 @@ def test_component_first_like_logit_attribution():
             old = att.scores
         torch.testing.assert_close(old, att.shares.T, rtol=0, atol=0)
     assert [dec.labels[c] for c in named] == att.labels
+    with pytest.warns(DeprecationWarning, match="shares="):
+        again = tl_depass.Attribution(att.labels, att.shares.T, "backward")  # the old positional form
+    torch.testing.assert_close(again.shares, att.shares, rtol=0, atol=0)
     frame = att.to_frame()
     assert list(frame.columns) == ["batch", "component", "score"] and len(frame) == 3 * len(named)
     assert frame.score.iloc[1] == att.shares[1, 0].item()  # batch row 0, second component
@@ -135,8 +138,8 @@ def test_wrong_shapes_are_refused_by_name():
     with pytest.raises(DepassError, match=r"Attribution.mean: weights must be .*batch"):
         att.mean(torch.ones(batch, 1, dtype=att.shares.dtype))
     with pytest.raises(DepassError, match=r"Attribution: shares must be .*component batch"):
-        tl_depass.Attribution(att.labels, att.shares[None], "backward")
+        tl_depass.Attribution(att.labels, shares=att.shares[None], method="backward")
     with pytest.raises(DepassError, match=r"Attribution: shares has shape .*component="):
-        tl_depass.Attribution(att.labels, att.shares.T, "backward")
+        tl_depass.Attribution(att.labels, shares=att.shares.T, method="backward")
     with pytest.raises(DepassError, match="model must be .*transformer_lens"):
         tl_depass.attribute(torch.nn.Linear(2, 2), tokens, answer=1)

@@ -46,22 +46,36 @@ UNNAMED = re.compile(r"(.* )?(rest|bias)")  # the rest and bias components are n
 
 
 @public_fields
-@dataclass
+@dataclass(init=False)
 class Attribution:
     """Each named component's share of one readout, per batch row: `shares[c, b]` is component
     `labels[c]`'s share of batch row b's logit (difference). Component first, as in
-    `Decomposition.logit_attribution` (whose rows these are, without the rest and bias)."""
+    `Decomposition.logit_attribution` (whose rows these are, without the rest and bias).
+
+    Build one with `Attribution(labels, shares=..., method=...)`; the old positional form
+    `Attribution(labels, scores, method)`, `scores` [batch, component], still works (deprecated)."""
 
     labels: list[str]  # the named components (no "rest", no "bias")
     shares: Float[Tensor, "component batch"]
     method: Literal["forward", "backward"]
 
-    def __post_init__(self) -> None:
-        if self.shares.shape[0] != len(self.labels):
+    def __init__(self, labels: list[str], scores: Float[Tensor, "batch component"] | None = None,
+                 method: Literal["forward", "backward"] | None = None, *,
+                 shares: Float[Tensor, "component batch"] | None = None) -> None:
+        if (scores is None) == (shares is None) or method is None:
+            raise DepassError("Attribution needs labels, shares= ([component, batch]) and method= "
+                              "('forward' or 'backward')")
+        if scores is not None:
+            warnings.warn("Attribution(labels, scores, method) with scores [batch, component] is "
+                          "deprecated: pass shares= [component, batch] (scores.T)",
+                          DeprecationWarning, stacklevel=4)  # the caller, past public's checks
+            shares = scores.T
+        if shares.shape[0] != len(labels):
             raise DepassError(
-                f"Attribution: shares has shape {tuple(self.shares.shape)} for {len(self.labels)} "
-                f"labels; expected [component={len(self.labels)}, batch] (component first: a "
-                "[batch, component] tensor, the old `scores`, needs .T)")
+                f"Attribution: shares has shape {tuple(shares.shape)} for {len(labels)} labels; "
+                f"expected [component={len(labels)}, batch] (component first: a [batch, component] "
+                "tensor, the old `scores`, needs .T)")
+        self.labels, self.shares, self.method = labels, shares, method
 
     @property
     def scores(self) -> Float[Tensor, "batch component"]:
@@ -106,7 +120,7 @@ class Attribution:
         """An attribution saved with `.save(path)`."""
         meta, tensors = load_result(path, "Attribution", ("labels", "method"))
         shares = einops.rearrange(tensors["scores"], "batch component -> component batch")
-        return cls(meta["labels"], shares.contiguous(), meta["method"]).to(device)
+        return cls(meta["labels"], shares=shares.contiguous(), method=meta["method"]).to(device)
 
     def to(self, device: torch.device | str) -> "Attribution":
         """A copy with the shares on `device` (shared if already there, as with `Tensor.to`)."""
@@ -247,7 +261,7 @@ def attribute(
                         logits=read_positions(model, tokens, attention_mask, pos))
         score = dec.logit_attribution(answer, wrong, pos)  # [component, batch]
         named = [c for c, label in enumerate(dec.labels) if not UNNAMED.fullmatch(label)]
-        return Attribution([dec.labels[c] for c in named], score[named], "forward")
+        return Attribution([dec.labels[c] for c in named], shares=score[named], method="forward")
     check_pos_embed(spec, pos_embed)
     tokens, mask = prepare_tokens(model, tokens, attention_mask)
     batch, rows = tokens.shape[0], torch.arange(tokens.shape[0])
@@ -264,7 +278,7 @@ def attribute(
     labels, shares = backward(model, tokens, mask, spec, readout)
     if mask is not None and isinstance(spec, TokensAt):  # component = position here
         shares = shares.masked_fill(mask.T == 0, 0)
-    return Attribution(labels, shares, "backward")
+    return Attribution(labels, shares=shares, method="backward")
 
 
 def read_positions(model: Model, tokens: Tokens, attention_mask: Mask, pos: Pos
