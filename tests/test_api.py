@@ -3,14 +3,9 @@
 import pandas as pd
 import pytest
 import torch
-from tiny import close, make_model, random_tokens
+from tiny import close, random_tokens
 
 import tl_depass
-
-
-@pytest.fixture(scope="module")
-def model():
-    return make_model()
 
 
 def test_labels_and_shapes(model):

@@ -1,4 +1,5 @@
-"""attribute(): the frozen-model backward path equals the folded forward (ratio rule)."""
+"""attribute(): the frozen-model backward path equals the folded forward (ratio rule); the
+result is component first; bad shapes are refused by name."""
 
 import pytest
 import torch
@@ -25,7 +26,7 @@ def test_backward_equals_forward(arch, level):
                               mlp_rule="ratio")
     assert (fwd.method, bwd.method) == ("forward", "backward")
     assert fwd.labels == bwd.labels and not any(x.endswith(("rest", "bias")) for x in bwd.labels)
-    close(bwd.scores, fwd.scores, f"{arch} {level}")
+    close(bwd.shares, fwd.shares, f"{arch} {level}")
 
 
 def test_attention_only_modules():
@@ -34,7 +35,7 @@ def test_attention_only_modules():
     fwd, bwd = (tl_depass.attribute(model, tokens, Modules(), answer=1, mlp_rule="ratio", method=m)
                 for m in ("forward", "backward"))
     assert bwd.labels == ["L0 attn", "L1 attn"]
-    close(bwd.scores, fwd.scores, "attn-only modules")
+    close(bwd.shares, fwd.shares, "attn-only modules")
 
 
 def test_the_shares_are_the_decompositions():
@@ -44,7 +45,7 @@ def test_the_shares_are_the_decompositions():
     att = tl_depass.attribute(model, tokens, Heads(), answer=2, mlp_rule="softmax")
     dec = tl_depass.decompose(model, tokens, Heads())
     assert att.method == "forward"
-    close(att.scores, dec.head_scores(2).flatten(1), "softmax head shares")
+    close(att.shares, dec.head_scores(2).flatten(1).T, "softmax head shares")
 
 
 def test_padding():
@@ -54,8 +55,8 @@ def test_padding():
     mask[1, :3] = 0
     fwd, bwd = (tl_depass.attribute(model, tokens, "tokens", answer=1, mlp_rule="ratio",
                                     attention_mask=mask, method=m) for m in ("forward", "backward"))
-    close(bwd.scores, fwd.scores, "left-padded tokens")
-    assert (bwd.scores[1, :3] == 0).all()
+    close(bwd.shares, fwd.shares, "left-padded tokens")
+    assert (bwd.shares[:3, 1] == 0).all()
 
 
 def test_model_untouched_and_no_gradients_left():
@@ -80,3 +81,65 @@ def test_errors():
         tl_depass.attribute(model, tokens, answer=1, method="sideways")
     with pytest.raises(DepassError, match="outside the vocabulary"):
         tl_depass.attribute(model, tokens, answer=10_000, mlp_rule="ratio")
+
+
+def test_component_first_like_logit_attribution():
+    """`shares` is [component, batch], the rows of dec.logit_attribution; the old `scores`
+    ([batch, component]) still works, with a DeprecationWarning."""
+    model = make_model()
+    tokens = random_tokens(model, batch=3)
+    dec = tl_depass.decompose(model, tokens, Heads())
+    named = [c for c, label in enumerate(dec.labels) if not label.endswith(("rest", "bias"))]
+    for method in ("forward", "backward"):
+        att = tl_depass.attribute(model, tokens, Heads(), answer=2, wrong=5, mlp_rule="ratio",
+                                  method=method)
+        assert att.shares.shape == (len(att.labels), 3)
+        close(att.shares, tl_depass.decompose(model, tokens, Heads(), mlp_rule="ratio")
+              .logit_attribution(2, 5)[named], f"{method}: shares")
+        with pytest.warns(DeprecationWarning, match="shares"):
+            old = att.scores
+        torch.testing.assert_close(old, att.shares.T, rtol=0, atol=0)
+    assert [dec.labels[c] for c in named] == att.labels
+    with pytest.warns(DeprecationWarning, match="shares="):
+        again = tl_depass.Attribution(att.labels, att.shares.T, "backward")  # the old positional form
+    torch.testing.assert_close(again.shares, att.shares, rtol=0, atol=0)
+    frame = att.to_frame()
+    assert list(frame.columns) == ["batch", "component", "score"] and len(frame) == 3 * len(named)
+    assert frame.score.iloc[1] == att.shares[1, 0].item()  # batch row 0, second component
+
+
+def test_mean_readout():
+    model = make_model()
+    att = tl_depass.attribute(model, random_tokens(model, batch=3), Heads(), answer=2,
+                              mlp_rule="ratio")
+    close(att.mean(), att.shares.mean(1), "mean")
+    weights = torch.tensor([1.0, 0.0, 1.0], dtype=att.shares.dtype)
+    close(att.mean(weights), (att.shares[:, 0] + att.shares[:, 2]) / 2, "weighted mean")
+
+
+def test_wrong_shapes_are_refused_by_name():
+    model = make_model()
+    tokens = random_tokens(model, batch=2)
+    batch, pos = tokens.shape
+    with pytest.raises(DepassError, match=r"attribute: attention_mask (?=.*\(3, 4\)).*batch pos"):
+        tl_depass.attribute(model, tokens, answer=1, attention_mask=torch.ones(3, 4))
+    with pytest.raises(DepassError, match=rf"attribute: attention_mask .*batch={batch}"):
+        tl_depass.attribute(model, tokens, answer=1, mlp_rule="ratio",
+                            attention_mask=torch.ones(batch + 1, pos, dtype=torch.long))
+    with pytest.raises(DepassError, match=rf"attribute: pos .*#batch.*batch={batch}"):
+        tl_depass.attribute(model, tokens, answer=1, pos=torch.tensor([1, 2, 3]))
+    with pytest.raises(DepassError, match=r"attribute: tokens must be .*batch pos"):
+        tl_depass.attribute(model, tokens[None], answer=1)
+    with pytest.raises(DepassError, match=r"estimate_memory: tokens must be .*batch pos"):
+        tl_depass.estimate_memory(model, tokens[None])
+    att = tl_depass.attribute(model, tokens, Heads(), answer=1, mlp_rule="ratio")
+    with pytest.raises(DepassError, match=rf"Attribution.mean: weights .*\[batch={batch}\]"):
+        att.mean(torch.ones(batch + 1, dtype=att.shares.dtype))
+    with pytest.raises(DepassError, match=r"Attribution.mean: weights must be .*batch"):
+        att.mean(torch.ones(batch, 1, dtype=att.shares.dtype))
+    with pytest.raises(DepassError, match=r"Attribution: shares must be .*component batch"):
+        tl_depass.Attribution(att.labels, shares=att.shares[None], method="backward")
+    with pytest.raises(DepassError, match=r"Attribution: shares has shape .*component="):
+        tl_depass.Attribution(att.labels, shares=att.shares.T, method="backward")
+    with pytest.raises(DepassError, match="model must be .*transformer_lens"):
+        tl_depass.attribute(torch.nn.Linear(2, 2), tokens, answer=1)

@@ -89,7 +89,8 @@ def test_attribute_both_methods_and_compare(recall):
     for level in ("tokens", tl_depass.Heads(), tl_depass.Modules(), tl_depass.Neurons(1)):
         fwd, bwd = (tl_depass.attribute(recall, batch.tokens, level, answer=batch.answers, wrong=batch.wrong,
                                         mlp_rule="ratio", method=m) for m in ("forward", "backward"))
-        torch.testing.assert_close(bwd.scores, fwd.scores, rtol=0, atol=1e-4 * fwd.scores.abs().max().item())
+        torch.testing.assert_close(bwd.shares, fwd.shares, rtol=0, atol=1e-4 * fwd.shares.abs().max().item())
+        assert bwd.shares.shape == (len(bwd.labels), 2) and bwd.mean().shape == (len(bwd.labels),)
     a, w = batch.answers[:1], batch.wrong[:1]
 
     def metric(logits):

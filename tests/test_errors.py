@@ -8,11 +8,6 @@ import tl_depass
 from tl_depass import DepassError, UnsupportedModelError
 
 
-@pytest.fixture(scope="module")
-def model():
-    return make_model()
-
-
 @pytest.mark.parametrize("bad, match", [
     (lambda m, t: dict(tokens=t.float()), "integer tensor"),
     (lambda m, t: dict(tokens=t[None]), r"shape \[batch, pos\]"),

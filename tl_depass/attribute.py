@@ -5,30 +5,37 @@ norm scales and MLP activation ratios held at their clean values), so a componen
 readout is exactly gradient x activation there: one forward and one backward through the frozen
 model give, for every head, module or neuron of every layer at once, the numbers the folded
 forward gives. `method="auto"` takes that path whenever it applies.
+
+Results are component first, like `Decomposition.logit_attribution`: `Attribution.shares` is
+`[component, batch]` (the old `Attribution.scores`, `[batch, component]`, is deprecated).
 """
 
 import dataclasses
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import einops
 import pandas as pd
 import torch
-from jaxtyping import Float
+from beartype import beartype
+from jaxtyping import Float, Int, jaxtyped
 from torch import Tensor
 
 from tl_depass import memory
 from tl_depass.decompose import decompose
 from tl_depass.decomposition import Answer, answer_ids, check_wrong, readout_positions
-from tl_depass.engine.arguments import check_pos_embed, prepare_tokens
-from tl_depass.engine.backends import check_model, forward_as_recorded
+from tl_depass.engine.arguments import Mask, Pos, Tokens, check_pos_embed, prepare_tokens
+from tl_depass.engine.backends import Model, check_model, forward_as_recorded
 from tl_depass.engine.clean_run import CleanRun, record_clean_run
 from tl_depass.engine.frozen import FROZEN_INPUTS, frozen_hooks
 from tl_depass.engine.guard import serialised
+from tl_depass.engine.hooks import attn_z, block_hook, resid_pre
 from tl_depass.engine.replay import mlp_site
-from tl_depass.engine.validate import check_layers, check_options, public
+from tl_depass.engine.validate import check_layers, check_options, public, public_fields
 from tl_depass.errors import DepassError
 from tl_depass.levels import Heads, Modules, Neurons
 from tl_depass.levels.components import PosEmbed, TokensAt, as_components, token_labels
@@ -38,35 +45,89 @@ Method = Literal["auto", "forward", "backward"]
 UNNAMED = re.compile(r"(.* )?(rest|bias)")  # the rest and bias components are not returned
 
 
-@dataclass
+@public_fields
+@dataclass(init=False)
 class Attribution:
+    """Each named component's share of one readout, per batch row: `shares[c, b]` is component
+    `labels[c]`'s share of batch row b's logit (difference). Component first, as in
+    `Decomposition.logit_attribution` (whose rows these are, without the rest and bias).
+
+    Build one with `Attribution(labels, shares=..., method=...)`; the old positional form
+    `Attribution(labels, scores, method)`, `scores` [batch, component], still works (deprecated)."""
+
     labels: list[str]  # the named components (no "rest", no "bias")
-    scores: Float[Tensor, "batch component"]
+    shares: Float[Tensor, "component batch"]
     method: Literal["forward", "backward"]
 
+    def __init__(self, labels: list[str], scores: Float[Tensor, "batch component"] | None = None,
+                 method: Literal["forward", "backward"] | None = None, *,
+                 shares: Float[Tensor, "component batch"] | None = None) -> None:
+        if (scores is None) == (shares is None) or method is None:
+            raise DepassError("Attribution needs labels, shares= ([component, batch]) and method= "
+                              "('forward' or 'backward')")
+        if scores is not None:
+            warnings.warn("Attribution(labels, scores, method) with scores [batch, component] is "
+                          "deprecated: pass shares= [component, batch] (scores.T)",
+                          DeprecationWarning, stacklevel=4)  # the caller, past public's checks
+            shares = scores.T
+        if shares.shape[0] != len(labels):
+            raise DepassError(
+                f"Attribution: shares has shape {tuple(shares.shape)} for {len(labels)} labels; "
+                f"expected [component={len(labels)}, batch] (component first: a [batch, component] "
+                "tensor, the old `scores`, needs .T)")
+        self.labels, self.shares, self.method = labels, shares, method
+
+    @property
+    def scores(self) -> Float[Tensor, "batch component"]:
+        """Deprecated: `shares.T`, the old [batch, component] order; use `shares`."""
+        warnings.warn("Attribution.scores ([batch, component]) is deprecated: use "
+                      "Attribution.shares, [component, batch] (component first, like "
+                      "Decomposition.logit_attribution); scores is shares.T",
+                      DeprecationWarning, stacklevel=2)
+        return self.shares.T
+
+    @public
+    def mean(self, weights: Float[Tensor, " batch"] | None = None) -> Float[Tensor, " component"]:
+        """Each component's share averaged over the batch rows (weighted by `weights`, one per
+        row, e.g. 0/1 to average over a subset)."""
+        batch = self.shares.shape[1]
+        if weights is None:
+            return self.shares.mean(1)
+        if weights.shape[0] != batch:
+            raise DepassError(f"Attribution.mean: weights has shape {tuple(weights.shape)}; expected "
+                              f"[batch={batch}], one weight per batch row")
+        if not weights.sum() > 0:
+            raise DepassError("Attribution.mean: weights sum to 0 (or are not finite): give some "
+                              "row a positive weight")
+        weights = weights.to(self.shares)
+        return self.shares @ weights / weights.sum()
+
     def to_frame(self) -> pd.DataFrame:
-        return pd.DataFrame([(b, label, float(self.scores[b, c])) for b in range(self.scores.shape[0])
+        """A tidy table (batch, component, score), one row per batch row and component."""
+        return pd.DataFrame([(b, label, float(self.shares[c, b])) for b in range(self.shares.shape[1])
                              for c, label in enumerate(self.labels)],
                             columns=["batch", "component", "score"])
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
         """Write this attribution to the directory `path` (safetensors and JSON, no pickle);
         an existing saved result is replaced only with `overwrite=True`."""
+        # the file keeps the [batch, component] "scores" of earlier versions
         return save_result(path, "Attribution", {"labels": self.labels, "method": self.method},
-                           {"scores": self.scores}, overwrite)
+                           {"scores": self.shares.T}, overwrite)
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str = "cpu") -> "Attribution":
         """An attribution saved with `.save(path)`."""
         meta, tensors = load_result(path, "Attribution", ("labels", "method"))
-        return cls(meta["labels"], tensors["scores"], meta["method"]).to(device)
+        shares = einops.rearrange(tensors["scores"], "batch component -> component batch")
+        return cls(meta["labels"], shares=shares.contiguous(), method=meta["method"]).to(device)
 
     def to(self, device: torch.device | str) -> "Attribution":
-        """A copy with the scores on `device` (shared if already there, as with `Tensor.to`)."""
-        return dataclasses.replace(self, labels=list(self.labels), scores=self.scores.to(device))
+        """A copy with the shares on `device` (shared if already there, as with `Tensor.to`)."""
+        return dataclasses.replace(self, labels=list(self.labels), shares=self.shares.to(device))
 
     def cpu(self) -> "Attribution":
-        """A copy with the scores on the CPU."""
+        """A copy with the shares on the CPU."""
         return self.to("cpu")
 
 
@@ -78,7 +139,7 @@ class Site:
     not_via: str | None = None  # a hook whose path to the readout is not this component's
 
 
-def sites(spec, model, clean: CleanRun, tokens) -> list[Site]:
+def sites(spec, model: Model, clean: CleanRun, tokens: Int[Tensor, "batch pos"]) -> list[Site]:
     """Where each component of `spec` enters, and how gradient x activation splits into them."""
     if isinstance(spec, TokensAt):
         x = clean[spec.hook]
@@ -87,25 +148,24 @@ def sites(spec, model, clean: CleanRun, tokens) -> list[Site]:
     out = []
     if isinstance(spec, (Heads, Modules)):
         for layer in check_layers(model, spec.layers, type(spec).__name__):
-            z = clean[f"blocks.{layer}.attn.hook_z"]  # [batch pos head d_head]
+            z = clean[attn_z(layer)]  # [batch pos head_index d_head]
             if isinstance(spec, Heads):
-                out.append(Site(f"blocks.{layer}.attn.hook_z", lambda g, z=z: (g * z).sum((1, 3)),
+                out.append(Site(attn_z(layer), lambda g, z=z: (g * z).sum((1, 3)),
                                 [f"L{layer}H{h}" for h in range(z.shape[2])]))
                 continue
             if model.cfg.attn_only:
-                out.append(Site(f"blocks.{layer}.attn.hook_z",
-                                lambda g, z=z: (g * z).flatten(1).sum(1, True), [f"L{layer} attn"]))
+                out.append(Site(attn_z(layer), lambda g, z=z: (g * z).flatten(1).sum(1, True),
+                                [f"L{layer} attn"]))
             else:  # the layer's MLP output is a component of its own: not the attention's share
-                out.append(Site(f"blocks.{layer}.attn.hook_z",
-                                lambda g, z=z: (g * z).flatten(1).sum(1, True), [f"L{layer} attn"],
-                                not_via=f"blocks.{layer}.mlp.hook_pre"))
-                site = mlp_site(model, clean, f"blocks.{layer}.mlp")
+                out.append(Site(attn_z(layer), lambda g, z=z: (g * z).flatten(1).sum(1, True),
+                                [f"L{layer} attn"], not_via=block_hook(layer, "mlp.hook_pre")))
+                site = mlp_site(model, clean, block_hook(layer, "mlp"))
                 out.append(Site(site.act_hook, lambda g, a=site.facts.act: (g * a).flatten(1).sum(1, True),
                                 [f"L{layer} mlp"]))
         return out
     if isinstance(spec, Neurons):
         (layer,) = check_layers(model, [spec.layer], "Neurons")
-        site = mlp_site(model, clean, f"blocks.{layer}.mlp")
+        site = mlp_site(model, clean, block_hook(layer, "mlp"))
         act = site.facts.act
         chosen = list(range(act.shape[-1])) if spec.neurons is None else list(spec.neurons)
         return [Site(site.act_hook, lambda g: (g * act).sum(1)[:, chosen],
@@ -113,8 +173,9 @@ def sites(spec, model, clean: CleanRun, tokens) -> list[Site]:
     raise TypeError(f"no backward sites for {type(spec).__name__}")  # attribute() checks first
 
 
-def backward(model, tokens, mask, spec, readout: Callable[[Tensor], Tensor]
-             ) -> tuple[list[str], Tensor]:
+def backward(model: Model, tokens: Int[Tensor, "batch pos"], mask: Int[Tensor, "batch pos"] | None,
+             spec, readout: Callable[[Tensor], Tensor]
+             ) -> tuple[list[str], Float[Tensor, "component batch"]]:
     entry = spec.hook if isinstance(spec, TokensAt) else None
     clean = record_clean_run(model, tokens, mask, lambda n: n.endswith(FROZEN_INPUTS)
                              or n == entry)
@@ -122,7 +183,7 @@ def backward(model, tokens, mask, spec, readout: Callable[[Tensor], Tensor]
     captured: dict[str, Tensor] = {}
     before = [s.not_via for s in where if s.not_via]
     names = list(dict.fromkeys([s.hook for s in where] + before))
-    first = "blocks.0.hook_resid_pre"  # the graph starts here: every later hook is differentiable
+    first = resid_pre(0)  # the graph starts here: every later hook is differentiable
 
     def capture(name):
         def hook(x, hook):  # a new tensor, which the model goes on with (as a Bridge requires)
@@ -148,32 +209,37 @@ def backward(model, tokens, mask, spec, readout: Callable[[Tensor], Tensor]
                                              retain_graph=True, allow_unused=True)
                 g = g if via is None else g - via
             scores.append(s.score(g).detach())
-    scores = torch.cat(scores, dim=1)
-    return [label for s in where for label in s.labels], scores
+    shares = einops.rearrange(torch.cat(scores, dim=1), "batch component -> component batch")
+    return [label for s in where for label in s.labels], shares.contiguous()
 
 
 @public
 @serialised
+@jaxtyped(typechecker=beartype)
 def attribute(
-    model,
-    tokens: Tensor | str | list[str],
+    model: Model,
+    tokens: Tokens,
     components: object = "tokens",
     *,
     answer: Answer,
     wrong: Answer | None = None,
-    pos: int | Tensor = -1,
+    pos: Pos = -1,
     mlp_rule: str = "softmax",
     temperature: float = 0.1,
-    attention_mask: Tensor | None = None,
+    attention_mask: Mask = None,
     pos_embed: PosEmbed = "with_token",
     method: Method | str = "auto",  # str: a clear error below, not a type-check failure
     chunk_size: int | None = None,
     max_memory: int | None = None,
 ) -> Attribution:
     """Each component's share of `logit[answer] - logit[wrong]` (pre-softcap) at `pos`, per
-    batch row: the numbers `decompose(...).logit_attribution(answer, wrong, pos)` gives, without
-    the rest and bias components. `method="backward"` (what "auto" picks for `mlp_rule="ratio"`)
-    computes them with one forward and one backward through the frozen model."""
+    batch row: the rows of `decompose(...).logit_attribution(answer, wrong, pos)`, without the
+    rest and bias components, as `Attribution.shares` [component, batch]. `method="backward"`
+    (what "auto" picks for `mlp_rule="ratio"`) computes them with one forward and one backward
+    through the frozen model.
+
+    Shapes (checked): `tokens` [batch, pos] (or [pos], or text), `attention_mask` [batch, pos],
+    `pos` an int or one position per batch row ([batch] or [1])."""
     check_model(model)
     check_options(model, mlp_rule, temperature, chunk_size)
     if method not in ("auto", "forward", "backward"):
@@ -193,9 +259,9 @@ def attribute(
                         attention_mask=attention_mask, pos_embed=pos_embed, keep=[],
                         chunk_size=chunk_size, max_memory=max_memory,
                         logits=read_positions(model, tokens, attention_mask, pos))
-        score = dec.logit_attribution(answer, wrong, pos)
+        score = dec.logit_attribution(answer, wrong, pos)  # [component, batch]
         named = [c for c, label in enumerate(dec.labels) if not UNNAMED.fullmatch(label)]
-        return Attribution([dec.labels[c] for c in named], score[named].T.contiguous(), "forward")
+        return Attribution([dec.labels[c] for c in named], shares=score[named], method="forward")
     check_pos_embed(spec, pos_embed)
     tokens, mask = prepare_tokens(model, tokens, attention_mask)
     batch, rows = tokens.shape[0], torch.arange(tokens.shape[0])
@@ -209,13 +275,14 @@ def attribute(
         return (value if other is None else value - logits[rows, at, other]).sum()
 
     memory.check_backward(model, tokens, max_memory)
-    labels, scores = backward(model, tokens, mask, spec, readout)
-    if mask is not None and isinstance(spec, TokensAt):
-        scores = scores.masked_fill(mask == 0, 0)
-    return Attribution(labels, scores, "backward")
+    labels, shares = backward(model, tokens, mask, spec, readout)
+    if mask is not None and isinstance(spec, TokensAt):  # component = position here
+        shares = shares.masked_fill(mask.T == 0, 0)
+    return Attribution(labels, shares=shares, method="backward")
 
 
-def read_positions(model, tokens, attention_mask, pos: int | Tensor) -> Tensor:
+def read_positions(model: Model, tokens: Tokens, attention_mask: Mask, pos: Pos
+                   ) -> Int[Tensor, " batch"]:
     """The one position per row that `attribute` reads (checked as the readout checks it), so
     that decompose unembeds only those."""
     tokens, mask = prepare_tokens(model, tokens, attention_mask)

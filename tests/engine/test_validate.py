@@ -345,6 +345,23 @@ CASES = [
     Case(M, "models.load of a missing path", lambda e: models.load("/nonexistent/m.json"),
          "missing"),
     Case(M, "to_frame of 3 answers for 2 rows", lambda e: e.dec.to_frame([1, 2, 3]), "answers"),
+    Case(M, "attribute tokens 3-d", lambda e: A(e, tokens=e.tokens[None]), "tokens.*batch pos"),
+    Case(M, "attribute attention_mask of another batch", lambda e: A(
+        e, attention_mask=torch.ones(3, e.tokens.shape[1], dtype=torch.long)),
+        "attention_mask.*batch=2"),
+    Case(M, "attribute backward attention_mask 1-d", lambda e: R(
+        e, Heads(), attention_mask=torch.ones(e.tokens.shape[1])), "attention_mask.*batch pos"),
+    Case(M, "attribute pos of 3 rows for 2", lambda e: R(e, Heads(), pos=torch.tensor([1, 2, 3])),
+         "pos.*batch=2"),
+    Case(M, "attribute pos a float tensor", lambda e: A(e, pos=torch.tensor([1.0, 2.0])), "pos.*Integer"),
+    Case(M, "estimate_memory tokens 3-d", lambda e: tl_depass.estimate_memory(
+        e.model, e.tokens[None]), "tokens.*batch pos"),
+    Case(M, "Attribution.mean weights of 3 rows for 2", lambda e: tl_depass.attribute(
+        e.model, e.tokens, Heads(), answer=3, mlp_rule="ratio").mean(torch.ones(3)),
+        r"weights.*\[batch=2\]"),
+    Case(M, "Attribution.mean weights 2-d", lambda e: tl_depass.attribute(
+        e.model, e.tokens, Heads(), answer=3, mlp_rule="ratio").mean(torch.ones(2, 1)),
+        "weights.*batch"),
     Case(M, "decompose not a model", lambda e: tl_depass.decompose(
         torch.nn.Linear(2, 2), e.tokens), "transformer_lens"),
 ]

@@ -3,18 +3,13 @@ on tiny float64 models with every parameter randomised."""
 
 import pytest
 import torch
-from tiny import make_model, random_tokens
+from tiny import random_tokens
 
 from tl_depass import DepassError, Heads, Neurons, compare
 from tl_depass.evaluate import baselines as B
 
 ANSWERS = torch.tensor([3, 11, 17])
 WRONG = torch.tensor([5, 2, 9])
-
-
-@pytest.fixture(scope="module")
-def model():
-    return make_model()
 
 
 @pytest.fixture(scope="module")

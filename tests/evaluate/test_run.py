@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tiny import make_model, random_tokens
+from tiny import random_tokens
 
 from tl_depass import Heads, Neurons
 from tl_depass.evaluate import baselines as B
@@ -95,11 +95,6 @@ def test_knowing_the_key_token_beats_random():
     assert T.hit_rate(oracle, key) == 1.0
     assert T.chance_hit_rate(key) == pytest.approx(1 / 8)
     assert T.hit_rate(-oracle, key) == 0.0
-
-
-@pytest.fixture(scope="module")
-def model():
-    return make_model()
 
 
 def test_selection_top_and_bottom():

@@ -7,10 +7,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from jaxtyping import Integer, Shaped
 from torch import Tensor
 
 from tl_depass.engine import backends
-from tl_depass.engine.backends import canonical_names, check_model
+from tl_depass.engine.backends import Model, canonical_names, check_model
 from tl_depass.engine.support import check_supported
 from tl_depass.engine.validate import NOT_DECOMPOSABLE, RESIDUAL, check_options, check_text
 from tl_depass.errors import DepassError
@@ -18,6 +19,12 @@ from tl_depass.levels.components import PosEmbed, TokensAt, as_components
 
 Keep = str | Sequence[str] | Callable[[str], bool] | None
 Logits = str | int | Tensor | None
+#: What the public functions take as token input: ids [batch, pos] (or one row [pos]), or text.
+Tokens = Integer[Tensor, "batch pos"] | Integer[Tensor, " pos"] | str | list[str]
+#: A padding mask: 0 (padding) / 1 (token) per token of `tokens` (any dtype holding 0/1).
+Mask = Shaped[Tensor, "batch pos"] | None
+#: The position read in each batch row: one int, or one per row.
+Pos = int | Integer[Tensor, ""] | Integer[Tensor, "#batch"]
 
 
 @dataclass(frozen=True)
@@ -32,11 +39,12 @@ class Checked:
     n_logits: int | None  # positions per row whose logits are kept (None: all)
 
 
-def check_call(model, tokens, components: object = "tokens", *, mlp_rule="softmax",
+def check_call(model: object, tokens, components: object = "tokens", *, mlp_rule="softmax",
                temperature=0.1, attention_mask=None, ignore_bos=True,
                pos_embed: PosEmbed = "with_token", keep: Keep = None, chunk_size=None,
                logits: object = "all") -> Checked:  # checked by logit_positions
-    """Every check decompose makes before it runs the model (DepassError on bad input)."""
+    """Every check decompose makes before it runs the model (DepassError on bad input; `model`
+    is `object` because the first check is whether it is a `Model`)."""
     check_model(model)
     check_supported(model.cfg)
     check_options(model, mlp_rule, temperature, chunk_size, ignore_bos)
@@ -47,7 +55,7 @@ def check_call(model, tokens, components: object = "tokens", *, mlp_rule="softma
                    None if logits_all(logits) else int(logits is not None))
 
 
-def prepare_tokens(model, tokens, attention_mask) -> tuple[Tensor, Tensor | None]:
+def prepare_tokens(model: Model, tokens, attention_mask) -> tuple[Tensor, Tensor | None]:
     if isinstance(tokens, list) and not all(isinstance(t, str) for t in tokens):
         raise DepassError(f"tokens is a list of {sorted({type(t).__name__ for t in tokens})}: pass "
                           "token ids as an integer tensor [batch, pos] (torch.tensor(ids)), or text")

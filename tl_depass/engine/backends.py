@@ -126,7 +126,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def attention_mask(model, tokens: torch.Tensor) -> torch.Tensor:
+def attention_mask(model: Model, tokens: torch.Tensor) -> torch.Tensor:
     """The 0/1 mask of the padding that `model.to_tokens` added to a batch of strings."""
     from transformer_lens.utilities import get_attention_mask  # 3.9 and 4.x alike
 
@@ -145,12 +145,12 @@ def native_bridge():
     return TransformerBridgeConfig, boot_native, convert_tl_checkpoint
 
 
-def is_bridge(model) -> bool:
+def is_bridge(model: object) -> bool:
     bridge = bridge_class()
     return bridge is not None and isinstance(model, bridge)
 
 
-def check_model(model) -> None:
+def check_model(model: object) -> None:
     classes = [c for c in (hooked_class(), bridge_class()) if c is not None]
     if not isinstance(model, tuple(classes)):
         raise DepassError(
@@ -160,7 +160,7 @@ def check_model(model) -> None:
         )
 
 
-def canonical_names(model) -> dict[str, str]:
+def canonical_names(model: Model) -> dict[str, str]:
     """Every hook name the model answers to -> the one name DePass uses for that hook point.
     Hook points the Bridge refuses to hook (use_attn_result off, ...) are left out."""
     gated = getattr(model, "_gated_hook_reason", None) if is_bridge(model) else None
@@ -176,7 +176,7 @@ def canonical_names(model) -> dict[str, str]:
     return out
 
 
-def act_fn(model, prefix: str):
+def act_fn(model: Model, prefix: str):
     """The elementwise activation of the MLP at `prefix`."""
     module = model.get_submodule(prefix)
     if hasattr(module, "act_fn") and not is_bridge(model):
@@ -201,7 +201,7 @@ def clean_hook_value(name: str, x: torch.Tensor) -> torch.Tensor | None:
 
 
 @contextmanager
-def forward_as_recorded(model):
+def forward_as_recorded(model: Model):
     """Inside: a Bridge over a Hugging Face model computes attention eagerly, so that adapters
     that delegate attention to HF (OPT) fire `hook_pattern`; the Bridge's notice that hooked norm
     scales take TL's norm path (which DePass wants, see clean_hook_value) is silenced."""

@@ -19,7 +19,7 @@ from typing import TypeVar
 
 import torch
 
-from tl_depass.engine.backends import canonical_names
+from tl_depass.engine.backends import Model, canonical_names
 from tl_depass.errors import DepassError
 from tl_depass.tolerances import completeness_rtol
 
@@ -42,7 +42,7 @@ def serialised(fn: F) -> F:
     """`fn(model, ...)` holds `model`'s lock for the whole call. A first argument that is not a
     torch module goes straight through (the function's own check says what is wrong)."""
     @functools.wraps(fn)
-    def call(model, *args, **kwargs):
+    def call(model: object, *args, **kwargs):
         if not isinstance(model, torch.nn.Module):
             return fn(model, *args, **kwargs)
         with model_lock(model):
@@ -65,7 +65,7 @@ def bridge_wiring(hook: Callable) -> bool:
     return False
 
 
-def user_hooks(model) -> dict[str, int]:
+def user_hooks(model: Model) -> dict[str, int]:
     """Hook name (DePass's canonical one) -> how many forward hooks and forward pre-hooks sit on
     that hook point, for every hook point that has any. Called before DePass adds its own, so
     these are the user's (`model.hooks(...)`, `add_hook`, `register_forward_hook`)."""
@@ -79,7 +79,7 @@ def user_hooks(model) -> dict[str, int]:
     return out
 
 
-def replaced_hooks(model, attn: Iterable[str], mlps: Iterable) -> list[str]:
+def replaced_hooks(model: Model, attn: Iterable[str], mlps: Iterable) -> list[str]:
     """Hook points where the decomposed pass (and the frozen model) computes the value itself,
     ignoring whatever a hook there returned: each replayed attention's `hook_z` (rebuilt from
     the clean pattern and each component's values) and a gated MLP's activation (rebuilt as
@@ -90,7 +90,7 @@ def replaced_hooks(model, attn: Iterable[str], mlps: Iterable) -> list[str]:
     return [f"{a}.hook_z" for a in attn] + gated
 
 
-def check_user_hooks(model, replaced: Iterable[str]) -> dict[str, int]:
+def check_user_hooks(model: Model, replaced: Iterable[str]) -> dict[str, int]:
     """Refuse the user's hooks at `replaced` hook points (see `replaced_hooks`); return all the
     user's hooks (for `check_complete`)."""
     found = user_hooks(model)

@@ -15,8 +15,10 @@ from collections.abc import Sequence
 
 import torch
 from beartype.door import is_bearable
+from jaxtyping import jaxtyped
 from torch import Tensor
 
+from tl_depass.engine.backends import Model, canonical_names
 from tl_depass.engine.rules import RULES
 from tl_depass.errors import DepassError
 
@@ -33,6 +35,9 @@ FIXES = {
     "wrong": "pass a token id (an integer), a token string, or one per batch row",
     "pos": "pass one position index (an int), or a tensor with one position per batch row",
     "metric": "pass a function of the logits that returns a scalar",
+    "model": "pass a HookedTransformer or TransformerBridge from transformer_lens (wrap a Hugging "
+             "Face model with TransformerBridge.boot_transformers(...))",
+    "attention_mask": "pass a tensor [batch, pos] of 0/1, one entry per token",
 }
 
 
@@ -51,7 +56,7 @@ def given(value) -> str:
 def describe(hint) -> str:
     text = str(hint) if typing.get_origin(hint) is not None or not isinstance(hint, type) \
         else hint.__name__
-    for noise in ("torch.", "typing.", "collections.abc.", "jaxtyping.", "tl_depass."):
+    for noise in ("torch.", "jaxtyping.", "typing.", "collections.abc.", "tl_depass."):
         text = text.replace(noise, "")
     return text if len(text) <= 100 else text[:97] + "..."
 
@@ -75,7 +80,9 @@ def public(fn, name: str | None = None):
                 continue
             if arg in floats and isinstance(value, int) and not isinstance(value, bool):
                 value = bound.arguments[arg] = float(value)
-            if not is_bearable(value, hints[arg]):
+            with jaxtyped("context"):  # each argument alone (a caller's axis sizes do not leak in)
+                ok = is_bearable(value, hints[arg])
+            if not ok:
                 fix = FIXES.get(arg)
                 raise DepassError(f"{name}: {arg} must be {describe(hints[arg])}, got "
                                   f"{given(value)}" + (f": {fix}" if fix else ""))
@@ -85,10 +92,21 @@ def public(fn, name: str | None = None):
             text = str(e)
             if f"parameters of {fn.__module__}.{fn.__qualname__}" not in text:
                 raise
-            arg = re.search(r"parameter '(\w+)'", text)
-            raise DepassError(f"{name}: argument {arg.group(1) if arg else '?'} does not have the "
-                              "shape the other arguments imply; see the docstring") from None
+            raise DepassError(mismatch(name, text, bound.arguments, hints)) from None
     return wrapper
+
+
+def mismatch(name: str, text: str, arguments: dict, hints: dict) -> str:
+    """What jaxtyping's message on a shape mismatch between arguments (`text`) says, in a line:
+    the argument, its shape, the shape it should have and the sizes the other arguments fixed."""
+    found = re.search(r"parameter '(\w+)'", text)
+    arg = found.group(1) if found else "?"
+    tail = text.split("are as follows.", 1)[1] if "are as follows." in text else ""
+    axes = ", ".join(re.findall(r"^\s*(\S+=\S+)\s*$", tail, re.M)[:6])
+    implied = f"; the other arguments fix {axes}" if axes else ""
+    expected = f" {describe(hints[arg])}" if arg in hints else " the documented shape"
+    got = f" is {given(arguments[arg])}" if arg in arguments else " does not fit"
+    return f"{name}: {arg}{got}, expected{expected}{implied}"
 
 
 def public_fields(cls):
@@ -104,7 +122,7 @@ def public_fields(cls):
     return cls
 
 
-def check_options(model, mlp_rule, temperature: float, chunk_size: int | None,
+def check_options(model: Model, mlp_rule, temperature: float, chunk_size: int | None,
                   ignore_bos: bool | int = False) -> None:
     """The options decompose and attribute share."""
     if mlp_rule not in RULES:
@@ -138,7 +156,7 @@ def check_indices(values, n: int, what: str, size: str) -> list[int]:
     return values
 
 
-def check_layers(model, layers, what: str) -> list[int]:
+def check_layers(model: Model, layers, what: str) -> list[int]:
     n = model.cfg.n_layers
     if isinstance(layers, int) and not isinstance(layers, bool):
         raise DepassError(f"{what}: layers must be a list of layer indices, e.g. [{layers}], "
@@ -146,10 +164,8 @@ def check_layers(model, layers, what: str) -> list[int]:
     return check_indices(range(n) if layers is None else layers, n, f"{what}: layers", "n_layers")
 
 
-def residual_hook(model, hook, what: str) -> str:
+def residual_hook(model: Model, hook, what: str) -> str:
     """The canonical name of `hook`, which must be a residual stream hook."""
-    from tl_depass.engine.backends import canonical_names
-
     n = model.cfg.n_layers
     if not isinstance(hook, str):
         raise DepassError(f"{what}: hook must be a hook name (str), got {given(hook)}")
@@ -170,7 +186,7 @@ def check_finite(x: Tensor, what: str) -> None:
         raise DepassError(f"{what} holds NaN or inf values: DePass needs finite values")
 
 
-def check_text(model, texts: str | list) -> None:
+def check_text(model: Model, texts: str | list) -> None:
     """Every word of a string prompt is in the tokenizer's vocabulary (a word-level tokenizer
     maps unknown words to its unknown token silently)."""
     if isinstance(texts, list) and not texts:
@@ -199,7 +215,7 @@ def check_words(tok, words: list[str], what: str) -> None:
                           f"(it would read them as {tok.unk_token!r}){hint}")
 
 
-def token_of(model, word: str, what: str) -> int:
+def token_of(model: Model, word: str, what: str) -> int:
     """The id of `word`, which must be exactly one known token."""
     tok = model.tokenizer
     if tok is None:

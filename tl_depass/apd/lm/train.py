@@ -24,15 +24,11 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from tl_depass.apd.configs import ConfigError, OptimConfig
-from tl_depass.apd.lm.transformer import (
-    MATRICES,
-    ParamDecomposition,
-    find_sites,
-    flatten_heads,
-    unflatten_heads,
-)
+from tl_depass.apd.lm.sites import MATRICES, find_sites, flatten_heads, unflatten_heads
+from tl_depass.apd.lm.transformer import ParamDecomposition
 from tl_depass.apd.spd import lower_leaky_hard_sigmoid, upper_leaky_hard_sigmoid
 from tl_depass.apd.train import train
+from tl_depass.engine.backends import Model
 
 __all__ = ["TransformerSPDConfig", "masked_logits", "site_inputs", "train_spd", "evaluate"]
 
@@ -85,7 +81,7 @@ class TransformerSPDConfig:
                 raise ConfigError(f"TransformerSPDConfig: {message}")
 
 
-def site_inputs(model, dec: ParamDecomposition, tokens: Int[Tensor, "batch pos"]
+def site_inputs(model: Model, dec: ParamDecomposition, tokens: Int[Tensor, "batch pos"]
                 ) -> tuple[Tensor, dict[str, Float[Tensor, "batch pos d_in"]]]:
     """The clean model's logits and each site's input (no gradients)."""
     hooks = {site.input_hook for site in dec}
@@ -94,7 +90,7 @@ def site_inputs(model, dec: ParamDecomposition, tokens: Int[Tensor, "batch pos"]
     return logits, {site.name: site.read(cache[site.input_hook]) for site in dec}
 
 
-def masked_logits(model, dec: ParamDecomposition, tokens: Int[Tensor, "batch pos"],
+def masked_logits(model: Model, dec: ParamDecomposition, tokens: Int[Tensor, "batch pos"],
                   masks: dict[str, Float[Tensor, "batch pos C"]],
                   delta_masks: dict[str, Float[Tensor, "batch pos"]]) -> Float[Tensor, "batch pos d_vocab"]:
     """The model's logits with each site in `masks` computing `((x V) ⊙ m) U + m_δ · x Δ + b` from
@@ -126,7 +122,7 @@ def kl_divergence(target: Tensor, other: Tensor) -> Float[Tensor, "batch pos"]:
 class TransformerSPD(nn.Module):
     """The objective `apd.train.train` optimises; only `dec` is trained (the model is frozen)."""
 
-    def __init__(self, model, dec: ParamDecomposition, cfg: TransformerSPDConfig):
+    def __init__(self, model: Model, dec: ParamDecomposition, cfg: TransformerSPDConfig):
         super().__init__()
         self.__dict__["model"] = model  # not a submodule: neither trained nor checkpointed
         self.dec, self.cfg = dec, cfg
@@ -198,7 +194,7 @@ def _warm_up_faithfulness(dec: ParamDecomposition, steps: int) -> None:
         optimizer.step()
 
 
-def train_spd(model, cfg: TransformerSPDConfig, *, run_dir: Path | None = None,
+def train_spd(model: Model, cfg: TransformerSPDConfig, *, run_dir: Path | None = None,
               progress: Literal["bar", "none"] = "bar", log_every: int = 100) -> ParamDecomposition:
     """SPD of `model` (a HookedTransformer or TransformerBridge on `cfg.task`'s vocabulary);
     deterministic for `cfg.seed`. The model's parameters are left as they were."""
@@ -225,7 +221,7 @@ def train_spd(model, cfg: TransformerSPDConfig, *, run_dir: Path | None = None,
 
 
 @torch.no_grad()
-def evaluate(model, dec: ParamDecomposition, tokens: Int[Tensor, "batch pos"],
+def evaluate(model: Model, dec: ParamDecomposition, tokens: Int[Tensor, "batch pos"],
              answers: Int[Tensor, " batch"], threshold: float = 0.1) -> dict:
     """KL(target ‖ masked) of the all-ones masks (exact: 0), of the causal-importance masks
     with and without the delta part, and with every subcomponent off; answer accuracy at the
