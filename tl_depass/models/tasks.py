@@ -117,6 +117,24 @@ def induction_sequence(length: int, g: torch.Generator) -> tuple[list[int], int]
     return [0] + r[:L] + r[:length - L], L
 
 
+def repeat_sequence(length: int, g: torch.Generator, replace: bool = False,
+                    repeat: int | None = None, prefix: int = 0, gap: int = 0) -> list[int]:
+    """BOS, `prefix` random symbols, s (`length` random symbols), `gap` random symbols, then the
+    first `repeat` symbols of s again (None: all of s; `[BOS, s, s]` by default). All the random
+    symbols are distinct unless `replace` (then drawn with replacement)."""
+    first, n_symbols = 2, len(INDUCTION_SYMBOLS)  # symbols start after BOS and PAD
+    repeat, n = length if repeat is None else repeat, prefix + length + gap
+    if replace:
+        r = torch.randint(n_symbols, (n,), generator=g)
+    else:
+        if n > n_symbols:
+            raise DepassError(f"repeat_sequence: {n} distinct symbols asked for, there are "
+                              f"{n_symbols}; use replace=True or a shorter sequence")
+        r = torch.randperm(n_symbols, generator=g)[:n]
+    r = (r + first).tolist()
+    return [0] + r + r[prefix:prefix + repeat]
+
+
 def induction(n: int, g: torch.Generator) -> TaskBatch:
     tokens, answers, wrong, corrupted = [], [], [], []
     key = torch.zeros(n, INDUCTION_LENGTH, dtype=torch.bool)
