@@ -9,6 +9,7 @@ from tl_depass.engine.backends import Model
 from tl_depass.engine.validate import token_of
 from tl_depass.errors import DepassError
 from tl_depass.levels.label import Label
+from tl_depass.saving import SavedModel
 
 Answer = int | str | list | Tensor
 
@@ -29,7 +30,7 @@ def unit_grid(labels: list[Label], score: Float[Tensor, "component batch"], kind
     return out
 
 
-def answer_ids(model: Model, answer: Answer, batch: int, d_vocab: int, device) -> Int[Tensor, " batch"]:
+def answer_ids(model: Model | SavedModel, answer: Answer, batch: int, d_vocab: int, device) -> Int[Tensor, " batch"]:
     """One token id per batch row from an id, a token string, or one per row (ids or strings)."""
     if isinstance(answer, str):
         answer = token_of(model, answer, "answer")

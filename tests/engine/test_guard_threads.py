@@ -57,7 +57,7 @@ def run_together(work, n: int = THREADS, timeout: float = 300) -> tuple[dict, li
 
 @pytest.fixture
 def models():
-    return pytest.importorskip("models")  # skips where TransformerLens has no HookedTransformer
+    return pytest.importorskip("tiny")  # skips where TransformerLens has no HookedTransformer
 
 
 def check_results(results: dict, errors: list, expected: dict) -> None:
