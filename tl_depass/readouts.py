@@ -30,7 +30,8 @@ def unit_grid(labels: list[Label], score: Float[Tensor, "component batch"], kind
     return out
 
 
-def answer_ids(model: Model | SavedModel, answer: Answer, batch: int, d_vocab: int, device) -> Int[Tensor, " batch"]:
+def answer_ids(model: Model | SavedModel, answer: Answer, batch: int, d_vocab: int,
+               device) -> Int[Tensor, " batch"]:
     """One token id per batch row from an id, a token string, or one per row (ids or strings)."""
     if isinstance(answer, str):
         answer = token_of(model, answer, "answer")
