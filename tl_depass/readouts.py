@@ -22,7 +22,7 @@ def unit_grid(labels: list[Label], score: Float[Tensor, "component batch"], kind
     found = [(c, label) for c, label in enumerate(labels) if label.kind == kind]
     if not found:
         old = all(label.kind == "unknown" for label in labels)
-        raise DepassError(f"no {kind} components in this decomposition; " + (
+        raise DepassError(f"no components match kind {kind!r} in this decomposition; " + (
             "it was saved by an older tl_depass, without structured labels: decompose again"
             if old else "decompose with the matching level"))
     for c, label in found:
