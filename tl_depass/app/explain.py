@@ -9,14 +9,13 @@ self-contained HTML page (`write_html`, also importable from here).
 """
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tl_depass.app import viz
 from tl_depass.app.results import Explanation, Level, Prompt, top_table  # noqa: F401 (public here too)
 from tl_depass.decompose import decompose
 from tl_depass.engine.backends import Model
@@ -57,9 +56,9 @@ def run_levels(run, bar, out: dict, neuron_layer: int | None) -> tuple:
             out[name] = run.modules()
         else:
             if neuron_layer is None:  # the MLP with the largest share of the metric
-                mlps = out.get("modules") or run.depass(Modules(), lambda label: label.endswith(" mlp"))
-                shares = {int(label.split()[0][1:]): abs(score.item()) for label, score in
-                          zip(mlps.labels, mlps.depass, strict=True) if label.endswith(" mlp")}
+                mlps = out.get("modules") or run.depass(Modules(), ("mlp",))
+                shares = {label.layer: abs(score.item()) for label, score in
+                          zip(mlps.components, mlps.depass, strict=True) if label.kind == "mlp"}
                 neuron_layer = max(shares, key=shares.get)
             out[name] = run.neurons(neuron_layer)
     return tokens_by_layer, tokens_patching, neuron_layer
@@ -153,17 +152,19 @@ class Run:
         with torch.no_grad():
             return self.metric(self.model(self.corrupted))
 
-    def depass(self, spec, parts: Callable[[str], bool]) -> Level:
+    def depass(self, spec, kinds: tuple[str, ...] | None = None) -> Level:
+        """DePass scores of the components of `spec` whose kind is in `kinds` (None: all)."""
         dec = decompose(self.model, self.tokens, spec, mlp_rule=self.rule)
         scores = compare.metric_scores(self.model, dec, self.metric)
-        keep = [i for i, label in enumerate(dec.labels) if parts(label)]
-        return Level([dec.labels[i] for i in keep], scores[keep], completeness=worst_per_hook(dec))
+        keep = [i for i, label in enumerate(dec.component_labels) if kinds is None or label.kind in kinds]
+        return Level([dec.labels[i] for i in keep], scores[keep], completeness=worst_per_hook(dec),
+                     components=[dec.component_labels[i] for i in keep])
 
     def positions(self) -> tuple[Level, Tensor, Tensor | None]:
         """Each position's residual entering each layer (layer 0: the token level)."""
         n = self.tokens.shape[1]
-        level = self.depass(TokensAt(0), lambda label: True)
-        rows = [level.depass[:n]] + [self.depass(TokensAt(layer), lambda label: True).depass[:n]
+        level = self.depass(TokensAt(0))
+        rows = [level.depass[:n]] + [self.depass(TokensAt(layer)).depass[:n]
                                      for layer in range(1, self.model.cfg.n_layers)]
         by_layer, patched = torch.stack(rows), None
         if self.corrupted is not None:  # what transformer_lens.patching.get_act_patch_resid_pre does
@@ -180,7 +181,7 @@ class Run:
         return level, by_layer, patched
 
     def heads(self) -> Level:
-        level = self.depass(Heads(), lambda label: viz.HEAD.fullmatch(label) is not None)
+        level = self.depass(Heads(), ("head",))
         if self.corrupted is not None:  # as get_act_patch_attn_head_out_all_pos
             cfg = self.model.cfg
             _set_patching(level, self.patch([(attn_z(layer), (slice(None), h))
@@ -189,15 +190,15 @@ class Run:
         return level
 
     def modules(self) -> Level:
-        level = self.depass(Modules(), lambda label: label.endswith((" attn", " mlp")))
+        level = self.depass(Modules(), ("attn", "mlp"))
         if self.corrupted is not None:
-            sites = [(f"blocks.{label.split()[0][1:]}.hook_{label.split()[1]}_out", ())
-                     for label in level.labels]
+            sites = [(block_hook(label.layer, f"hook_{label.kind}_out"), ())
+                     for label in level.components]
             _set_patching(level, self.patch(sites))
         return level
 
     def neurons(self, layer: int) -> Level:
-        level = self.depass(Neurons(layer), lambda label: viz.NEURON.fullmatch(label) is not None)
+        level = self.depass(Neurons(layer), ("neuron",))
         if self.corrupted is not None:
             # One patched forward per neuron: above `patch_limit` neurons, patch a random sample
             # (an unbiased estimate of the agreement over all of them, at a bounded cost).

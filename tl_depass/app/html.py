@@ -34,8 +34,8 @@ def figures(ex: Explanation) -> list[tuple[str, object]]:
         out.append(("Token contributions", viz.token_heatmap(
             ex.tokens_by_layer, ex.str_tokens, rows, f"Each position's share of {what}")))
     if "heads" in lv:
-        grid = lv["heads"].depass.reshape(-1, len([x for x in lv["heads"].labels
-                                                    if x.startswith("L0H")]))
+        grid = lv["heads"].depass.reshape(-1, len([x for x in lv["heads"].components
+                                                    if x.kind == "head" and x.layer == 0]))
         out.append(("Heads", viz.head_heatmap(grid, f"Each head's total effect on {what}")))
     if "modules" in lv:
         out.append(("Modules", viz.top_bar(lv["modules"].depass, lv["modules"].labels, 40,

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from tl_depass.engine.validate import public_fields
 from tl_depass.errors import DepassError
+from tl_depass.levels.label import Label
 
 
 @dataclass
@@ -25,6 +26,7 @@ class Level:
     spearman: float = float("nan")
     completeness: dict[str, float] = field(default_factory=dict)  # hook -> worst relative error
     note: str = ""  # what to keep in mind when reading the agreement
+    components: list[Label] = field(default_factory=list)  # the structured labels of `labels`
 
     def agreement(self, note: bool = True) -> str:
         if self.patching is None:
