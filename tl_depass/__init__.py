@@ -9,6 +9,7 @@
 from tl_depass import models, moved
 from tl_depass.app import viz
 from tl_depass.attribute import Attribution, attribute
+from tl_depass.dataset import run_dataset
 from tl_depass.decompose import decompose
 from tl_depass.decomposition import Decomposition
 from tl_depass.errors import DepassError, UnsupportedModelError
@@ -55,6 +56,7 @@ __all__ = [
     "estimate_memory",
     "load_results",
     "models",
+    "run_dataset",
     "tasks",
     "viz",
 ]
