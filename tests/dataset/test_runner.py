@@ -60,6 +60,22 @@ def test_table_is_each_prompts_attribution(model, prompts, components, rule):
                 assert rows["component"].tolist() == dec.labels
 
 
+@pytest.mark.parametrize("components", LEVELS, ids=["tokens", "heads", "modules", "neurons"])
+def test_backward_remainder_is_the_forward_rest_and_bias(model, prompts, components):
+    back = run(model, prompts, components, "ratio")
+    fwd = run(model, prompts, components, "ratio", method="forward")
+    assert set(back["kind"]) & {"rest", "bias"} <= {"bias"}  # tokens: no rest, the bias exact
+    named = ~fwd["kind"].isin(["rest", "bias"])
+    pd.testing.assert_frame_equal(fwd[named].reset_index(drop=True).drop(columns="score"),
+                                  back[~back["kind"].isin(["bias", "rest+bias"])]
+                                  .reset_index(drop=True).drop(columns="score"))
+    left = fwd[~named].groupby(["prompt", "group"])["score"].sum()
+    right = back[back["kind"].isin(["bias", "rest+bias"])].groupby(["prompt", "group"])["score"].sum()
+    tiny.close(torch.tensor(right.to_numpy()), torch.tensor(left.to_numpy()), "rest + bias")
+    with pytest.raises(DepassError, match="needs method='forward'"):
+        run(model, prompts, components, "softmax", method="backward")
+
+
 def test_structured_columns(model, prompts):
     tokens = run(model, prompts, "tokens", "softmax")
     first = tokens[tokens["prompt"] == 0]

@@ -37,6 +37,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     d.add_argument("--rule", choices=("softmax", "max", "ratio"), default="softmax",
                    help="how MLP activations are shared; ratio uses the backward path. "
                    "Default: %(default)s")
+    d.add_argument("--method", choices=("auto", "forward", "backward"), default="auto",
+                   help="auto: the backward path for --rule ratio (one forward and backward per "
+                   "batch; rest and bias as one row per group), the forward engine otherwise. "
+                   "Default: %(default)s")
     d.add_argument("--batch-size", type=int, help="prompts per batch (default: chosen for memory)")
     d.add_argument("--layer", type=int, help="the layer whose neurons are components (--level "
                    "neurons)")
@@ -73,7 +77,7 @@ def run(args) -> int:
             try:
                 table = run_dataset(model, prompts, components, answers=targets, wrong=wrong,
                                     mlp_rule=args.rule, batch_size=args.batch_size, out=args.out,
-                                    progress=not args.quiet)
+                                    method=args.method, progress=not args.quiet)
             finally:
                 torch.set_num_threads(threads)
                 distributed.stop(ranks)

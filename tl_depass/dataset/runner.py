@@ -48,7 +48,7 @@ def run_dataset(model: Model, prompts: Sequence[str | Tensor | Sequence[int]],
                 components: object = "tokens", *, answers: Sequence | Tensor,
                 wrong: Sequence | Tensor | None = None, mlp_rule: str = "softmax",
                 batch_size: int | None = None, out: str | os.PathLike | None = None,
-                progress: bool = True) -> pd.DataFrame:
+                method: str = "auto", progress: bool = True) -> pd.DataFrame:
     """Each component's share of `logit[answer] - logit[wrong]` (of `logit[answer]` where a
     prompt has no wrong answer: None in `wrong`) at each prompt's last token, as a table with
     one row per (prompt, component); see `tl_depass.dataset.rows` for the columns.
@@ -59,7 +59,12 @@ def run_dataset(model: Model, prompts: Sequence[str | Tensor | Sequence[int]],
     `estimate_memory` says fits (at most 64). `out`: a directory for shards, the manifest
     (`meta.json`) and `scores.parquet`; rerunning the same call resumes there. Under torchrun
     (or an initialised process group) the ranks split the batches and every rank returns the
-    merged table; `out` is then needed, on a filesystem every rank sees."""
+    merged table; `out` is then needed, on a filesystem every rank sees.
+
+    `method="auto"` takes attribute's backward path where the rule is the linear "ratio" (one
+    forward and one backward per batch, whatever the number of components; the rest and bias of
+    a group are then one "rest+bias" row: the metric less the named shares) and decompose's
+    forward path otherwise; `method="forward"` keeps the rest and bias rows apart for "ratio" too."""
     check_model(model)
     check_options(model, mlp_rule, 0.1, None)
     spec = as_components(components, model)
@@ -70,8 +75,14 @@ def run_dataset(model: Model, prompts: Sequence[str | Tensor | Sequence[int]],
                                    or batch_size < 1):
         raise DepassError(f"batch_size must be a positive int or None (chosen for memory), got "
                           f"{batch_size!r}")
+    if method not in ("auto", "forward", "backward"):
+        raise DepassError(f"unknown method {method!r}; use 'auto', 'forward' or 'backward'")
+    if method == "backward" and mlp_rule != "ratio":
+        raise DepassError(f"the backward path is exact only for the linear rule; mlp_rule="
+                          f"{mlp_rule!r} needs method='forward' (or 'auto')")
     items = prepare(model, prompts, answers, wrong)
-    method = "backward" if mlp_rule == "ratio" else "forward"
+    if method == "auto":
+        method = "backward" if mlp_rule == "ratio" else "forward"
     options = json.loads(json.dumps({
         "components": repr(spec), "mlp_rule": mlp_rule, "method": method,
         "model": model_facts(model), "dtype": str(next(model.parameters()).dtype),

@@ -52,7 +52,7 @@ class Store:
         size, batches = plan()
         meta = {"format": FORMAT, "version": VERSION, "options": options, "batch_size": size,
                 "batches": batches}
-        write_atomic(meta_path, lambda p: p.write_text(json.dumps(meta, indent=1)))
+        write_atomic(meta_path, lambda p: p.write_text(as_json(meta)))
         return meta
 
     def check(self, meta: dict, options: dict, batch_size: int | None) -> None:
@@ -94,6 +94,13 @@ class Store:
 
     def table(self) -> pd.DataFrame:
         return pd.read_parquet(self.out / SCORES)
+
+
+def as_json(meta: dict) -> str:
+    """The manifest, indented, with one line per batch."""
+    head = json.dumps({k: v for k, v in meta.items() if k != "batches"}, indent=1)
+    batches = ",\n  ".join(json.dumps(b) for b in meta["batches"])
+    return f'{head[:-2]},\n "batches": [\n  {batches}\n ]\n}}\n'
 
 
 def merged(frames: list[pd.DataFrame]) -> pd.DataFrame:
