@@ -30,7 +30,8 @@ def test_logit_attribution_and_frame(model):
     assert score.shape == (len(dec.labels), 2)
     torch.testing.assert_close(score.sum(0), clean[:, -1, 3] - clean[[0, 1], -1, [4, 5]])
     frame = dec.to_frame()
-    assert isinstance(frame, pd.DataFrame) and list(frame.columns) == ["component", "batch", "score"]
+    assert isinstance(frame, pd.DataFrame) and list(frame.columns) == [
+        "component", "kind", "layer", "index", "batch", "score"]
     top = clean[:, -1].argmax(-1)
     for b in range(2):
         total = frame[frame.batch == b].score.sum()

@@ -89,6 +89,7 @@ def saved(request, tmp_path):
 def test_round_trip_is_bit_for_bit(saved):
     case, _, dec, _, loaded = saved
     assert loaded.labels == dec.labels and loaded.groups == dec.groups, case
+    assert loaded.component_labels == dec.component_labels, case
     assert list(loaded.results) == list(dec.results) and list(loaded.clean) == list(dec.clean)
     for name in dec.results:
         same(loaded.results[name], dec.results[name], f"{case}: results {name}")
@@ -121,6 +122,27 @@ def test_readouts_work_offline(saved):
         same(loaded["blocks.1.hook_in"], dec["blocks.1.hook_resid_pre"], f"{case}: alias")
     for name in dec.results:
         same(loaded[name], dec[name], f"{case}: dec[{name!r}]")
+
+
+def test_structured_labels_round_trip_and_old_files_load(tmp_path):
+    model, tokens = small_model()
+    dec = tl_depass.decompose(model, tokens, tl_depass.Heads(), keep=[])
+    assert {x.kind for x in dec.component_labels} == {"rest", "head", "bias"}
+    dec.save(tmp_path / "dec")
+    loaded = Decomposition.load(tmp_path / "dec")
+    assert loaded.component_labels == dec.component_labels
+    pd.testing.assert_frame_equal(loaded.to_frame(), dec.to_frame())
+    # a file saved before structured labels existed: display strings only
+    meta = json.loads((tmp_path / "dec" / JSON).read_text())
+    del meta["component_labels"]
+    (tmp_path / "dec" / JSON).write_text(json.dumps(meta))
+    old = Decomposition.load(tmp_path / "dec")
+    assert old.labels == dec.labels and old.groups == dec.groups
+    assert [(x.name, x.kind, x.group) for x in old.component_labels] == [
+        (x.name, "unknown", x.group) for x in dec.component_labels]
+    same(old.logit_attribution(3), dec.logit_attribution(3), "old file: logit_attribution")
+    with pytest.raises(DepassError, match="older tl_depass.*decompose again"):
+        old.head_scores(3)
 
 
 def test_string_answer_offline_asks_for_token_ids(tmp_path):

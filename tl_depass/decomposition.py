@@ -1,7 +1,6 @@
 """The result of `decompose`: per-component activations, component axis first."""
 
 import copy
-import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -10,13 +9,22 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tl_depass.engine.backends import canonical_names
-from tl_depass.engine.validate import check_finite, public, token_of
+from tl_depass.engine.backends import Model, canonical_names
+from tl_depass.engine.validate import check_finite, public
 from tl_depass.errors import DepassError, NotKeptError
-from tl_depass.saving import SavedModel, load_result, model_facts, save_result
+from tl_depass.levels.label import Label
+from tl_depass.readouts import Answer, answer_ids, check_wrong, readout_positions, unit_grid
+from tl_depass.saving import (
+    SavedModel,
+    label_records,
+    labels_from_records,
+    load_result,
+    model_facts,
+    save_result,
+)
 from tl_depass.tolerances import relative_error
 
-Answer = int | str | list | Tensor
+__all__ = ["Answer", "Decomposition", "answer_ids", "check_wrong", "readout_positions"]
 
 
 class Decomposition:
@@ -24,20 +32,27 @@ class Decomposition:
 
     `dec[hook]` is `[component, batch, pos, ...]` (TransformerLens axes after the component axis);
     the last component is always "bias". `dec[hook].sum(0)` equals the clean activation.
+    `dec.labels` are the components' display strings ("L3H7"), `dec.component_labels` the same
+    components as structured labels (`Label`: name, kind, layer, index, group).
     `dec.save(path)` writes it to a directory; `Decomposition.load(path)` reads it back without
     the model (`dec.model` is then a `SavedModel`: its facts, no weights, no tokenizer).
     """
 
-    def __init__(self, model, labels: list[str], results: dict[str, Tensor],
-                 clean: dict[str, Tensor], tokens: Int[Tensor, "batch pos"],
-                 attention_mask: Tensor | None, clean_logits: Tensor, n_groups: int = 1,
-                 logits: str | None = "all", logit_positions: Tensor | None = None):
-        self.model, self.labels, self.results, self.clean = model, labels, results, clean
+    def __init__(self, model: Model | SavedModel, labels: list[Label] | list[str],
+                 results: dict[str, Tensor], clean: dict[str, Tensor],
+                 tokens: Int[Tensor, "batch pos"], attention_mask: Tensor | None,
+                 clean_logits: Tensor, n_groups: int = 1, logits: str | None = "all",
+                 logit_positions: Tensor | None = None):
+        size = len(labels) // n_groups
+        #: One structured label per component (display strings only: kind "unknown").
+        self.component_labels = [x if isinstance(x, Label) else Label(x, "unknown", group=c // size)
+                                 for c, x in enumerate(labels)]
+        self.labels = [x.name for x in self.component_labels]
+        self.model, self.results, self.clean = model, results, clean
         #: decompose's `logits=`: "all", "last", "positions" (an int or tensor) or None; with
         #: "last"/"positions", `logit_positions` [batch] holds each row's kept position.
         self.logits_kept, self.logit_positions = logits, logit_positions
         self.tokens, self.attention_mask, self.clean_logits = tokens, attention_mask, clean_logits
-        size = len(labels) // n_groups
         #: One slice of the component axis per group (one per layer for Heads and Modules); each
         #: group's shares sum to the clean activation, and each group ends with its own bias.
         self.groups = [slice(g * size, (g + 1) * size) for g in range(n_groups)]
@@ -110,7 +125,8 @@ class Decomposition:
                        if v in self.results and k != v}
         tokenizer = getattr(model, "tokenizer", None)
         record = {
-            "labels": self.labels, "n_groups": len(self.groups), "kept": list(self.results),
+            "labels": self.labels, "component_labels": label_records(self.component_labels),
+            "n_groups": len(self.groups), "kept": list(self.results),
             "clean": list(self.clean), "model": facts, "aliases": aliases,
             "logits_kept": self.logits_kept,
             "str_tokens": (self.str_tokens if tokenizer is None else
@@ -131,7 +147,7 @@ class Decomposition:
         meta, t = load_result(path, "Decomposition",
                               ("labels", "n_groups", "kept", "clean", "model", "aliases"))
         model = SavedModel(SimpleNamespace(**meta["model"]), Path(path), meta["aliases"])
-        dec = cls(model, meta["labels"], {k: t[f"results/{k}"] for k in meta["kept"]},
+        dec = cls(model, labels_from_records(meta), {k: t[f"results/{k}"] for k in meta["kept"]},
                   {k: t[f"clean/{k}"] for k in meta["clean"]}, t["tokens"], t["attention_mask"],
                   t["clean_logits"], n_groups=meta["n_groups"],
                   logits=meta.get("logits_kept", "all"),  # files saved before logits= existed
@@ -150,6 +166,7 @@ class Decomposition:
         out.logit_positions = (None if self.logit_positions is None
                                else self.logit_positions.to(device))
         out.labels, out.groups = list(self.labels), list(self.groups)
+        out.component_labels = list(self.component_labels)
         return out
 
     def cpu(self) -> "Decomposition":
@@ -197,33 +214,22 @@ class Decomposition:
                 out[key] = relative_error(value[g].sum(0), self.clean[name])
         return out
 
-    def _scores(self, pattern: str, shape: tuple[int, ...], answer, wrong, pos) -> Tensor:
-        score = self.logit_attribution(answer, wrong, pos)
-        out = torch.full((score.shape[1], *shape), torch.nan, dtype=score.dtype)
-        found = False
-        for c, label in enumerate(self.labels):
-            m = re.fullmatch(pattern, label)
-            if m:
-                out[(slice(None), *map(int, m.groups()))] = score[c]
-                found = True
-        if not found:
-            raise DepassError(f"no components match {pattern!r}; decompose with the matching level")
-        return out
-
     @public
     def head_scores(self, answer: Answer, wrong: Answer | None = None,
                     pos: int | Tensor = -1) -> Float[Tensor, "batch layer head_index"]:
         """Each head's total effect on the logit (difference), shaped like TransformerLens'
         head patching results (NaN for layers not decomposed). Needs components=Heads(...)."""
         cfg = self.model.cfg
-        return self._scores(r"L(\d+)H(\d+)", (cfg.n_layers, cfg.n_heads), answer, wrong, pos)
+        return unit_grid(self.component_labels, self.logit_attribution(answer, wrong, pos), "head",
+                         (cfg.n_layers, cfg.n_heads))
 
     @public
     def neuron_scores(self, answer: Answer, wrong: Answer | None = None,
                       pos: int | Tensor = -1) -> Float[Tensor, "batch layer d_mlp"]:
         """Each neuron's total effect (NaN where not decomposed). Needs components=Neurons(...)."""
         cfg = self.model.cfg
-        return self._scores(r"L(\d+)N(\d+)", (cfg.n_layers, cfg.d_mlp), answer, wrong, pos)
+        return unit_grid(self.component_labels, self.logit_attribution(answer, wrong, pos), "neuron",
+                         (cfg.n_layers, cfg.d_mlp))
 
     @public
     def project(self, hook: str, direction: Float[Tensor, " d"], bias: float = 0.0
@@ -261,15 +267,19 @@ class Decomposition:
     @public
     def to_frame(self, answer: Answer | None = None, wrong: Answer | None = None,
                  pos: int | Tensor = -1) -> pd.DataFrame:
-        """A tidy table (component, batch, score) of logit attributions; by default for the
-        model's top prediction at `pos`."""
+        """A tidy table (component, kind, layer, index, batch, score) of logit attributions; by
+        default for the model's top prediction at `pos`. kind, layer and index come from the
+        structured labels (`dec.component_labels`; layer and index are <NA> where a kind has
+        none)."""
         if answer is None:
             answer = self._clean_at(pos).argmax(-1)
         score = self.logit_attribution(answer, wrong, pos)
-        return pd.DataFrame([
-            {"component": label, "batch": b, "score": score[c, b].item()}
-            for c, label in enumerate(self.labels) for b in range(score.shape[1])
-        ])
+        frame = pd.DataFrame([
+            {"component": label.name, "kind": label.kind, "layer": label.layer,
+             "index": label.index, "batch": b, "score": score[c, b].item()}
+            for c, label in enumerate(self.component_labels) for b in range(score.shape[1])
+        ], columns=["component", "kind", "layer", "index", "batch", "score"])
+        return frame.astype({"layer": "Int64", "index": "Int64"})
 
     def show(self, answer: Answer | None = None, wrong: Answer | None = None, pos: int = -1,
              batch: int = 0, k: int = 20, kind: str = "plotly"):
@@ -279,58 +289,3 @@ class Decomposition:
         from tl_depass.app.viz import show
 
         return show(self, answer, wrong, pos=pos, batch=batch, k=k, kind=kind)
-
-
-def answer_ids(model, answer: Answer, batch: int, d_vocab: int, device) -> Int[Tensor, " batch"]:
-    """One token id per batch row from an id, a token string, or one per row (ids or strings)."""
-    if isinstance(answer, str):
-        answer = token_of(model, answer, "answer")
-    elif isinstance(answer, list):
-        answer = [token_of(model, a, "answer") if isinstance(a, str) else a for a in answer]
-    try:
-        ids = torch.as_tensor(answer, device=device)
-    except (TypeError, ValueError, RuntimeError):
-        raise DepassError(f"answers must be token ids or token strings, got {answer!r:.80}") from None
-    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-        raise DepassError(f"answer ids must be integers, got {ids.dtype}: pass token ids")
-    ids = ids.long().reshape(-1)
-    if ids.numel() == 1:
-        ids = ids.expand(batch)
-    if ids.numel() != batch:
-        raise DepassError(f"got {ids.numel()} answers for a batch of {batch}")
-    if ((ids < 0) | (ids >= d_vocab)).any():
-        raise DepassError(f"answer ids {ids.tolist()} outside the vocabulary [0, {d_vocab})")
-    return ids
-
-
-def check_wrong(answer: Tensor, wrong: Tensor) -> Tensor:
-    """The wrong answer ids, which must differ from the answer (else the difference is 0)."""
-    same = torch.nonzero(answer == wrong).flatten().tolist()
-    if same:
-        raise DepassError(f"the wrong answer equals the answer in batch rows {same[:5]}: their "
-                          "logit difference is 0; pass another wrong answer, or wrong=None")
-    return wrong
-
-
-def readout_positions(tokens: Tensor, attention_mask: Tensor | None, pos: int | Tensor
-                      ) -> Int[Tensor, " batch"]:
-    """One position per batch row (negative counts from the end), never a padded one."""
-    batch, n = tokens.shape
-    pos = torch.as_tensor(pos, device=tokens.device)
-    if (pos.is_floating_point() or pos.is_complex() or pos.dtype == torch.bool
-            or pos.numel() not in (1, batch)):
-        raise DepassError(f"position must be one int or one int per batch row ({batch}); got "
-                          f"{pos.numel()} of {pos.dtype}")
-    pos = pos.long().reshape(-1).expand(batch)
-    if ((pos < -n) | (pos >= n)).any():
-        raise DepassError(f"position {pos.tolist()} out of range for {n} positions")
-    pos = pos % n
-    if attention_mask is not None:
-        padded = attention_mask[torch.arange(batch), pos] == 0
-        if padded.any():
-            rows = torch.nonzero(padded).flatten().tolist()
-            raise DepassError(
-                f"position {pos.tolist()} is padding in batch rows {rows}; pass one position "
-                "per row, e.g. pos=attention_mask.sum(1) - 1 for right padding"
-            )
-    return pos

@@ -20,11 +20,13 @@ from types import SimpleNamespace
 from safetensors.torch import save_file
 from torch import Tensor
 
+from tl_depass.engine.backends import Model
 from tl_depass.engine.files import read_json, read_safetensors, require_keys
 from tl_depass.errors import DepassError
+from tl_depass.levels.label import Label
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "SavedModel", "load_result", "load_results", "model_facts",
-           "save_result"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "SavedModel", "label_records", "labels_from_records",
+           "load_result", "load_results", "model_facts", "save_result"]
 
 FORMAT = "tl_depass result"
 FORMAT_VERSION = 1
@@ -41,11 +43,31 @@ def config_hash(cfg) -> str:
     return hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()
 
 
-def model_facts(model) -> dict:
+def model_facts(model: Model) -> dict:
     """What readouts of a saved result need to know of its model, and what identifies it."""
     cfg = model.cfg
     return {"model_name": getattr(cfg, "model_name", None), "config_sha256": config_hash(cfg),
             **{k: getattr(cfg, k, None) for k in FACTS}}
+
+
+def label_records(labels: list[Label]) -> list[dict]:
+    """The structured labels as JSON records (`result.json`'s "component_labels")."""
+    return [{"name": x.name, "kind": x.kind, "layer": x.layer, "index": x.index, "group": x.group}
+            for x in labels]
+
+
+def labels_from_records(meta: dict) -> list[Label]:
+    """The structured labels of a saved result; a file saved before they existed has display
+    strings only: each becomes a Label of kind "unknown" in its group."""
+    if "component_labels" in meta:
+        try:
+            return [Label(**record) for record in meta["component_labels"]]
+        except TypeError:
+            raise DepassError("the saved result's component_labels are damaged (each needs name, "
+                              "kind, layer, index, group): save it again") from None
+    names, n_groups = meta["labels"], meta.get("n_groups", 1)
+    size = len(names) // n_groups
+    return [Label(name, "unknown", group=c // size) for c, name in enumerate(names)]
 
 
 @dataclass(frozen=True)

@@ -100,11 +100,11 @@ def test_linear_rule_equals_removing_the_subcomponent_in_the_frozen_model(setup,
     outputs = s.outputs(x)
     active = (s.causal_importance(x) >= 0.1).movedim(-1, 0)
     base = logit_diff(clean.logits)
-    checked = [c for c, label in enumerate(dec.labels) if " c" in label]
+    checked = [c for c, label in enumerate(dec.component_labels) if label.kind == "param"]
     assert checked, "no active subcomponent to check"
     for c in checked:
-        label = dec.labels[c]
-        k = int(label.rsplit(" c", 1)[1])
+        label, k = dec.labels[c], dec.component_labels[c].index
+        assert label == f"L1.{site} c{k}" and dec.component_labels[c].layer == 1
         part = (outputs[k] * active[k][..., None]).reshape(clean.logits.shape[:2] + (-1,))
 
         def remove(y, hook, part=part):

@@ -35,6 +35,7 @@ from tl_depass.errors import DepassError
 from tl_depass.evaluate import compare
 from tl_depass.levels import Heads, Modules, Neurons
 from tl_depass.levels.components import TokensAt
+from tl_depass.levels.label import Label
 from tl_depass.tolerances import completeness_rtol
 
 LEVELS = ("tokens", "heads", "modules", "neurons")
@@ -53,6 +54,7 @@ class Level:
     spearman: float = float("nan")
     completeness: dict[str, float] = field(default_factory=dict)  # hook -> worst relative error
     note: str = ""  # what to keep in mind when reading the agreement
+    components: list[Label] = field(default_factory=list)  # the structured labels of `labels`
 
     def agreement(self, note: bool = True) -> str:
         if self.patching is None:
@@ -155,8 +157,8 @@ def run_levels(run, bar, out: dict, neuron_layer: int | None) -> tuple:
         else:
             if neuron_layer is None:  # the MLP with the largest share of the metric
                 mlps = out.get("modules") or run.depass(Modules(), lambda label: label.endswith(" mlp"))
-                shares = {int(label.split()[0][1:]): abs(score.item()) for label, score in
-                          zip(mlps.labels, mlps.depass, strict=True) if label.endswith(" mlp")}
+                shares = {label.layer: abs(score.item()) for label, score in
+                          zip(mlps.components, mlps.depass, strict=True) if label.kind == "mlp"}
                 neuron_layer = max(shares, key=shares.get)
             out[name] = run.neurons(neuron_layer)
     return tokens_by_layer, tokens_patching, neuron_layer
@@ -217,7 +219,8 @@ class Run:
         dec = decompose(self.model, self.tokens, spec, mlp_rule=self.rule)
         scores = compare.metric_scores(self.model, dec, self.metric)
         keep = [i for i, label in enumerate(dec.labels) if parts(label)]
-        return Level([dec.labels[i] for i in keep], scores[keep], completeness=worst_per_hook(dec))
+        return Level([dec.labels[i] for i in keep], scores[keep], completeness=worst_per_hook(dec),
+                     components=[dec.component_labels[i] for i in keep])
 
     def positions(self) -> tuple[Level, Tensor, Tensor | None]:
         """Each position's residual entering each layer (layer 0: the token level)."""
@@ -250,8 +253,8 @@ class Run:
     def modules(self) -> Level:
         level = self.depass(Modules(), lambda label: label.endswith((" attn", " mlp")))
         if self.corrupted is not None:
-            sites = [(f"blocks.{label.split()[0][1:]}.hook_{label.split()[1]}_out", _whole)
-                     for label in level.labels]
+            sites = [(f"blocks.{label.layer}.hook_{label.kind}_out", _whole)
+                     for label in level.components]
             _set_patching(level, self.patch(sites))
         return level
 
@@ -304,8 +307,8 @@ def figures(ex: Explanation) -> list[tuple[str, object]]:
         out.append(("Token contributions", viz.token_heatmap(
             ex.tokens_by_layer, ex.str_tokens, rows, f"Each position's share of {what}")))
     if "heads" in lv:
-        grid = lv["heads"].depass.reshape(-1, len([x for x in lv["heads"].labels
-                                                    if x.startswith("L0H")]))
+        grid = lv["heads"].depass.reshape(-1, len([x for x in lv["heads"].components
+                                                    if x.kind == "head" and x.layer == 0]))
         out.append(("Heads", viz.head_heatmap(grid, f"Each head's total effect on {what}")))
     if "modules" in lv:
         out.append(("Modules", viz.top_bar(lv["modules"].depass, lv["modules"].labels, 40,

@@ -22,10 +22,10 @@ make_subplots = need("plotly.subplots", "drawing DePass results").make_subplots
 #: Diverging colours centred on zero: red pushes the answer down, blue pushes it up (as in
 #: TransformerLens' and Neel Nanda's plotting utilities).
 SCALE = "RdBu"
+# The display strings of head and neuron labels (tl_depass.app.explain selects components with
+# them); this module reads the structured labels (`dec.component_labels`) instead.
 HEAD = re.compile(r"L(\d+)H(\d+)")
 NEURON = re.compile(r"L(\d+)N(\d+)")
-REST = re.compile(r"L\d+ rest")  # a group's residual before its layer: not one of its parts
-TOKEN = re.compile(r"(L\d+ )?tok (\d+)( .*)?")
 
 
 def _layout(fig: go.Figure, title: str, height: int) -> go.Figure:
@@ -144,7 +144,8 @@ def show(dec, answer=None, wrong=None, *, pos: int = -1, batch: int = 0, k: int 
     scores = dec.logit_attribution(answer, wrong, pos)  # [component, batch]
     target = _answer_name(dec, answer, batch)
     what = f"logit({target})" + ("" if wrong is None else f" - logit({_answer_name(dec, wrong, batch)})")
-    is_token = [TOKEN.fullmatch(label) is not None for label in dec.labels]
+    labels = dec.component_labels
+    is_token = [label.kind == "token" for label in labels]
     if sum(is_token) == dec.tokens.shape[1] and len(dec.groups) == 1:
         values = scores[:-1][torch.tensor(is_token[:-1])]  # drop "pos" and "bias"
         strs = _str_tokens(dec, batch)
@@ -158,10 +159,11 @@ def show(dec, answer=None, wrong=None, *, pos: int = -1, batch: int = 0, k: int 
                              f"Token contributions to {what}")
     if kind == "circuitsvis":
         raise DepassError("kind='circuitsvis' shows token-level decompositions; use kind='plotly'")
-    if any(HEAD.fullmatch(label) for label in dec.labels):
+    if any(label.kind == "head" for label in labels):
         return head_heatmap(dec.head_scores(answer, wrong, pos)[batch],
                             f"Heads: total effect on {what}")
-    keep = [i for i, label in enumerate(dec.labels) if not REST.fullmatch(label)]
+    # a layer's "rest" (the residual stream entering it) is not one of its parts
+    keep = [i for i, label in enumerate(labels) if not (label.kind == "rest" and label.layer is not None)]
     return top_bar(scores[keep, batch], [dec.labels[i] for i in keep], k,
                    f"Top components: contributions to {what}")
 

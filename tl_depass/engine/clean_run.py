@@ -7,7 +7,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tl_depass.engine.backends import canonical_names, clean_hook_value, forward_as_recorded
+from tl_depass.engine.backends import Model, canonical_names, clean_hook_value, forward_as_recorded
 from tl_depass.errors import DepassError
 
 #: Hook-name endings whose values hold -inf by design (causal masks), not a broken model.
@@ -40,7 +40,7 @@ def unflatten_rows(x: Tensor, batch: int, pos: int) -> Tensor:
 
 
 def record_clean_run(
-    model, tokens: Int[Tensor, "batch pos"], attention_mask: Tensor | None,
+    model: Model, tokens: Int[Tensor, "batch pos"], attention_mask: Tensor | None,
     record: Callable[[str], bool],
 ) -> CleanRun:
     """Run `model` once, unchanged (recording hooks change no value), keeping what `record` names."""

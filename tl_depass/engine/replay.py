@@ -7,8 +7,8 @@ probe, which started at zero, holds exactly what was added, so subtracting it le
 component its pure share and the bias slot the whole bias path. Exact zeros stay exact zeros.
 """
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import einops
 import torch
@@ -16,55 +16,19 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from tl_depass.engine import rules
-from tl_depass.engine.backends import act_fn, forward_as_recorded
+from tl_depass.engine.backends import Model, forward_as_recorded
 from tl_depass.engine.clean_run import CleanRun
-from tl_depass.levels.components import Entry, Group
+from tl_depass.engine.plan import MLPSite, Plan, mlp_site
+from tl_depass.levels.base import Entry
+
+__all__ = ["FoldedForward", "MLPSite", "Plan", "RuleSetup", "attend", "mlp_site"]
 
 
-class StopPass(Exception):
-    """Raised inside a hook to end a forward early (statistics sweeps of chunked runs)."""
-
-
-@dataclass
-class MLPSite:
-    prefix: str  # "blocks.3.mlp"
-    act_hook: str  # the hook whose value DePass overrides (hook_post, or hook_mid for solu_ln)
-    facts: rules.NeuronFacts
-
-
-def mlp_site(model, clean: CleanRun, prefix: str) -> MLPSite:
-    """The MLP at `prefix`: which hook DePass overrides, and the clean facts its rules use."""
-    act_hook = f"{prefix}.hook_mid" if f"{prefix}.hook_mid" in clean.order else f"{prefix}.hook_post"
-    gated = model.cfg.gated_mlp and act_hook.endswith("hook_post")
-    up = clean[f"{prefix}.hook_pre_linear"] if gated else None
-    facts = rules.neuron_facts(act_fn(model, prefix), clean[f"{prefix}.hook_pre"],
-                               clean[act_hook], up)
-    return MLPSite(prefix, act_hook, facts)
-
-
-@dataclass
-class Plan:
-    """Everything a folded forward needs to know about the model, computed once."""
-
-    start: str  # the first hook where components enter; DePass replays everything after it
-    norms: list[str]  # norm modules after the entry (their outputs are corrected)
-    attn: list[str]  # attention modules after the entry ("blocks.0.attn")
-    mlps: list[MLPSite]
-    keep: list[str]  # hooks whose per-component values are returned
-    correct: list[str]  # hooks where the probe is subtracted
-    # decompose(logits=...): one position per batch row whose logits are computed ([batch]), or
-    # None for every position; `logits=False`: the forward stops before the unembedding.
-    logit_positions: Tensor | None = None
-    logits: bool = True
-
-
-@dataclass
+@dataclass(frozen=True)
 class RuleSetup:
     rule: rules.Rule
     temperature: float
     excluded: Bool[Tensor, "component batch pos"]  # ignore_bos exclusions
-    stats: dict[str, rules.Stats] = field(default_factory=dict)  # over all components, per MLP
-    collect: str | None = None  # MLP whose statistics this sweep gathers, then stops
 
 
 def attend(pattern: Float[Tensor, "batch head_index query_pos key_pos"],
@@ -89,30 +53,31 @@ def correct(x: Tensor) -> Tensor:
 
 
 class FoldedForward:
-    """The hooks of one folded forward: for every group, components `offset .. offset+k` of
-    `total`, then the group's probe and bias. Slots fold into the batch axis group-major."""
+    """The hooks of one folded forward: for every group of `plan`, components `offset .. offset+k`,
+    then the group's probe and bias. Slots fold into the batch axis group-major. `stats`: the
+    non-linear rule's statistics over all components at each MLP (chunked runs), by MLP prefix.
 
-    def __init__(self, model, clean: CleanRun, plan: Plan, setup: RuleSetup,
-                 groups: list[Group], offset: int, k: int, total: int):
-        self.model, self.clean, self.plan, self.setup = model, clean, plan, setup
-        self.groups, self.offset, self.k = groups, offset, k
+    `kept(...)` runs the whole forward and returns the kept values; `statistics(site, ...)` runs
+    it up to MLP `site` and returns this chunk's part of the statistics there."""
+
+    def __init__(self, model: Model, clean: CleanRun, plan: Plan, setup: RuleSetup,
+                 offset: int, k: int, stats: Mapping[str, rules.Stats]):
+        self.model, self.clean, self.plan, self.setup, self.stats = model, clean, plan, setup, stats
+        self.groups, self.offset, self.k = plan.groups, offset, k
         self.batch = clean.logits.shape[0]
         self.width = k + 2
-        self.slots = len(groups) * self.width
+        self.slots = len(self.groups) * self.width
         # Contributors to MLP shares: the components, the probe (g == 0, so never counted), bias.
-        self.index = torch.cat([torch.arange(offset, offset + k), torch.tensor([-1, total])])
+        self.index = torch.cat([torch.arange(offset, offset + k), torch.tensor([-1, plan.total])])
         excluded = torch.cat([setup.excluded[offset:offset + k],
                               torch.tensor([True, False]).reshape(2, 1, 1).expand(
                                   2, *setup.excluded.shape[1:])])
-        self.excluded = einops.repeat(excluded, "w b p -> w (g b) p", g=len(groups))
-        self.stash: dict[str, Tensor] = {}
-        self.kept: dict[str, Tensor] = {}
-        self.partial: rules.Stats | None = None
+        self.excluded = einops.repeat(excluded, "w b p -> w (g b) p", g=len(self.groups))
 
     def view(self, x: Tensor) -> Tensor:
         return x.unflatten(0, (len(self.groups), self.width, self.batch))
 
-    # --- hook functions (each returns a new tensor) ---
+    # --- hook functions (each returns a new tensor; `stash` and `out` live for one forward) ---
     def enter(self, entries: list[tuple[int, Entry]]) -> Callable:
         def hook(x, hook):
             x = self.view(x).clone()
@@ -127,57 +92,65 @@ class FoldedForward:
         value = self.clean[name]
         return lambda x, hook: value.repeat(self.slots, *[1] * (value.ndim - 1))
 
-    def stash_corrected(self, key: str) -> Callable:
+    def stash_corrected(self, stash: dict, key: str) -> Callable:
         def hook(x, hook):
-            self.stash[key] = x = fold(correct(self.view(x)))
+            stash[key] = x = fold(correct(self.view(x)))
             return x
         return hook
 
-    def attention(self, attn: str) -> Callable:
+    def attention(self, stash: dict, attn: str) -> Callable:
         pattern = self.clean[f"{attn}.hook_pattern"]
 
         def hook(z, hook):
-            return attend(pattern, self.stash.pop(attn).unflatten(0, (self.slots, self.batch)))
+            return attend(pattern, stash.pop(attn).unflatten(0, (self.slots, self.batch)))
         return hook
 
-    def activate(self, site: MLPSite) -> Callable:
-        n = len(self.groups)
+    def pre_activations(self, stash: dict, site: MLPSite) -> Tensor:
+        """The corrected MLP input of every slot, [slot, group*batch, pos, d_mlp]."""
+        return einops.rearrange(self.view(stash.pop(site.prefix)), "g w b ... -> w (g b) ...")
+
+    def activate(self, stash: dict, site: MLPSite) -> Callable:
+        n, s = len(self.groups), self.setup
         facts = rules.NeuronFacts(*(einops.repeat(t, "b ... -> (g b) ...", g=n)
                                     for t in (site.facts.act, site.facts.extra, site.facts.ratio)))
 
         def hook(post, hook):
-            g = einops.rearrange(self.view(self.stash.pop(site.prefix)),
-                                 "g w b ... -> w (g b) ...")
-            s = self.setup
-            if s.collect == site.prefix:
-                part = rules.stats(s.rule, g[:-2], self.excluded[:-2], self.index[:-2],
-                                   s.temperature)
-                if self.offset == 0:  # the bias slot is the same in every chunk: count it once
-                    bias = rules.stats(s.rule, g[-1:], self.excluded[-1:], self.index[-1:],
-                                       s.temperature)
-                    part = rules.combine(s.rule, bias, part)
-                self.partial = part
-                raise StopPass
-            share = rules.shares(s.rule, g, self.excluded, self.index, s.temperature, facts,
-                                 s.stats.get(site.prefix))
+            share = rules.shares(s.rule, self.pre_activations(stash, site), self.excluded, self.index,
+                                 s.temperature, facts, self.stats.get(site.prefix))
             return einops.rearrange(share, "w (g b) ... -> (g w b) ...", g=n)
+        return hook
+
+    def collect(self, stash: dict, site: MLPSite, out: dict) -> Callable:
+        """At MLP `site`: this chunk's statistics into `out["stats"]` (the value is left as is;
+        the forward stops after this block)."""
+        s = self.setup
+
+        def hook(post, hook):
+            g = self.pre_activations(stash, site)
+            part = rules.stats(s.rule, g[:-2], self.excluded[:-2], self.index[:-2], s.temperature)
+            if self.offset == 0:  # the bias slot is the same in every chunk: count it once
+                bias = rules.stats(s.rule, g[-1:], self.excluded[-1:], self.index[-1:], s.temperature)
+                part = rules.combine(s.rule, bias, part)
+            out["stats"] = part
         return hook
 
     def fix(self, x, hook):
         return fold(correct(self.view(x)))
 
-    def keeper(self, name: str) -> Callable:
+    def keeper(self, out: dict, name: str) -> Callable:
         def hook(x, hook):
-            self.kept[name] = self.view(x)
+            out[name] = self.view(x)
         return hook
 
-    def unembed_rows(self, x, hook):
+    def unembed_rows(self, logits: bool) -> Callable:
         """At `unembed.hook_in`: only the kept position of each batch row goes on to the
-        unembedding ([slots*batch, 1, d_model]); logits=None: the forward ends here."""
-        if not self.plan.logits:
-            raise StopPass
-        rows = torch.arange(self.batch, device=x.device)
-        return fold(self.view(x)[:, :, rows, self.plan.logit_positions])[:, None]
+        unembedding ([slots*batch, 1, d_model]); `logits=False`: no position does."""
+        def hook(x, hook):
+            if not logits:
+                return x[:, :0]
+            rows = torch.arange(self.batch, device=x.device)
+            return fold(self.view(x)[:, :, rows, self.plan.logit_positions])[:, None]
+        return hook
 
     def norm_hook(self, module, args, out):
         return self.rowwise(lambda x, hook: fold(correct(self.view(x))))(out, None)
@@ -194,8 +167,10 @@ class FoldedForward:
         return hook
 
     # --- wiring ---
-    def hooks(self) -> list[tuple[str, Callable]]:
-        p = self.plan
+    def hooks(self, out: dict, collect: MLPSite | None = None) -> list[tuple[str, Callable]]:
+        """The hooks of one forward, which write into `out`: the kept values, or with `collect`,
+        the statistics at that MLP (no MLP after it is replayed: the forward stops there)."""
+        p, stash = self.plan, {}
         after = set(self.clean.after(p.start))
         entries: dict[str, list] = {}
         for g, group in enumerate(self.groups):
@@ -207,29 +182,44 @@ class FoldedForward:
         hooks = [(hook, self.enter(entries.pop(hook))) for hook in early]
         hooks += [(n, self.replay(n)) for n in after if n.endswith("hook_scale")]
         for attn in p.attn:
-            hooks += [(f"{attn}.hook_v", self.stash_corrected(attn)),
-                      (f"{attn}.hook_z", self.attention(attn))]
-        for site in p.mlps:
-            hooks += [(f"{site.prefix}.hook_pre", self.stash_corrected(site.prefix)),
-                      (site.act_hook, self.activate(site))]
+            hooks += [(f"{attn}.hook_v", self.stash_corrected(stash, attn)),
+                      (f"{attn}.hook_z", self.attention(stash, attn))]
+        mlps = p.mlps if collect is None else p.mlps[:p.mlps.index(collect) + 1]
+        for site in mlps:
+            hooks += [(f"{site.prefix}.hook_pre", self.stash_corrected(stash, site.prefix)),
+                      (site.act_hook, self.collect(stash, site, out) if site is collect
+                       else self.activate(stash, site))]
         hooks += [(n, self.fix) for n in p.correct]
         hooks += [(hook, self.enter(es)) for hook, es in entries.items()]
-        hooks += [(n, self.keeper(n)) for n in p.keep]
-        if p.logit_positions is not None or not p.logits:  # after any keeper of the full input
-            hooks.append(("unembed.hook_in", self.unembed_rows))
+        if collect is None:
+            hooks += [(n, self.keeper(out, n)) for n in p.keep]
+        logits = p.logits and collect is None
+        if p.logit_positions is not None or not logits:  # after any keeper of the full input
+            hooks.append(("unembed.hook_in", self.unembed_rows(logits)))
         return [(n, self.rowwise(fn)) for n, fn in hooks]
 
-    def run(self, tokens: Int[Tensor, "batch pos"], attention_mask: Tensor | None) -> None:
-        model = self.model
+    def run(self, tokens: Int[Tensor, "batch pos"], attention_mask: Tensor | None,
+            collect: MLPSite | None = None) -> dict:
+        model, out = self.model, {}
         folded = tokens.repeat(self.slots, 1)
         mask = None if attention_mask is None else attention_mask.repeat(self.slots, 1)
+        stop = {} if collect is None else {"stop_at_layer": collect.layer + 1}
         handles = [model.get_submodule(n).register_forward_hook(self.norm_hook)
                    for n in self.plan.norms]
         try:
-            with forward_as_recorded(model), model.hooks(fwd_hooks=self.hooks()):
-                model(folded, attention_mask=mask)
-        except StopPass:
-            pass
+            with forward_as_recorded(model), model.hooks(fwd_hooks=self.hooks(out, collect)):
+                model(folded, attention_mask=mask, **stop)
         finally:
             for h in handles:
                 h.remove()
+        return out
+
+    def kept(self, tokens: Int[Tensor, "batch pos"], attention_mask: Tensor | None
+             ) -> dict[str, Tensor]:
+        """The kept values of every slot, [group, slot, batch, ...] by hook."""
+        return self.run(tokens, attention_mask)
+
+    def statistics(self, site: MLPSite, tokens: Int[Tensor, "batch pos"],
+                   attention_mask: Tensor | None) -> rules.Stats:
+        """This chunk's part of the non-linear rule's statistics at MLP `site`."""
+        return self.run(tokens, attention_mask, site)["stats"]

@@ -26,11 +26,9 @@ from tl_depass.engine.backends import check_model, forward_as_recorded
 from tl_depass.engine.clean_run import record_clean_run
 from tl_depass.engine.frozen import FROZEN_INPUTS, frozen_hooks
 from tl_depass.engine.guard import serialised
-from tl_depass.engine.replay import mlp_site
-from tl_depass.engine.validate import check_layers, check_options, public
+from tl_depass.engine.validate import check_options, public
 from tl_depass.errors import DepassError
-from tl_depass.levels.components import Entry, Group, TokensAt
-from tl_depass.levels.units import Heads, rest_entry
+from tl_depass.levels import Heads, MLPByPosition, TokensAt
 
 Level = Literal["heads", "positions", "mlp"]
 Metric = Callable[[Tensor], Tensor]
@@ -60,32 +58,6 @@ def metric_scores(model, dec: Decomposition, metric: Metric) -> Float[Tensor, " 
         value = metric(cap * torch.tanh(pre / cap) if cap and cap > 0 else pre)
         (grad,) = torch.autograd.grad(value, pre)
     return einops.einsum(dec.logits, grad, "c b p v, b p v -> c")
-
-
-@dataclass(frozen=True)
-class MLPByPosition:
-    """Each position's MLP output at each layer is a component (what `get_act_patch_mlp_out`
-    patches)."""
-
-    layers: tuple[int, ...] | None = None
-
-    def groups(self, model, clean) -> list[Group]:
-        out = []
-        n = clean.logits.shape[1]
-        for layer in check_layers(model, self.layers, "MLPByPosition"):
-            site = mlp_site(model, clean, f"blocks.{layer}.mlp")
-            act = site.facts.act
-
-            def rows(offset, k, act=act):
-                x = act.new_zeros((k, *act.shape))
-                for r in range(max(offset, 1), offset + k):
-                    x[r - offset, :, r - 1] = act[:, r - 1]
-                return x
-
-            out.append(Group([f"L{layer} rest"] + [f"L{layer}P{p}" for p in range(n)]
-                             + [f"L{layer} bias"],
-                             [rest_entry(clean, layer), Entry(site.act_hook, rows, site.facts.extra)]))
-        return out
 
 
 @serialised

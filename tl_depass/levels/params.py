@@ -15,11 +15,14 @@ from dataclasses import dataclass
 
 import einops
 import torch
+from jaxtyping import Int
+from torch import Tensor
 
+from tl_depass.engine.backends import Model
 from tl_depass.engine.clean_run import CleanRun
 from tl_depass.errors import DepassError
-from tl_depass.levels.components import Entry, Group
-from tl_depass.levels.units import rest_entry
+from tl_depass.levels.base import Entry, Group, around, rest_entry
+from tl_depass.levels.label import Label
 from tl_depass.tolerances import completeness_rtol, relative_error
 
 
@@ -50,10 +53,14 @@ class ParamComponents:
                               f"sites={self.sites}; the decomposition has (layer, site) {have}")
         return out
 
-    def reads(self, model) -> list[str]:
+    def check(self, model: Model) -> "ParamComponents":
+        self.chosen()
+        return self
+
+    def reads(self, model: Model) -> list[str]:
         return [h for s in self.chosen() for h in (s.input_hook, s.output_hook)]
 
-    def groups(self, model, clean: CleanRun) -> list[Group]:
+    def groups(self, model: Model, clean: CleanRun, tokens: Int[Tensor, "batch pos"]) -> list[Group]:
         out = [self.group(site, clean) for site in self.chosen()]
         if len({len(g.labels) for g in out}) > 1:  # groups ride in one folded forward
             raise DepassError("ParamComponents: these matrices have different numbers of "
@@ -79,8 +86,9 @@ class ParamComponents:
         on = outputs[:-1] * mask.reshape(*mask.shape, *[1] * (target.ndim - 2))
         rows = torch.cat([torch.zeros_like(target)[None], on,
                           (outputs[:-1] - on).sum(0, keepdim=True), outputs[-1:]])
-        prefix = f"L{site.layer}.{matrix(site)}"
-        labels = ([f"L{site.layer} rest"] + [f"{prefix} c{c}" for c in range(on.shape[0])]
-                  + [f"{prefix} inactive", f"{prefix} delta", f"L{site.layer} bias"])
-        return Group(labels, [rest_entry(clean, site.layer),
+        layer, prefix = site.layer, f"L{site.layer}.{matrix(site)}"
+        labels = around(layer, [Label(f"{prefix} c{c}", "param", layer, c) for c in range(on.shape[0])]
+                        + [Label(f"{prefix} inactive", "inactive", layer),
+                           Label(f"{prefix} delta", "delta", layer)])
+        return Group(labels, [rest_entry(clean, layer),
                               Entry(site.output_hook, lambda offset, k: rows[offset:offset + k], bias)])

@@ -1,0 +1,101 @@
+"""The plan of a decomposed pass, made once per call: which groups of components ride in each
+folded forward, where they enter, which norms, attention and MLPs come after the entry (and are
+replayed), which hooks are kept and where the probe is subtracted."""
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from torch import Tensor
+
+from tl_depass.engine import hooks, rules
+from tl_depass.engine.backends import Model, act_fn
+from tl_depass.engine.clean_run import CleanRun
+from tl_depass.engine.validate import NOT_DECOMPOSABLE, RESIDUAL
+from tl_depass.errors import DepassError
+
+if TYPE_CHECKING:  # levels build on the engine; the engine only reads their groups
+    from tl_depass.levels.base import Group
+
+# Hooks right after a bias is added (a Bridge's raw `o.hook_out` / `out.hook_out` fire where an
+# adapter that delegates attention to HF has no `hook_attn_out`; correcting twice is a no-op).
+BIASED = ("hook_attn_out", "hook_mlp_out", "unembed.hook_out", "attn.o.hook_out", "mlp.out.hook_out")
+MLP_PRE = re.compile(r"blocks\.(\d+)\.mlp\.hook_pre")
+
+
+@dataclass(frozen=True, eq=False)
+class MLPSite:
+    prefix: str  # "blocks.3.mlp"
+    act_hook: str  # the hook whose value DePass overrides (hook_post, or hook_mid for solu_ln)
+    facts: rules.NeuronFacts
+    layer: int
+
+
+def mlp_site(model: Model, clean: CleanRun, layer: int | str) -> MLPSite:
+    """The MLP of block `layer` (or at the prefix "blocks.{layer}.mlp"): which hook DePass
+    overrides, and the clean facts its rules use."""
+    if isinstance(layer, str):
+        layer = int(layer.split(".")[1])
+    prefix = hooks.block_hook(layer, "mlp")
+    act_hook = f"{prefix}.hook_mid" if f"{prefix}.hook_mid" in clean.order else f"{prefix}.hook_post"
+    gated = model.cfg.gated_mlp and act_hook.endswith("hook_post")
+    up = clean[f"{prefix}.hook_pre_linear"] if gated else None
+    facts = rules.neuron_facts(act_fn(model, prefix), clean[f"{prefix}.hook_pre"], clean[act_hook], up)
+    return MLPSite(prefix, act_hook, facts, layer)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything a folded forward needs to know about the model and the components, computed
+    once."""
+
+    groups: "list[Group]"  # the same number of components each, all in every forward
+    start: str  # the first hook where components enter; DePass replays everything after it
+    norms: list[str]  # norm modules after the entry (their outputs are corrected)
+    attn: list[str]  # attention modules after the entry ("blocks.0.attn")
+    mlps: list[MLPSite]
+    keep: list[str]  # hooks whose per-component values are returned
+    correct: list[str]  # hooks where the probe is subtracted
+    # decompose(logits=...): one position per batch row whose logits are computed ([batch]), or
+    # None for every position; `logits=False`: no position reaches the unembedding.
+    logit_positions: Tensor | None = None
+    logits: bool = True
+
+    @property
+    def total(self) -> int:
+        """Components per group, without the group's bias."""
+        return len(self.groups[0].labels) - 1
+
+
+def make_plan(model: Model, clean: CleanRun, groups: "list[Group]", keep: list[str] | Callable,
+              logit_pos: Tensor | None = None, logits: bool = True) -> Plan:
+    entries = [e.hook for g in groups for e in g.entries]
+    entry = min(entries, key=clean.order.index)
+    after = clean.after(entry)
+    fired = set(clean.order)
+    if callable(keep):
+        keep = [n for n in [entry, *after]
+                if keep(n) and not n.endswith(NOT_DECOMPOSABLE) and n != "unembed.hook_out"]
+    for name in keep:
+        if name not in fired:
+            raise DepassError(f"hook {name} never fires in this model's forward: nothing to keep")
+        if name != entry and name not in after:
+            raise DepassError(f"hook {name} comes before the components enter at {entry}")
+    mlps = [mlp_site(model, clean, int(m.group(1))) for m in map(MLP_PRE.fullmatch, after) if m]
+    handled = {s.act_hook for s in mlps} | {
+        n for n in after if n.endswith(("attn.hook_v", "attn.hook_z", "mlp.hook_pre"))}
+    kept = keep + (["unembed.hook_out"] if logits else [])
+    return Plan(
+        groups=groups,
+        start=entry,
+        norms=list(dict.fromkeys(n[: -len(".hook_scale")] for n in after if n.endswith("hook_scale"))),
+        attn=[n[: -len(".hook_z")] for n in after if n.endswith("attn.hook_z")],
+        mlps=mlps,
+        keep=kept,
+        # The probe is exactly zero on the residual stream (a sum of corrected outputs).
+        correct=[n for n in dict.fromkeys([*after, *kept]) if n not in handled and n != entry
+                 and (n.endswith(BIASED) or (n in kept and not RESIDUAL.match(n)))],
+        logit_positions=logit_pos,
+        logits=logits,
+    )

@@ -1,0 +1,93 @@
+"""The Level protocol: what every kind of component (tokens, heads, neurons, a split, a level of
+your own) tells the engine. A new level is one class with three methods:
+
+    check(model) -> Level                  everything checkable before the clean run
+    reads(model) -> list[str]              hooks whose clean values `groups` reads (beyond the
+                                           frozen inputs and the residual stream, always recorded)
+    groups(model, clean, tokens) -> list[Group]
+                                           the components, each group's structured labels and
+                                           where its components enter (Entry: hook and states)
+
+Several groups (one per layer for heads, say) ride in one folded forward: they must have the same
+number of components. Each group's last component is its bias; its shares of every activation
+sum to the clean activation.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from jaxtyping import Int
+from torch import Tensor
+
+from tl_depass.engine import hooks
+from tl_depass.engine.backends import Model
+from tl_depass.engine.clean_run import CleanRun
+from tl_depass.levels.label import Label
+
+
+@dataclass
+class Entry:
+    """Where a group's components enter: at `hook`, component rows `offset .. offset+k` take
+    `rows(offset, k)`, the group's bias slot takes `bias` (None: zero)."""
+
+    hook: str
+    rows: Callable[[int, int], Tensor]
+    bias: Tensor | None = None
+
+
+@dataclass
+class Group:
+    """Components decomposed together: their shares sum to the clean activations. Several groups
+    (one per layer for heads) ride in one folded forward."""
+
+    labels: list[Label]  # one per component, then the group's bias
+    entries: list[Entry]
+
+    @property
+    def names(self) -> list[str]:
+        """The display strings of `labels` (what `dec.labels` shows)."""
+        return [label.name for label in self.labels]
+
+
+@runtime_checkable
+class Level(Protocol):
+    """A kind of component `decompose` can carry (see the module docstring)."""
+
+    def check(self, model: Model) -> "Level":
+        """This level, checked against `model` (canonical hook names); DepassError if it does not
+        fit the model."""
+        ...
+
+    def reads(self, model: Model) -> list[str]:
+        """The hooks whose clean values `groups` reads."""
+        ...
+
+    def groups(self, model: Model, clean: CleanRun, tokens: Int[Tensor, "batch pos"]) -> list[Group]:
+        """The groups of components and where they enter, from the clean run."""
+        ...
+
+
+def stored(hook: str, states: Tensor) -> Entry:
+    """Components whose states at `hook` are given: `states[c]` for component c."""
+    return Entry(hook, lambda offset, k: states[offset:offset + k])
+
+
+def one_hot_rows(n: int, offset: int, k: int, fill: dict[int, Tensor], like: Tensor) -> Tensor:
+    """Rows offset..offset+k of an n-row stack that is `fill[row]` where given, zero elsewhere."""
+    out = like.new_zeros((k, *like.shape))
+    for row, value in fill.items():
+        if offset <= row < offset + k:
+            out[row - offset] = value
+    return out
+
+
+def rest_entry(clean: CleanRun, layer: int) -> Entry:
+    """Before layer `layer`, the group's first component ("rest") is the whole clean residual."""
+    resid = clean[hooks.resid_pre(layer)]
+    return Entry(hooks.resid_pre(layer), lambda offset, k: one_hot_rows(0, offset, k, {0: resid}, resid))
+
+
+def around(layer: int, parts: list[Label]) -> list[Label]:
+    """A layer's group: "L{layer} rest" (the residual before it), `parts`, "L{layer} bias"."""
+    return [Label(f"L{layer} rest", "rest", layer), *parts, Label(f"L{layer} bias", "bias", layer)]
