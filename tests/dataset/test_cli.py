@@ -114,3 +114,13 @@ def test_two_torchrun_ranks_write_the_single_process_table(tmp_path):
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "two" / "scores.parquet"),
                                   pd.read_parquet(tmp_path / "one" / "scores.parquet"),
                                   check_exact=True)
+
+
+def test_a_rank_that_fails_stops_every_rank(tmp_path):
+    """Rank 0 refuses the directory (other options); rank 1 hears of it instead of waiting."""
+    path = write(tmp_path, LINES[:2])
+    assert cli(path, "--model", "ioi", "--level", "tokens", "--out", tmp_path / "run", "--quiet") == 0
+    two = launch(path, "--model", "ioi", "--level", "modules", "--out", tmp_path / "run", "--quiet",
+                 torchrun=True)
+    assert two.returncode != 0
+    assert "holds a run with other options" in two.stderr and "another rank failed" in two.stderr

@@ -163,3 +163,25 @@ def test_aggregates(model, prompts):
     assert set(token_eval.summarise(curves)) >= {"disrupt_aopc", "recover_aopc"}
     with pytest.raises(DepassError, match="token-level table"):
         deletion_curves(model, run(model, prompts, Heads(), "ratio"), prompts, ANSWERS)
+
+
+@pytest.mark.parametrize("rule", ["softmax", "ratio"])
+def test_the_model_is_left_as_found(model, prompts, rule):
+    weights = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    run(model, prompts, Heads(), rule, batch_size=4)
+    assert sum(len(m._forward_hooks) + len(m._backward_hooks) for m in model.modules()) == 0
+    for n, p in model.state_dict().items():
+        assert torch.equal(p, weights[n]), f"parameter {n} changed"
+
+
+@pytest.mark.parametrize("rule", ["softmax", "ratio"])
+def test_softcapped_metric_is_the_pre_softcap_logit_difference(prompts, rule):
+    capped = tiny.make_model(output_logits_soft_cap=1.0)
+    table = run(capped, prompts, "tokens", rule, batch_size=4)
+    for p, ids in enumerate(prompts):
+        rows = table[table["prompt"] == p]
+        dec = tl_depass.decompose(capped, ids[None], mlp_rule=rule)
+        logits = dec.logits.sum(0)[0, -1]  # the sum of the shares: before the softcap
+        metric = logits[ANSWERS[p]] - (0 if WRONG[p] is None else logits[WRONG[p]])
+        tiny.close(torch.tensor(rows["clean_metric"].iloc[0]), metric.double(), f"prompt {p}")
+        tiny.close(torch.tensor(rows["score"].sum()), metric.double(), f"prompt {p}: the rows")
