@@ -104,6 +104,8 @@ def test_batch_size_and_padding_do_not_change_the_table(model, prompts, rule):
 def test_out_writes_shards_and_resumes_from_them(model, prompts, tmp_path):
     table = run(model, prompts, "tokens", "softmax", batch_size=2, out=tmp_path)
     pd.testing.assert_frame_equal(table, pd.read_parquet(tmp_path / "scores.parquet"))
+    pd.testing.assert_frame_equal(table, run(model, prompts, "tokens", "softmax", batch_size=2),
+                                  check_exact=True)  # in memory: the same table
     shards = sorted((tmp_path / "shards").iterdir())
     assert len(shards) == 3
     shards[1].unlink()  # as if the run had stopped before this batch
@@ -185,3 +187,20 @@ def test_softcapped_metric_is_the_pre_softcap_logit_difference(prompts, rule):
         metric = logits[ANSWERS[p]] - (0 if WRONG[p] is None else logits[WRONG[p]])
         tiny.close(torch.tensor(rows["clean_metric"].iloc[0]), metric.double(), f"prompt {p}")
         tiny.close(torch.tensor(rows["score"].sum()), metric.double(), f"prompt {p}: the rows")
+
+
+def test_the_memory_estimate_picks_the_batch_size(model, prompts, tmp_path, monkeypatch):
+    import json
+
+    from tl_depass import memory
+
+    one = tl_depass.estimate_memory(model, torch.zeros(1, max(LENGTHS), dtype=torch.long), Heads(),
+                                    keep=[], logits="last").total
+    # plenty: the largest power of two <= 6 prompts; 3x one prompt's estimate: one at a time
+    for free, size in [(2**40, 4), (3 * one, 1)]:
+        monkeypatch.setattr(memory, "available_memory", lambda device, free=free: free)
+        out = tmp_path / str(size)
+        run(model, prompts, Heads(), "softmax", out=out)
+        meta = json.loads((out / "meta.json").read_text())
+        assert meta["batch_size"] == size
+        assert max(map(len, meta["batches"])) == size

@@ -67,7 +67,7 @@ def run(args) -> int:
                                   "every layer")
             model = load(args.model, DTYPES[args.dtype])
             ranks = distributed.start()
-            model = model.to(ranks.device) if ranks.world > 1 else model
+            model = model.to(ranks.device)  # each rank its own GPU where there are GPUs
             prompts, targets, wrong = read_jsonl(model, Path(args.prompts))
             components = {"tokens": lambda: "tokens", "heads": Heads, "modules": Modules,
                           "neurons": lambda: Neurons(args.layer)}[args.level]()
