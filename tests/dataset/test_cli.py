@@ -124,3 +124,24 @@ def test_a_rank_that_fails_stops_every_rank(tmp_path):
                  torchrun=True)
     assert two.returncode != 0
     assert "holds a run with other options" in two.stderr and "another rank failed" in two.stderr
+
+
+@pytest.mark.parametrize("rule", ["softmax", "ratio"])
+def test_bundled_model_table_is_each_prompts_attribution(rule):
+    """The bundled model as TransformerLens builds it (a Bridge on 4.x), float32, string prompts
+    and answers, padded batches."""
+    import torch
+
+    import tl_depass
+
+    model = tl_depass.models.load("ioi")
+    prompts = [x["prompt"] for x in LINES]
+    targets, wrong = [x["target"] for x in LINES], [x.get("wrong") for x in LINES]
+    table = tl_depass.run_dataset(model, prompts, tl_depass.Heads(), answers=targets, wrong=wrong,
+                                  mlp_rule=rule, batch_size=4, progress=False)
+    for p, prompt in enumerate(prompts):
+        att = tl_depass.attribute(model, prompt, tl_depass.Heads(), answer=targets[p],
+                                  wrong=wrong[p], mlp_rule=rule)
+        rows = table[(table["prompt"] == p) & (table["kind"] == "head")]
+        torch.testing.assert_close(torch.tensor(rows["score"].to_numpy()), att.scores[0].double(),
+                                   rtol=1e-4, atol=1e-5, msg=lambda m, p=p: f"prompt {p}: {m}")
