@@ -145,3 +145,10 @@ def test_bundled_model_table_is_each_prompts_attribution(rule):
         rows = table[(table["prompt"] == p) & (table["kind"] == "head")]
         torch.testing.assert_close(torch.tensor(rows["score"].to_numpy()), att.scores[0].double(),
                                    rtol=1e-4, atol=1e-5, msg=lambda m, p=p: f"prompt {p}: {m}")
+
+
+def test_out_must_be_a_directory(tmp_path, capsys):
+    path = write(tmp_path, LINES[:1])
+    (tmp_path / "file").write_text("x")
+    assert cli(path, "--model", "ioi", "--level", "tokens", "--out", tmp_path / "file") == 1
+    assert "is a file: pass a directory" in capsys.readouterr().err

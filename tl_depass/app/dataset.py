@@ -66,15 +66,14 @@ def run(args) -> int:
                 raise DepassError(f"--layer is for --level neurons; --level {args.level} takes "
                                   "every layer")
             model = load(args.model, DTYPES[args.dtype])
-            ranks = distributed.start()
-            model = model.to(ranks.device)  # each rank its own GPU where there are GPUs
             prompts, targets, wrong = read_jsonl(model, Path(args.prompts))
             components = {"tokens": lambda: "tokens", "heads": Heads, "modules": Modules,
                           "neurons": lambda: Neurons(args.layer)}[args.level]()
-            threads = torch.get_num_threads()
-            if sum(p.numel() for p in model.parameters()) < SMALL:
-                torch.set_num_threads(1)
+            threads, ranks = torch.get_num_threads(), distributed.start()
             try:
+                if sum(p.numel() for p in model.parameters()) < SMALL:
+                    torch.set_num_threads(1)  # see tl_depass.app.cli.SMALL
+                model = model.to(ranks.device)  # each rank its own GPU where there are GPUs
                 table = run_dataset(model, prompts, components, answers=targets, wrong=wrong,
                                     mlp_rule=args.rule, batch_size=args.batch_size, out=args.out,
                                     method=args.method, progress=not args.quiet)
@@ -84,6 +83,10 @@ def run(args) -> int:
         except (CliError, DepassError) as e:
             print(f"tl-depass: error: {e}", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:
+            print(f"tl-depass: interrupted; the finished batches are kept in {args.out}: rerun "
+                  "the same command to resume", file=sys.stderr)
+            return 130
     if ranks.rank == 0:
         print(f"wrote {Path(args.out) / 'scores.parquet'}: {len(table)} rows, "
               f"{table['prompt'].nunique()} prompts ({args.level}, rule {args.rule})")

@@ -38,6 +38,8 @@ class Store:
         """The run's record: the existing one when its options match (else DepassError), or a
         new one with the plan `plan()` makes (batch size, batches of prompt indices)."""
         meta_path = self.out / META
+        if self.out.exists() and not self.out.is_dir():
+            raise DepassError(f"{self.out} is a file: pass a directory for the run (created if new)")
         if meta_path.exists():
             meta = read_json(meta_path, "the dataset run's manifest")
             if meta.get("format") != FORMAT or meta.get("version") != VERSION:
@@ -48,7 +50,11 @@ class Store:
         if self.out.exists() and any(self.out.iterdir()):
             raise DepassError(f"{self.out} is not empty and holds no dataset run ({META} is "
                               "missing): pass an empty or new directory")
-        (self.out / SHARDS).mkdir(parents=True, exist_ok=True)
+        try:
+            (self.out / SHARDS).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DepassError(f"cannot create the run's directory {self.out}: {e.strerror or e}; "
+                              "pass a directory you can write to") from None
         size, batches = plan()
         meta = {"format": FORMAT, "version": VERSION, "options": options, "batch_size": size,
                 "batches": batches}
