@@ -10,6 +10,7 @@ import importlib
 
 from tl_depass import models, moved
 from tl_depass.attribute import Attribution, attribute
+from tl_depass.dataset import run_dataset
 from tl_depass.decompose import decompose
 from tl_depass.decomposition import Decomposition
 from tl_depass.errors import DepassError, UnsupportedModelError
@@ -63,6 +64,7 @@ __all__ = [
     "estimate_memory",
     "load_results",
     "models",
+    "run_dataset",
     "tasks",
     "viz",
 ]
