@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from tl_depass import commands
+from tl_depass.app import dataset as dataset_command
 from tl_depass.app import explain as explanation
 from tl_depass.engine.backends import Model
 from tl_depass.engine.validate import unknown_words
@@ -82,6 +83,7 @@ def parser() -> argparse.ArgumentParser:
                    help="do not write the HTML report (and compute only --level)")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     sub.add_parser("models", help="list the bundled models and their tasks")
+    dataset_command.add_parser(sub)
     return p
 
 
@@ -91,6 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser().print_help()
         print("\nStart with:  tl-depass explain")
         return 0
+    if args.command == "dataset":
+        return dataset_command.run(args)  # prints its own errors
     run = list_models if args.command == "models" else lambda: explain(args)
     return commands.report_errors("tl-depass", run, (CliError, DepassError))
 

@@ -94,14 +94,11 @@ def run(args) -> int:
 
 
 def load(name: str, dtype: torch.dtype):
-    """The model: a bundled one or a .json/.safetensors pair in `dtype`, else the CLI's loader
-    (TransformerLens pretrained names)."""
+    """The model: a bundled name, a .json/.safetensors pair or a TransformerLens pretrained name,
+    in `dtype`."""
     from tl_depass import models
-    from tl_depass.app.cli import load_model
 
-    if name in models.names() or Path(name).suffix in (".json", ".safetensors"):
-        return models.load(name, dtype=dtype)
-    return load_model(name)[0].to(dtype)
+    return models.load_any(name, dtype=dtype)
 
 
 def read_jsonl(model, path: Path) -> tuple[list[str], list[int], list[int | None]]:
