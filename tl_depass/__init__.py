@@ -17,6 +17,8 @@ from tl_depass.errors import DepassError, UnsupportedModelError
 from tl_depass.evaluate import baselines, compare
 from tl_depass.levels import (
     Heads,
+    Label,
+    Level,
     Modules,
     Neurons,
     ParamComponents,
@@ -47,6 +49,8 @@ __all__ = [
     "Decomposition",
     "DepassError",
     "Heads",
+    "Label",
+    "Level",
     "MemoryEstimate",
     "Modules",
     "Neurons",

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from tl_depass.engine.backends import Model
 from tl_depass.errors import DepassError
 
 LEVELS = ("tokens", "heads", "modules", "neurons")
@@ -101,7 +102,7 @@ def load(name: str, dtype: torch.dtype):
     return models.load_any(name, dtype=dtype)
 
 
-def read_jsonl(model, path: Path) -> tuple[list[str], list[int], list[int | None]]:
+def read_jsonl(model: Model, path: Path) -> tuple[list[str], list[int], list[int | None]]:
     """Prompts, targets and wrong answers (None where a line has none), every line checked; a
     bad line is a DepassError naming its line number."""
     from tl_depass.dataset.runner import one_prompt

@@ -12,6 +12,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from tl_depass.engine.backends import Model
 from tl_depass.engine.validate import check_layers
 from tl_depass.errors import DepassError
 from tl_depass.levels import Heads, Modules, Neurons
@@ -23,7 +24,7 @@ COLUMNS = ["prompt", "component", "score", "kind", "layer", "unit", "position", 
 LEVELS = (TokensAt, Heads, Modules, Neurons)
 
 
-def structured(result, spec, model, n_pos: int, named_only: bool) -> list[Label]:
+def structured(result, spec, model: Model, n_pos: int, named_only: bool) -> list[Label]:
     """The structured label of each component of `result` (a Decomposition, or an Attribution
     when `named_only`): its `component_labels` where the result has them, else the same records
     built from the level, in the order the level lays its components out. The one place the
@@ -40,7 +41,7 @@ def structured(result, spec, model, n_pos: int, named_only: bool) -> list[Label]
             for x in labels]  # token names carry their string only in batches of one
 
 
-def level_labels(spec, model, n_pos: int) -> list[Label]:
+def level_labels(spec, model: Model, n_pos: int) -> list[Label]:
     """What `tl_depass.levels` lays out for `spec`, as structured labels."""
     if isinstance(spec, TokensAt):
         return [Label(f"tok {p}", "token", spec.layer, p) for p in range(n_pos)] + [

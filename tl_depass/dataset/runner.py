@@ -135,7 +135,7 @@ def progress_bar(batches: list[list[int]], items, done: list[list[int]], show: b
             bar.update(len(batch))
 
 
-def prepare(model, prompts, answers, wrong) -> list[Prompt]:
+def prepare(model: Model, prompts, answers, wrong) -> list[Prompt]:
     """Each prompt's token ids, answer and wrong answer, checked, with the prompt's index in
     every message."""
     n = len(prompts)
@@ -156,7 +156,7 @@ def prepare(model, prompts, answers, wrong) -> list[Prompt]:
     return out
 
 
-def one_prompt(model, prompt, answer, wrong) -> Prompt:
+def one_prompt(model: Model, prompt, answer, wrong) -> Prompt:
     if isinstance(prompt, str):
         if model.tokenizer is None:
             raise DepassError("a string prompt needs a tokenizer; pass token ids")
@@ -204,7 +204,7 @@ def batch_plan(items: list[Prompt], batch_size: int) -> list[list[int]]:
     return batches
 
 
-def auto_batch_size(model, spec, items: list[Prompt], mlp_rule: str) -> int:
+def auto_batch_size(model: Model, spec, items: list[Prompt], mlp_rule: str) -> int:
     """The largest power of two (at most 64, and the number of prompts) whose batch of the
     longest prompt `estimate_memory` fits in half the free memory in one forward. The forward
     path's estimate: more than the backward path needs."""
@@ -222,7 +222,7 @@ def auto_batch_size(model, spec, items: list[Prompt], mlp_rule: str) -> int:
     return size
 
 
-def score_batch(model, spec, method: str, mlp_rule: str, items: list[Prompt],
+def score_batch(model: Model, spec, method: str, mlp_rule: str, items: list[Prompt],
                 batch: list[int]) -> pd.DataFrame:
     """The table rows of the prompts `batch` (indices into `items`)."""
     chosen = [items[i] for i in batch]
@@ -256,7 +256,7 @@ def score_batch(model, spec, method: str, mlp_rule: str, items: list[Prompt],
     return frame(batch, lengths, labels, scores, metric, has_wrong)
 
 
-def clean_logits(model, tokens: Tensor, mask: Tensor | None, at: Tensor) -> Tensor:
+def clean_logits(model: Model, tokens: Tensor, mask: Tensor | None, at: Tensor) -> Tensor:
     """The clean logits (before any softcap, as `attribute` reads them) at `at`: [batch, d_vocab]."""
     got = {}
 

@@ -86,7 +86,7 @@ PATCHERS = {  # transformer_lens.patching function, result axes
 
 @public
 @serialised
-def with_patching(model, clean_tokens, corrupted_tokens, metric: Metric, level: Level = "heads",
+def with_patching(model: Model, clean_tokens, corrupted_tokens, metric: Metric, level: Level = "heads",
                   mlp_rule: str = "softmax") -> Comparison:
     """Run `transformer_lens.patching` at `level` (heads: attention head outputs, all positions;
     positions: resid_pre; mlp: MLP outputs by position) with `metric` (logits -> scalar), and
@@ -133,7 +133,7 @@ def head_ablation(model: Model, tokens: Int[Tensor, "batch pos"], metric: Metric
 
 @public
 @serialised
-def plain_ablation(model, tokens, metric: Metric) -> Float[Tensor, "layer head_index"]:
+def plain_ablation(model: Model, tokens, metric: Metric) -> Float[Tensor, "layer head_index"]:
     """metric(clean) − metric(with one head's output zeroed), for every head: plain zero
     ablation, everything downstream free to react (the causal effect). `frozen_ablation` holds
     attention patterns, norm scales and MLP activation ratios at their clean values instead."""
@@ -144,7 +144,7 @@ def plain_ablation(model, tokens, metric: Metric) -> Float[Tensor, "layer head_i
 
 @public
 @serialised
-def zero_ablation(model, tokens, metric: Metric, frozen: bool = True
+def zero_ablation(model: Model, tokens, metric: Metric, frozen: bool = True
                   ) -> Float[Tensor, "layer head_index"]:
     """Deprecated: `frozen_ablation` (frozen=True, the old default) or `plain_ablation`
     (frozen=False); the same numbers."""
@@ -159,7 +159,7 @@ def zero_ablation(model, tokens, metric: Metric, frozen: bool = True
 
 @public
 @serialised
-def frozen_ablation(model, tokens, metric: Metric) -> Float[Tensor, "layer head_index"]:
+def frozen_ablation(model: Model, tokens, metric: Metric) -> Float[Tensor, "layer head_index"]:
     """metric(clean) − metric(with one head's output zeroed), for every head, in the frozen model:
     attention patterns, norm scales and MLP activation ratios held at their clean values, where
     DePass with mlp_rule="ratio" must agree exactly (the intervention oracle)."""
