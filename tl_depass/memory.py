@@ -3,7 +3,7 @@ before anything is allocated, what is available (free RAM within the container's
 or free device memory), and the chunk size decompose runs with so that it fits.
 
 The terms themselves (results, clean run, transient peak) are counted in
-`tl_depass.engine.footprint`; this module turns them into bytes and decides.
+`tl_depass.footprint`; this module turns them into bytes and decides.
 """
 
 import inspect
@@ -16,12 +16,12 @@ from beartype import beartype
 from jaxtyping import Integer, jaxtyped
 from torch import Tensor
 
-from tl_depass.engine import footprint
+from tl_depass import footprint
 from tl_depass.engine.arguments import Tokens, check_call
 from tl_depass.engine.backends import Model, canonical_names
-from tl_depass.engine.footprint import count_components  # decompose calls memory.count_components
 from tl_depass.engine.validate import public
 from tl_depass.errors import DepassError
+from tl_depass.footprint import count_components  # decompose calls memory.count_components
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from tl_depass.engine.validate import NOT_DECOMPOSABLE, RESIDUAL
 from tl_depass.errors import DepassError
 
 if TYPE_CHECKING:  # levels build on the engine; the engine only reads their groups
-    from tl_depass.levels.base import Group
+    from tl_depass.engine.groups import Group
 
 # Hooks right after a bias is added (a Bridge's raw `o.hook_out` / `out.hook_out` fire where an
 # adapter that delegates attention to HF has no `hook_attn_out`; correcting twice is a no-op).

@@ -18,8 +18,8 @@ from torch import Tensor
 from tl_depass.engine import rules
 from tl_depass.engine.backends import Model, forward_as_recorded
 from tl_depass.engine.clean_run import CleanRun
+from tl_depass.engine.groups import Entry
 from tl_depass.engine.plan import MLPSite, Plan, mlp_site
-from tl_depass.levels.base import Entry
 
 __all__ = ["FoldedForward", "MLPSite", "Plan", "RuleSetup", "attend", "mlp_site"]
 

@@ -13,8 +13,6 @@ number of components. Each group's last component is its bias; its shares of eve
 sum to the clean activation.
 """
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from jaxtyping import Int
@@ -23,31 +21,7 @@ from torch import Tensor
 from tl_depass.engine import hooks
 from tl_depass.engine.backends import Model
 from tl_depass.engine.clean_run import CleanRun
-from tl_depass.levels.label import Label
-
-
-@dataclass
-class Entry:
-    """Where a group's components enter: at `hook`, component rows `offset .. offset+k` take
-    `rows(offset, k)`, the group's bias slot takes `bias` (None: zero)."""
-
-    hook: str
-    rows: Callable[[int, int], Tensor]
-    bias: Tensor | None = None
-
-
-@dataclass
-class Group:
-    """Components decomposed together: their shares sum to the clean activations. Several groups
-    (one per layer for heads) ride in one folded forward."""
-
-    labels: list[Label]  # one per component, then the group's bias
-    entries: list[Entry]
-
-    @property
-    def names(self) -> list[str]:
-        """The display strings of `labels` (what `dec.labels` shows)."""
-        return [label.name for label in self.labels]
+from tl_depass.engine.groups import Entry, Group, Label, stored  # noqa: F401 (the levels' vocabulary)
 
 
 @runtime_checkable
@@ -68,9 +42,6 @@ class Level(Protocol):
         ...
 
 
-def stored(hook: str, states: Tensor) -> Entry:
-    """Components whose states at `hook` are given: `states[c]` for component c."""
-    return Entry(hook, lambda offset, k: states[offset:offset + k])
 
 
 def one_hot_rows(n: int, offset: int, k: int, fill: dict[int, Tensor], like: Tensor) -> Tensor:
