@@ -23,7 +23,7 @@ from tl_depass import tasks
 from tl_depass.app import explain as report
 from tl_depass.app import html
 from tl_depass.app.cli import main
-from tl_depass.app.results import Explanation, Level
+from tl_depass.app.results import Explanation, LevelScores
 from tl_depass.levels.label import Label
 
 MODEL = "induction"
@@ -217,10 +217,10 @@ def test_render_from_a_saved_explanation(tmp_path):
 
 def test_render_a_constructed_explanation():
     """An Explanation built by hand (no model anywhere) renders: facts, tables and figures."""
-    heads = Level(["L0H0", "L0H1", "L1H0", "L1H1"], torch.tensor([0.5, -0.25, 1.0, 0.0]),
+    heads = LevelScores(["L0H0", "L0H1", "L1H0", "L1H1"], torch.tensor([0.5, -0.25, 1.0, 0.0]),
                   torch.tensor([0.4, -0.1, 0.9, 0.05]), 0.9, 0.8, {"blocks.0.hook_resid_pre": 1e-9},
                   components=[Label(f"L{layer}H{h}", "head", layer, h) for layer in (0, 1) for h in (0, 1)])
-    tokens = Level(["tok 0 a", "tok 1 b", "bias"], torch.tensor([0.75, 0.5, 0.0]),
+    tokens = LevelScores(["tok 0 a", "tok 1 b", "bias"], torch.tensor([0.75, 0.5, 0.0]),
                    completeness={"hook_embed": 2e-9})
     ex = Explanation("hand-made", ["a", "b"], " c", None, 1.25, "softmax", 1e-5, None, None,
                      {"tokens": tokens, "heads": heads}, torch.tensor([[0.75, 0.5], [0.25, 1.0]]), None)

@@ -12,7 +12,6 @@ with activation patching, and writes a self-contained HTML report (see `tl_depas
 
 import argparse
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -42,14 +41,6 @@ REST = {"heads": "each layer's residual stream before its heads",
 
 class CliError(Exception):
     """A problem with the command line: printed as one line, exit status 1."""
-
-
-@dataclass
-class Prompt:
-    tokens: Tensor  # [1, pos]
-    target: int
-    wrong: int | None
-    corrupted: Tensor | None  # [1, pos]
 
 
 def parser() -> argparse.ArgumentParser:
@@ -159,7 +150,7 @@ def token_id(model: Model, text: str, what: str) -> int:
     return ids[0]
 
 
-def read_prompt(model: Model, task: str | None, args) -> Prompt:
+def read_prompt(model: Model, task: str | None, args) -> explanation.Prompt:
     """The prompt, target, wrong answer and corrupted prompt from the arguments, with the
     bundled task's first prompt filling in what is not given."""
     wrong = corrupted = None
@@ -189,7 +180,8 @@ def read_prompt(model: Model, task: str | None, args) -> Prompt:
                            "logit(wrong) would be 0; pass another --wrong, or leave it out")
     if wrong == target:  # the task's wrong answer is the model's top prediction: explain the logit
         wrong = None
-    return Prompt(tokens, target, wrong, None if corrupted is None else corrupted.to(tokens.device))
+    return explanation.Prompt(tokens, target, wrong,
+                              None if corrupted is None else corrupted.to(tokens.device))
 
 
 def check_out(out: str) -> Path:
@@ -224,7 +216,7 @@ def explain(args) -> int:
         torch.set_num_threads(1)
     try:
         ex = explanation.explain(
-            model, explanation.Prompt(prompt.tokens, prompt.target, prompt.wrong, prompt.corrupted),
+            model, prompt,
             levels=levels, rule=args.rule, neuron_layer=args.layer, model_name=Path(args.model).stem,
             progress=not args.quiet, patch_limit=args.patch_limit)
     finally:

@@ -16,7 +16,7 @@ from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tl_depass.app.results import Explanation, Level, Prompt, top_table  # noqa: F401 (public here too)
+from tl_depass.app.results import Explanation, LevelScores, Prompt, top_table  # noqa: F401 (public here too)
 from tl_depass.decompose import decompose
 from tl_depass.engine.backends import Model
 from tl_depass.engine.hooks import attn_z, block_hook, resid_pre
@@ -118,7 +118,7 @@ def _explain(model: Model, prompt: Prompt, levels: Sequence[str], rule: str,
         levels = [name for name in levels if name != "neurons"]
     run = Run(model, tokens, corrupted, target, wrong, rule, patch_limit)
     bar = tqdm(levels, desc="tl-depass", disable=not progress, leave=False)
-    out: dict[str, Level] = {}
+    out: dict[str, LevelScores] = {}
     tokens_by_layer, tokens_patching, neuron_layer = run_levels(run, bar, out, neuron_layer)
     str_tokens = list(model.to_str_tokens(tokens[0])) if model.tokenizer is not None else [
         f"[{int(t)}]" for t in tokens[0]]
@@ -152,15 +152,15 @@ class Run:
         with torch.no_grad():
             return self.metric(self.model(self.corrupted))
 
-    def depass(self, spec, kinds: tuple[str, ...] | None = None) -> Level:
+    def depass(self, spec, kinds: tuple[str, ...] | None = None) -> LevelScores:
         """DePass scores of the components of `spec` whose kind is in `kinds` (None: all)."""
         dec = decompose(self.model, self.tokens, spec, mlp_rule=self.rule)
         scores = compare.metric_scores(self.model, dec, self.metric)
         keep = [i for i, label in enumerate(dec.component_labels) if kinds is None or label.kind in kinds]
-        return Level([dec.labels[i] for i in keep], scores[keep], completeness=worst_per_hook(dec),
+        return LevelScores([dec.labels[i] for i in keep], scores[keep], completeness=worst_per_hook(dec),
                      components=[dec.component_labels[i] for i in keep])
 
-    def positions(self) -> tuple[Level, Tensor, Tensor | None]:
+    def positions(self) -> tuple[LevelScores, Tensor, Tensor | None]:
         """Each position's residual entering each layer (layer 0: the token level)."""
         n = self.tokens.shape[1]
         level = self.depass(TokensAt(0))
@@ -180,7 +180,7 @@ class Run:
                           "positions differ, so ranks are mostly ties)")
         return level, by_layer, patched
 
-    def heads(self) -> Level:
+    def heads(self) -> LevelScores:
         level = self.depass(Heads(), ("head",))
         if self.corrupted is not None:  # as get_act_patch_attn_head_out_all_pos
             cfg = self.model.cfg
@@ -189,7 +189,7 @@ class Run:
                                              for h in range(cfg.n_heads)], 1))
         return level
 
-    def modules(self) -> Level:
+    def modules(self) -> LevelScores:
         level = self.depass(Modules(), ("attn", "mlp"))
         if self.corrupted is not None:
             sites = [(block_hook(label.layer, f"hook_{label.kind}_out"), ())
@@ -197,7 +197,7 @@ class Run:
             _set_patching(level, self.patch(sites))
         return level
 
-    def neurons(self, layer: int) -> Level:
+    def neurons(self, layer: int) -> LevelScores:
         level = self.depass(Neurons(layer), ("neuron",))
         if self.corrupted is not None:
             # One patched forward per neuron: above `patch_limit` neurons, patch a random sample
@@ -225,7 +225,7 @@ class Run:
         return patch_each(self.model, self.corrupted, units, self.metric, chunk) - self.corrupted_metric()
 
 
-def _set_patching(level: Level, effect: Tensor) -> None:
+def _set_patching(level: LevelScores, effect: Tensor) -> None:
     level.patching = effect.to(level.depass)
     level.pearson, level.spearman = correlation(level.depass, level.patching)
 

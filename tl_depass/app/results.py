@@ -1,5 +1,5 @@
 """What `tl_depass.app.explain` computes and `tl_depass.app.html` renders: the prompt explained
-(`Prompt`), each level's DePass scores, patching effects and their agreement (`Level`), and the
+(`Prompt`), each level's DePass scores, patching effects and their agreement (`LevelScores`), and the
 whole explanation (`Explanation`). Plain data: an Explanation saved with `torch.save` renders again
 without the model."""
 
@@ -14,7 +14,7 @@ from tl_depass.levels.label import Label
 
 
 @dataclass
-class Level:
+class LevelScores:
     """DePass scores (each component's share of the metric) at one level, and, when a corrupted
     prompt was given, the activation patching effect of each component (metric with that clean
     activation restored in the corrupted run, minus the corrupted metric)."""
@@ -50,7 +50,7 @@ class Explanation:
     tolerance: float
     corrupted: list[str] | None
     neuron_layer: int | None
-    levels: dict[str, Level]
+    levels: dict[str, LevelScores]
     tokens_by_layer: Float[Tensor, "layer pos"] | None  # each position's share entering each layer
     tokens_patching: Float[Tensor, "layer pos"] | None  # patching each position's resid_pre
 
@@ -77,7 +77,7 @@ class Prompt:
                               "length; pad or shorten one of them, or pass corrupted=None")
 
 
-def top_table(level: Level, k: int = 10) -> list[tuple[str, float, float | None]]:
+def top_table(level: LevelScores, k: int = 10) -> list[tuple[str, float, float | None]]:
     """The `k` components with the largest |DePass| share: (label, share, patching effect or None)."""
     order = level.depass.abs().argsort(descending=True)[:k].tolist()
     out = []

@@ -38,7 +38,7 @@ MAX_AUTO_BATCH = 64
 
 
 @dataclass(frozen=True)
-class Prompt:
+class Item:
     tokens: tuple[int, ...]
     target: int
     wrong: int | None
@@ -135,7 +135,7 @@ def progress_bar(batches: list[list[int]], items, done: list[list[int]], show: b
             bar.update(len(batch))
 
 
-def prepare(model: Model, prompts, answers, wrong) -> list[Prompt]:
+def prepare(model: Model, prompts, answers, wrong) -> list[Item]:
     """Each prompt's token ids, answer and wrong answer, checked, with the prompt's index in
     every message."""
     n = len(prompts)
@@ -156,7 +156,7 @@ def prepare(model: Model, prompts, answers, wrong) -> list[Prompt]:
     return out
 
 
-def one_prompt(model: Model, prompt, answer, wrong) -> Prompt:
+def one_prompt(model: Model, prompt, answer, wrong) -> Item:
     if isinstance(prompt, str):
         if model.tokenizer is None:
             raise DepassError("a string prompt needs a tokenizer; pass token ids")
@@ -180,15 +180,15 @@ def one_prompt(model: Model, prompt, answer, wrong) -> Prompt:
     if other == target:
         raise DepassError(f"the wrong answer is the answer ({answer!r}): their logit difference is "
                           "0; pass another wrong answer, or None")
-    return Prompt(tuple(ids), target, other)
+    return Item(tuple(ids), target, other)
 
 
-def digest(items: list[Prompt]) -> str:
+def digest(items: list[Item]) -> str:
     return hashlib.sha256(json.dumps([[p.tokens, p.target, p.wrong] for p in items]).encode()
                           ).hexdigest()
 
 
-def batch_plan(items: list[Prompt], batch_size: int) -> list[list[int]]:
+def batch_plan(items: list[Item], batch_size: int) -> list[list[int]]:
     """Batches of prompt indices: sorted by (has a wrong answer, length), so that a batch holds
     prompts of about one length and one readout."""
     order = sorted(range(len(items)), key=lambda i: (items[i].wrong is not None,
@@ -204,7 +204,7 @@ def batch_plan(items: list[Prompt], batch_size: int) -> list[list[int]]:
     return batches
 
 
-def auto_batch_size(model: Model, spec, items: list[Prompt], mlp_rule: str) -> int:
+def auto_batch_size(model: Model, spec, items: list[Item], mlp_rule: str) -> int:
     """The largest power of two (at most 64, and the number of prompts) whose batch of the
     longest prompt `estimate_memory` fits in half the free memory in one forward. The forward
     path's estimate: more than the backward path needs."""
@@ -222,7 +222,7 @@ def auto_batch_size(model: Model, spec, items: list[Prompt], mlp_rule: str) -> i
     return size
 
 
-def score_batch(model: Model, spec, method: str, mlp_rule: str, items: list[Prompt],
+def score_batch(model: Model, spec, method: str, mlp_rule: str, items: list[Item],
                 batch: list[int]) -> pd.DataFrame:
     """The table rows of the prompts `batch` (indices into `items`)."""
     chosen = [items[i] for i in batch]
