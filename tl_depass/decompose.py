@@ -74,7 +74,7 @@ def decompose(
     keep: Keep = None,
     chunk_size: int | None = None,
     max_memory: int | None = None,
-    logits: Logits = "all",
+    logits: Logits = "last",
 ) -> Decomposition:
     """Split every kept activation and the logits of `model` on `tokens` into exact additive
     shares of `components` (plus a last "bias" component), with attention patterns, norm scales
