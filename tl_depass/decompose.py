@@ -85,8 +85,9 @@ def decompose(
     `logits`: whose logits are decomposed: "last" (the default since 0.2.0: each row's last
     unpadded token), a position (int) or one per row (tensor [batch]) (`dec.logits`
     [component, batch, d_vocab], positions in `dec.logit_positions`), "all" (`dec.logits`
-    [component, batch, pos, d_vocab], the default before 0.2.0), or None (no logits). Only the kept positions are unembedded; `dec.clean_logits` stays the full clean
-    logits, `dec.clean["logits"]` has `dec.logits`' positions."""
+    [component, batch, pos, d_vocab], the default before 0.2.0), or None (no logits). Only the
+    kept positions are unembedded; `dec.clean_logits` stays the full clean logits,
+    `dec.clean["logits"]` has `dec.logits`' positions."""
     call = check_call(model, tokens, components, mlp_rule=mlp_rule, temperature=temperature,
                       attention_mask=attention_mask, ignore_bos=ignore_bos, pos_embed=pos_embed,
                       keep=keep, chunk_size=chunk_size, logits=logits)
