@@ -13,7 +13,11 @@ def test_labels_and_shapes(model):
     dec = tl_depass.decompose(model, tokens)
     assert dec.labels[-1] == "bias" and len(dec.labels) == tokens.shape[1] + 1
     assert dec.labels[1] == f"tok 1 [{int(tokens[0, 1])}]"
-    assert dec.logits.shape == (len(dec.labels), 1, tokens.shape[1], model.cfg.d_vocab)
+    # logits="last" (the default since 0.2.0): [component, batch, d_vocab] at each row's last token
+    assert dec.logits.shape == (len(dec.labels), 1, model.cfg.d_vocab)
+    assert dec.logit_positions.tolist() == [tokens.shape[1] - 1]
+    every = tl_depass.decompose(model, tokens, logits="all")
+    assert every.logits.shape == (len(dec.labels), 1, tokens.shape[1], model.cfg.d_vocab)
     assert dec["blocks.1.hook_resid_post"].shape == (len(dec.labels), 1, tokens.shape[1], 16)
 
 

@@ -143,3 +143,27 @@ def test_wrong_shapes_are_refused_by_name():
         tl_depass.Attribution(att.labels, shares=att.shares.T, method="backward")
     with pytest.raises(DepassError, match="model must be .*transformer_lens"):
         tl_depass.attribute(torch.nn.Linear(2, 2), tokens, answer=1)
+
+
+@pytest.mark.parametrize("level", ["tokens", "heads", "neurons"])
+def test_backward_unembeds_only_the_read_positions(level):
+    """The backward path's frozen forward unembeds one position per batch row (the read one), not
+    [batch, pos, d_vocab]; the shares stay those of the forward path, padding included."""
+    model = make_model()
+    tokens = random_tokens(model, batch=2)
+    mask = torch.ones_like(tokens)
+    mask[0, 5:] = 0  # right padding: row 0 is read at 4
+    tokens = tokens.masked_fill(mask == 0, 0)
+    pos = torch.tensor([4, 7])
+    shapes = []
+    model.add_hook("unembed.hook_out", lambda x, hook: shapes.append(tuple(x.shape)))
+    try:
+        bwd = tl_depass.attribute(model, tokens, LEVELS[level], answer=3, wrong=5, pos=pos,
+                                  attention_mask=mask, mlp_rule="ratio", method="backward")
+    finally:
+        model.reset_hooks()
+    batch, n = tokens.shape
+    assert shapes == [(batch, n, model.cfg.d_vocab), (batch, 1, model.cfg.d_vocab)], shapes  # clean, frozen
+    fwd = tl_depass.attribute(model, tokens, LEVELS[level], answer=3, wrong=5, pos=pos,
+                              attention_mask=mask, mlp_rule="ratio", method="forward")
+    close(bwd.shares, fwd.shares, f"{level} backward vs forward")

@@ -23,7 +23,7 @@ def assert_complete(dec: tl_depass.Decomposition, dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("arch", MATRIX)
 def test_completeness_float64(arch, rule):
     model = make_model(**MATRIX[arch])
-    dec = tl_depass.decompose(model, random_tokens(model), mlp_rule=rule, keep=ALL_HOOKS)
+    dec = tl_depass.decompose(model, random_tokens(model), mlp_rule=rule, keep=ALL_HOOKS, logits="all")
     assert len(dec.completeness_error()) > 2 * model.cfg.n_layers
     assert_complete(dec, torch.float64)
 
@@ -31,7 +31,7 @@ def test_completeness_float64(arch, rule):
 @pytest.mark.parametrize("arch", MATRIX)
 def test_completeness_float32(arch):
     model = make_model(dtype=torch.float32, **MATRIX[arch])
-    dec = tl_depass.decompose(model, random_tokens(model), keep=ALL_HOOKS)
+    dec = tl_depass.decompose(model, random_tokens(model), keep=ALL_HOOKS, logits="all")
     assert_complete(dec, torch.float32)
 
 
@@ -40,7 +40,7 @@ def test_processed_weights(rule):
     model = make_model()
     model.process_weights_(**PROCESSED)
     assert model.cfg.normalization_type == "LNPre"
-    dec = tl_depass.decompose(model, random_tokens(model), mlp_rule=rule, keep=ALL_HOOKS)
+    dec = tl_depass.decompose(model, random_tokens(model), mlp_rule=rule, keep=ALL_HOOKS, logits="all")
     assert_complete(dec, torch.float64)
 
 
@@ -49,7 +49,7 @@ def test_causality(arch):
     """Token p's component is exactly zero at every position before p, at every hook."""
     model = make_model(**MATRIX[arch])
     tokens = random_tokens(model)
-    dec = tl_depass.decompose(model, tokens, keep=ALL_HOOKS)
+    dec = tl_depass.decompose(model, tokens, keep=ALL_HOOKS, logits="all")
     for hook, value in dec.results.items():
         for p in range(tokens.shape[1]):
             leak = value[p, :, :p]

@@ -57,10 +57,67 @@ def test_chunked_runs_equal_one_forward_on_bridges(arch):
     model, tokens = model_and_tokens(arch)
     for spec in ("tokens", tl_depass.Heads()):
         what = f"{arch} {spec}"
-        whole = tl_depass.decompose(model, tokens, spec)
-        for logits in ("all", None):
+        whole = tl_depass.decompose(model, tokens, spec, logits="all")
+        last = tl_depass.decompose(model, tokens, spec)  # the default: each row's last token
+        for logits in ("all", "last", None):
             part = tl_depass.decompose(model, tokens, spec, chunk_size=2, logits=logits)
             for name in part.results:
-                atol = tl_depass.completeness_rtol(torch.float64) * whole[name].abs().max().item()
-                torch.testing.assert_close(part[name], whole[name], rtol=0, atol=atol,
+                ref = (last if logits == "last" else whole)[name]
+                atol = tl_depass.completeness_rtol(torch.float64) * ref.abs().max().item()
+                torch.testing.assert_close(part[name], ref, rtol=0, atol=atol,
                                            msg=lambda m, n=name, w=what: f"{w} {n}: {m}")
+
+
+@pytest.mark.parametrize("rule", ["ratio", "softmax"])
+@pytest.mark.parametrize("pos_embed", ["with_token", "separate"])
+def test_token_level_chunked_equals_whole_entry(rule, pos_embed, monkeypatch):
+    """The token level builds its entry states per chunk: every chunked run is bit-identical (in
+    float64) to the same run with the [pos, batch, pos, d_model] entry stack built whole, and
+    equals one forward (to the completeness tolerance: BLAS sums a chunk of rows in another
+    order than a whole batch, about 1e-16 apart, as it did before)."""
+    from tl_depass.levels import tokens as token_level
+    from tl_depass.levels.base import stored
+
+    model, tokens = model_and_tokens("hooked")
+    opts = dict(mlp_rule=rule, pos_embed=pos_embed, keep=None, logits="all")
+    whole = tl_depass.decompose(model, tokens, **opts)
+    lazy = {c: tl_depass.decompose(model, tokens, chunk_size=c, **opts) for c in (1, 2, 5)}
+
+    def whole_stack(hook, resid, extra=None):
+        states = token_level.by_position(resid)
+        return stored(hook, states if extra is None else torch.cat([states, extra[None]]))
+
+    monkeypatch.setattr(token_level, "position_entry", whole_stack)
+    for chunk, part in lazy.items():
+        eager = tl_depass.decompose(model, tokens, chunk_size=chunk, **opts)
+        assert set(part.results) == set(whole.results) == set(eager.results)
+        for name in whole.results:
+            torch.testing.assert_close(part[name], eager[name], rtol=0, atol=0,
+                                       msg=lambda m, n=name, c=chunk: f"chunk_size={c} {n}: {m}")
+            atol = tl_depass.completeness_rtol(torch.float64) * whole[name].abs().max().item()
+            torch.testing.assert_close(part[name], whole[name], rtol=0, atol=atol,
+                                       msg=lambda m, n=name, c=chunk: f"chunk_size={c} {n}: {m}")
+
+
+def test_token_level_entry_is_built_per_chunk(monkeypatch):
+    """With a small chunk_size the token level never builds its [pos, batch, pos, d_model] entry
+    stack whole: the largest entry block has chunk_size components (counted in this test only)."""
+    from tl_depass.levels import tokens as token_level
+
+    model, tokens = model_and_tokens("hooked")
+    built: list[tuple[int, ...]] = []
+    original = token_level.by_position
+
+    def counting(resid, offset=0, k=None):
+        out = original(resid, offset, k)
+        built.append(tuple(out.shape))
+        return out
+
+    monkeypatch.setattr(token_level, "by_position", counting)
+    n = tokens.shape[1]
+    tl_depass.decompose(model, tokens, mlp_rule="ratio", keep=[], chunk_size=2)
+    assert built and max(s[0] for s in built) == 2, built
+    assert sum(s[0] for s in built) == n, built  # each position's state built once
+    built.clear()
+    tl_depass.decompose(model, tokens, mlp_rule="ratio", keep=[])
+    assert [s[0] for s in built] == [n], built  # one chunk: the whole stack, once

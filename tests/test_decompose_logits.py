@@ -1,4 +1,4 @@
-"""decompose(logits=...): "all" (default), "last", None, one position, or one per row. The kept
+"""decompose(logits=...): "last" (the default), "all", None, one position, or one per row. The kept
 logits equal logits="all"'s at those positions, every other kept hook is unchanged, readouts at a
 kept position agree, other positions refuse, and the unembedding runs only on kept positions."""
 
@@ -90,7 +90,7 @@ def test_forms_equal_all(level, side):
     tokens, mask = padded(tokens, side)
     components, rule = LEVELS[level]
     opts = dict(mlp_rule=rule, attention_mask=mask, keep=None)
-    dec_all = tl_depass.decompose(model, tokens, components, **opts)
+    dec_all = tl_depass.decompose(model, tokens, components, **opts, logits="all")
     for form in FORMS:
         if side == "right" and form in (-2, "tensor"):
             continue  # a padded position: refused (test_bad_values)
@@ -102,7 +102,7 @@ def test_forms_equal_all(level, side):
 def test_bridge_forms_equal_all(form):
     model, tokens = bridge_model()
     tokens, mask = padded(tokens, "left" if form == "tensor" else "right")
-    dec_all = tl_depass.decompose(model, tokens, attention_mask=mask)
+    dec_all = tl_depass.decompose(model, tokens, attention_mask=mask, logits="all")
     dec = tl_depass.decompose(model, tokens, attention_mask=mask, logits=form_value(form, 2))
     check_against_all(dec_all, dec, form, mask)
 
@@ -122,9 +122,10 @@ def unembedded_shapes(model, tokens, **options) -> list[tuple[int, ...]]:
 def test_unembedding_only_kept_positions(backend):
     model, tokens = ht_model() if backend == "hooked" else bridge_model()
     batch, n = tokens.shape
-    everything = unembedded_shapes(model, tokens)
+    everything = unembedded_shapes(model, tokens, logits="all")
     folded = [s for s in everything if s[0] > batch]
     assert folded and all(s[1] == n for s in folded), everything  # logits="all": every position
+    assert unembedded_shapes(model, tokens) == unembedded_shapes(model, tokens, logits="last")
     for form in ("last", 2, torch.tensor([0, 5])):
         shapes = unembedded_shapes(model, tokens, logits=form)
         clean, folded = shapes[0], shapes[1:]
@@ -143,7 +144,7 @@ def test_readouts_equal_all():
     last = torch.tensor([3, 5])
     for components, scores in ((tl_depass.Heads(), "head_scores"),
                                (tl_depass.Neurons(1, [0, 3, 5]), "neuron_scores")):
-        dec_all = tl_depass.decompose(model, tokens, components, attention_mask=mask)
+        dec_all = tl_depass.decompose(model, tokens, components, attention_mask=mask, logits="all")
         dec = tl_depass.decompose(model, tokens, components, attention_mask=mask, logits="last")
         dec_pos = tl_depass.decompose(model, tokens, components, attention_mask=mask, logits=last)
         for d, pos in ((dec, -1), (dec, last), (dec_pos, last)):
@@ -209,7 +210,8 @@ def test_attribute_forward_unchanged():
     for pos in (last, 2):
         got = tl_depass.attribute(model, tokens, tl_depass.Heads(), answer=3, wrong=7, pos=pos,
                                   attention_mask=mask, method="forward")
-        dec = tl_depass.decompose(model, tokens, tl_depass.Heads(), attention_mask=mask, keep=[])
+        dec = tl_depass.decompose(model, tokens, tl_depass.Heads(), attention_mask=mask, keep=[],
+                                  logits="all")
         expected = dec.logit_attribution(3, 7, pos)
         named = [dec.labels.index(label) for label in got.labels]
         same(got.scores, expected[named].T, f"attribute forward at pos={pos}")
@@ -219,8 +221,9 @@ def test_estimate_shrinks():
     models = pytest.importorskip("tiny")
     model = models.make_model(n_ctx=512, d_vocab=50257, n_layers=1)  # GPT-2's vocabulary
     tokens = models.random_tokens(model, batch=1, pos=512)
-    full = tl_depass.estimate_memory(model, tokens, keep=[], max_memory=2**50)
+    full = tl_depass.estimate_memory(model, tokens, keep=[], max_memory=2**50, logits="all")
     last = tl_depass.estimate_memory(model, tokens, keep=[], max_memory=2**50, logits="last")
+    assert tl_depass.estimate_memory(model, tokens, keep=[], max_memory=2**50) == last  # default
     none = tl_depass.estimate_memory(model, tokens, keep=[], max_memory=2**50, logits=None)
     per_pos = full.components * 50257 * 8  # one position's logits, every component, float64
     assert full.results == 512 * per_pos
@@ -253,7 +256,8 @@ def test_bridge_readouts_and_attribute():
     model, tokens = bridge_model()
     tokens, mask = padded(tokens, "right")
     last = torch.tensor([3, 5])
-    dec_all = tl_depass.decompose(model, tokens, tl_depass.Heads(), attention_mask=mask, keep=[])
+    dec_all = tl_depass.decompose(model, tokens, tl_depass.Heads(), attention_mask=mask, keep=[],
+                                  logits="all")
     dec = tl_depass.decompose(model, tokens, tl_depass.Heads(), attention_mask=mask, keep=[],
                               logits="last")
     same(dec.logit_attribution(3, 7), dec_all.logit_attribution(3, 7, last), "logit_attribution")
@@ -272,7 +276,7 @@ def test_chunked(form):
     """Chunked runs (statistics sweeps for the non-linear rules) keep the same logits."""
     model, tokens = ht_model()
     tokens, mask = padded(tokens, "left")
-    dec_all = tl_depass.decompose(model, tokens, attention_mask=mask)
+    dec_all = tl_depass.decompose(model, tokens, attention_mask=mask, logits="all")
     dec = tl_depass.decompose(model, tokens, attention_mask=mask, logits=form, chunk_size=2)
     check_against_all(dec_all, dec, form, mask)
 
@@ -285,3 +289,40 @@ def test_metric_scores_needs_every_position(build):
     dec = tl_depass.decompose(model, tokens, logits="last")
     with pytest.raises(tl_depass.DepassError, match="logits='all'"):
         compare.metric_scores(model, dec, lambda logits: logits[:, -1, 3].sum())
+
+
+@pytest.mark.parametrize("side", ["none", "right", "left"])
+def test_default_keeps_each_rows_last_token(side):
+    """The default (0.2.0) is logits="last": [component, batch, d_vocab] at each row's last real
+    token. Every logit readout works with it at pos=-1 (or the kept positions) and refuses any
+    other position with a DepassError that names logits='all'."""
+    model, tokens = ht_model()
+    tokens, mask = padded(tokens, side)
+    n, rows = tokens.shape[1], torch.arange(2)
+    last = expected_positions("last", mask, n)
+    for components, scores in (("tokens", None), (tl_depass.Heads(), "head_scores"),
+                               (tl_depass.Neurons(1, [0, 3, 5]), "neuron_scores")):
+        dec = tl_depass.decompose(model, tokens, components, attention_mask=mask)
+        dec_all = tl_depass.decompose(model, tokens, components, attention_mask=mask, logits="all")
+        assert dec.logits_kept == "last" and dec.logits.shape == (len(dec.labels), 2, model.cfg.d_vocab)
+        torch.testing.assert_close(dec.logit_positions, last, rtol=0, atol=0)
+        same(dec.logits, dec_all.logits[:, rows, last], "default logits")
+        for pos in (-1, last):
+            same(dec.logit_attribution(3, 7, pos), dec_all.logit_attribution(3, 7, last),
+                 f"logit_attribution pos={pos}")
+            assert dec.to_frame(pos=pos).equals(dec_all.to_frame(pos=last))
+            if scores is not None:
+                torch.testing.assert_close(getattr(dec, scores)(3, 7, pos),
+                                           getattr(dec_all, scores)(3, 7, last), equal_nan=True)
+        top = dec_all.top_tokens(1, k=3, batch=1, pos=int(last[1]))
+        assert dec.top_tokens(1, k=3, batch=1) == top
+        # positions 2 and 3 are real in every row of every padding
+        refused = [lambda d: d.logit_attribution(3, pos=2), lambda d: d.logit_attribution(3, pos=-3),
+                   lambda d: d.logit_attribution(3, 7, pos=torch.tensor([3, 2])),
+                   lambda d: d.top_tokens(0, batch=0, pos=1), lambda d: d.to_frame(pos=2),
+                   lambda d: d.to_frame(3, 7, pos=2)]
+        if scores is not None:
+            refused.append(lambda d, s=scores: getattr(d, s)(3, 7, pos=2))
+        for call in refused:
+            with pytest.raises(DepassError, match="not kept.*logits='all'"):
+                call(dec)

@@ -31,7 +31,7 @@ def test_token_inputs_every_documented_form(ioi):
     text = "When Mary and John went to the store , John gave a drink to"
     as_tensor = ioi.to_tokens(text)
     for form, tokens in {"str": text, "list": [text], "tensor": as_tensor, "1-d": as_tensor[0]}.items():
-        dec = tl_depass.decompose(ioi, tokens)
+        dec = tl_depass.decompose(ioi, tokens, logits="all")
         complete(dec)
         torch.testing.assert_close(dec.logits.sum(0), ioi(as_tensor), msg=lambda m, f=form: f"{f}: {m}")
     assert dec.labels[-1] == "bias" and dec.labels[0].startswith("tok 0")
@@ -41,9 +41,9 @@ def test_a_list_of_prompts_is_padded_and_masked(ioi):
     """`decompose(model, ["prompt a", "prompt b"])`: prompts of different lengths get an attention
     mask, and each row equals that prompt alone."""
     short, long = "When Mary and John went to the store", "When Anna and Tom went to the park , Tom gave"
-    dec = tl_depass.decompose(ioi, [short, long])
+    dec = tl_depass.decompose(ioi, [short, long], logits="all")
     complete(dec)
-    alone = tl_depass.decompose(ioi, short)
+    alone = tl_depass.decompose(ioi, short, logits="all")
     n = alone.logits.shape[2]
     torch.testing.assert_close(dec.logits[:n, 0, :n], alone.logits[:-1, 0])
     torch.testing.assert_close(dec.logits[-1, 0, :n], alone.logits[-1, 0])
@@ -56,6 +56,9 @@ def test_readouts_with_string_answers(ioi):
     clean = ioi(ioi.to_tokens("When Mary and John went to the store , John gave a drink to"))[0, -1]
     mary, john = ioi.to_single_token(" Mary"), ioi.to_single_token(" John")
     torch.testing.assert_close(score.sum(0)[0], clean[mary] - clean[john])
+    # the default logits="last": [component, batch, d_vocab], summing to the last position's logits
+    assert dec.logits.shape == (len(dec.labels), 1, ioi.cfg.d_vocab)
+    torch.testing.assert_close(dec.logits.sum(0), clean[None])
     frame = dec.to_frame()
     assert isinstance(frame, pd.DataFrame) and {"component", "batch", "score"} <= set(frame.columns)
 

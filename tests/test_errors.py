@@ -63,7 +63,7 @@ def test_readout_errors(model):
     tokens = random_tokens(model)
     mask = torch.ones_like(tokens)
     mask[1, -2:] = 0
-    dec = tl_depass.decompose(model, tokens, attention_mask=mask)
+    dec = tl_depass.decompose(model, tokens, attention_mask=mask, logits="all")
     with pytest.raises(DepassError, match="padding in batch rows"):
         dec.logit_attribution(3)
     with pytest.raises(DepassError, match="outside the vocabulary"):

@@ -96,7 +96,7 @@ def test_estimate_within_2x_of_the_measured_peak(model, case):
 
 def test_estimate_counts_components_and_results(model):
     tokens = tokens_for(model, 10, batch=2)
-    est = tl_depass.estimate_memory(model, tokens, keep=[], max_memory=HUGE)
+    est = tl_depass.estimate_memory(model, tokens, keep=[], max_memory=HUGE, logits="all")
     cfg, item = model.cfg, next(model.parameters()).element_size()
     assert est.components == 11 and est.chunk_size is None
     assert est.results == 11 * 2 * 10 * cfg.d_vocab * item  # the logits only

@@ -262,7 +262,7 @@ def library_decompose():
 
 def run_library(model, tokens, rule, ignore_bos):
     dec = library_decompose()(model, tokens, components="tokens", mlp_rule=rule, temperature=0.1,
-                              ignore_bos=ignore_bos, keep=residual_hooks(model))
+                              ignore_bos=ignore_bos, keep=residual_hooks(model), logits="all")
     n_pos = tokens.shape[1]
     assert len(dec.labels) == n_pos + 1 and dec.labels[-1] == "bias", dec.labels
     return {**{h: dec[h] for h in residual_hooks(model)}, "logits": dec.logits}

@@ -29,6 +29,8 @@ def ht_case(case: str):
     tokens = models.random_tokens(model, batch=2, pos=6)
     if case == "tokens":
         return model, tl_depass.decompose(model, tokens), -1
+    if case == "tokens all":  # every position's logits, [component, batch, pos, d_vocab]
+        return model, tl_depass.decompose(model, tokens, logits="all"), -1
     if case == "heads":
         return model, tl_depass.decompose(model, tokens, tl_depass.Heads(), mlp_rule="ratio"), -1
     if case == "neurons":
@@ -76,7 +78,7 @@ def saved_padded(path: Path) -> Decomposition:
     return dec
 
 
-CASES = ["tokens", "heads", "neurons", "padded", "bridge heads", "bridge padded"]
+CASES = ["tokens", "tokens all", "heads", "neurons", "padded", "bridge heads", "bridge padded"]
 
 
 @pytest.fixture(params=CASES)
@@ -113,7 +115,10 @@ def test_readouts_work_offline(saved):
     live_top, offline_top = dec.top_tokens(0, k=3), loaded.top_tokens(0, k=3)
     assert [s for _, s in offline_top] == [s for _, s in live_top], case
     assert [n for n, _ in offline_top] == [f"[{i}]" for i in
-                                          dec.logits[0, 0, -1].topk(3).indices.tolist()], case
+                                          (dec.logits[0, 0, -1] if dec.logit_positions is None
+                                           else dec.logits[0, 0]).topk(3).indices.tolist()], case
+    assert loaded.logits_kept == dec.logits_kept == ("all" if case == "tokens all" else "last")
+    same(loaded.logit_positions, dec.logit_positions, f"{case}: logit_positions")
     if "heads" in case:
         same(loaded.head_scores(answer, wrong), dec.head_scores(answer, wrong), f"{case}: heads")
     if case == "neurons":

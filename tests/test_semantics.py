@@ -25,9 +25,9 @@ def test_ratio_linearity(arch):
     g = torch.Generator().manual_seed(3)
     a, b = torch.randn((2, *tokens.shape, model.cfg.d_model), generator=g, dtype=torch.float64)
     apart = tl_depass.decompose(model, tokens, split_at(model, tokens, hook, torch.stack([a, b])),
-                                mlp_rule="ratio", keep=lambda n: True)
+                                mlp_rule="ratio", keep=lambda n: True, logits="all")
     joint = tl_depass.decompose(model, tokens, split_at(model, tokens, hook, (a + b)[None]),
-                                mlp_rule="ratio", keep=lambda n: True)
+                                mlp_rule="ratio", keep=lambda n: True, logits="all")
     for name in joint.results:
         close(joint[name][0], apart[name][0] + apart[name][1], name)
         close(joint[name][-1], apart[name][-1], f"{name} (bias)")
@@ -54,7 +54,7 @@ def test_intervention_oracle(position):
     activation by exactly that token's share."""
     model = make_model()
     tokens = random_tokens(model)
-    dec = tl_depass.decompose(model, tokens, mlp_rule="ratio", keep=lambda n: True)
+    dec = tl_depass.decompose(model, tokens, mlp_rule="ratio", keep=lambda n: True, logits="all")
     _, cache = model.run_with_cache(tokens)
     hooks = frozen_model_hooks(cache, model)
     removed = {}
@@ -82,10 +82,10 @@ def test_intervention_oracle(position):
 def test_chunking_is_exact(arch, rule):
     model = make_model(**MATRIX[arch])
     tokens = random_tokens(model, pos=9)
-    whole = tl_depass.decompose(model, tokens, mlp_rule=rule, ignore_bos=int(tokens[0, 0]))
+    whole = tl_depass.decompose(model, tokens, mlp_rule=rule, ignore_bos=int(tokens[0, 0]), logits="all")
     for size in (1, 2, 4):
         part = tl_depass.decompose(model, tokens, mlp_rule=rule, ignore_bos=int(tokens[0, 0]),
-                                   chunk_size=size)
+                                   chunk_size=size, logits="all")
         for name in whole.results:
             close(part[name], whole[name], f"{name}, chunk_size={size}")
 
@@ -94,9 +94,9 @@ def test_chunking_is_exact(arch, rule):
 def test_batch_equals_one_at_a_time(rule):
     model = make_model(**MATRIX["llama_gqa"])
     tokens = random_tokens(model, batch=3)
-    batched = tl_depass.decompose(model, tokens, mlp_rule=rule)
+    batched = tl_depass.decompose(model, tokens, mlp_rule=rule, logits="all")
     for b in range(3):
-        single = tl_depass.decompose(model, tokens[b:b + 1], mlp_rule=rule)
+        single = tl_depass.decompose(model, tokens[b:b + 1], mlp_rule=rule, logits="all")
         for name in single.results:
             close(batched[name][:, b:b + 1], single[name], f"{name}, row {b}")
 
@@ -114,8 +114,8 @@ def test_padding(arch, side):
         mask[1, :3] = 0
     else:
         mask[1, 5:] = 0
-    dec = tl_depass.decompose(model, torch.cat([long, padded]), attention_mask=mask)
-    alone = tl_depass.decompose(model, short)
+    dec = tl_depass.decompose(model, torch.cat([long, padded]), attention_mask=mask, logits="all")
+    alone = tl_depass.decompose(model, short, logits="all")
     real = slice(3, 8) if side == "left" else slice(0, 5)
     pads = [0, 1, 2] if side == "left" else [5, 6, 7]
     assert max(dec.completeness_error().values()) <= tl_depass.completeness_rtol(torch.float64)

@@ -41,7 +41,7 @@ def __getattr__(name: str):
         return importlib.import_module("tl_depass.app.viz")
     raise AttributeError(f"module 'tl_depass' has no attribute {name!r}")
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "COMPLETENESS_RTOL",

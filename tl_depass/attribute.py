@@ -173,9 +173,23 @@ def sites(spec, model: Model, clean: CleanRun, tokens: Int[Tensor, "batch pos"])
     raise TypeError(f"no backward sites for {type(spec).__name__}")  # attribute() checks first
 
 
+def read_rows(at: Int[Tensor, " batch"]) -> Callable:
+    """At `unembed.hook_in`: only the read position of each batch row goes on to the unembedding
+    ([batch, 1, d_model]), so the logits of no other position are computed (nor differentiated)."""
+    def hook(x, hook):
+        rows = torch.arange(at.shape[0], device=x.device)
+        if x.ndim == 2:  # a model that flattens the token axes: [batch*pos, d_model]
+            return x.unflatten(0, (at.shape[0], -1))[rows, at]
+        return x[rows, at][:, None]
+    return hook
+
+
 def backward(model: Model, tokens: Int[Tensor, "batch pos"], mask: Int[Tensor, "batch pos"] | None,
-             spec, readout: Callable[[Tensor], Tensor]
+             spec, readout: Callable[[Tensor], Tensor], at: Int[Tensor, " batch"]
              ) -> tuple[list[str], Float[Tensor, "component batch"]]:
+    """Gradient x activation through the frozen model for the readout of the logits at `at`
+    (`readout`: [batch, d_vocab] -> a scalar): the clean run is recorded once, then one forward
+    with the frozen hooks and one backward."""
     entry = spec.hook if isinstance(spec, TokensAt) else None
     clean = record_clean_run(model, tokens, mask, lambda n: n.endswith(FROZEN_INPUTS)
                              or n == entry)
@@ -195,10 +209,10 @@ def backward(model: Model, tokens: Int[Tensor, "batch pos"], mask: Int[Tensor, "
     # hooks replace (hook_z, the MLP activation) after.
     hooks = ([(n, capture(n)) for n in dict.fromkeys([first, *before])] + frozen_hooks(model, clean)
              + [(n, capture(n)) for n in dict.fromkeys(names) if n not in before and n != first]
-             + [("unembed.hook_out", capture("logits"))])
+             + [("unembed.hook_in", read_rows(at)), ("unembed.hook_out", capture("logits"))])
     with torch.enable_grad(), forward_as_recorded(model), model.hooks(fwd_hooks=hooks):
         model(tokens, attention_mask=mask)
-        value = readout(captured.pop("logits"))
+        value = readout(captured.pop("logits").reshape(tokens.shape[0], -1))  # [batch, d_vocab]
         grads = dict(zip(names, torch.autograd.grad(value, [captured[n] for n in names],
                                                     retain_graph=True), strict=True))
         scores = []
@@ -270,12 +284,12 @@ def attribute(
     other = None if wrong is None else check_wrong(
         right, answer_ids(model, wrong, batch, model.cfg.d_vocab, tokens.device))
 
-    def readout(logits):
-        value = logits[rows, at, right]
-        return (value if other is None else value - logits[rows, at, other]).sum()
+    def readout(logits):  # [batch, d_vocab]: the read position of each row
+        value = logits[rows, right]
+        return (value if other is None else value - logits[rows, other]).sum()
 
     memory.check_backward(model, tokens, max_memory)
-    labels, shares = backward(model, tokens, mask, spec, readout)
+    labels, shares = backward(model, tokens, mask, spec, readout, at)
     if mask is not None and isinstance(spec, TokensAt):  # component = position here
         shares = shares.masked_fill(mask.T == 0, 0)
     return Attribution(labels, shares=shares, method="backward")

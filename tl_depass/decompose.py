@@ -74,7 +74,7 @@ def decompose(
     keep: Keep = None,
     chunk_size: int | None = None,
     max_memory: int | None = None,
-    logits: Logits = "all",
+    logits: Logits = "last",
 ) -> Decomposition:
     """Split every kept activation and the logits of `model` on `tokens` into exact additive
     shares of `components` (plus a last "bias" component), with attention patterns, norm scales
@@ -82,11 +82,12 @@ def decompose(
     Before anything is allocated, the memory the call needs (`estimate_memory`) is checked
     against what is free (or `max_memory` bytes); `chunk_size=None` runs the largest chunk of
     components per forward that fits.
-    `logits`: whose logits are decomposed: "all" (`dec.logits` [component, batch, pos, d_vocab]),
-    "last" (each row's last unpadded token), a position (int) or one per row (tensor [batch])
-    (`dec.logits` [component, batch, d_vocab], positions in `dec.logit_positions`), or None (no
-    logits). Only the kept positions are unembedded; `dec.clean_logits` stays the full clean
-    logits, `dec.clean["logits"]` has `dec.logits`' positions."""
+    `logits`: whose logits are decomposed: "last" (the default since 0.2.0: each row's last
+    unpadded token), a position (int) or one per row (tensor [batch]) (`dec.logits`
+    [component, batch, d_vocab], positions in `dec.logit_positions`), "all" (`dec.logits`
+    [component, batch, pos, d_vocab], the default before 0.2.0), or None (no logits). Only the
+    kept positions are unembedded; `dec.clean_logits` stays the full clean logits,
+    `dec.clean["logits"]` has `dec.logits`' positions."""
     call = check_call(model, tokens, components, mlp_rule=mlp_rule, temperature=temperature,
                       attention_mask=attention_mask, ignore_bos=ignore_bos, pos_embed=pos_embed,
                       keep=keep, chunk_size=chunk_size, logits=logits)

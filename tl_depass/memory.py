@@ -158,8 +158,8 @@ def check_fits(est: MemoryEstimate, chunk_given: bool, keeps_hooks: bool) -> Non
     raise DepassError(f"decompose would need about {size(est.total)}{chunk} ({size(est.results)} "
                       f"results, {size(est.clean)} clean run, {size(est.transient)} for a forward) "
                       f"but {size(est.available)} is available; lower it with {', '.join(ways)}. "
-                      "With logits='all' (the default) the logits are returned for every position: "
-                      "[component, batch, pos, d_vocab]; logits='last' keeps one per row")
+                      "With logits='all' the logits are returned for every position: "
+                      "[component, batch, pos, d_vocab]; logits='last' (the default) keeps one per row")
 
 
 def planned(model: Model, tokens: Integer[Tensor, "batch pos"], mask: Integer[Tensor, "batch pos"] | None,

@@ -183,7 +183,7 @@ def test_softcapped_metric_is_the_pre_softcap_logit_difference(prompts, rule):
     for p, ids in enumerate(prompts):
         rows = table[table["prompt"] == p]
         dec = tl_depass.decompose(capped, ids[None], mlp_rule=rule)
-        logits = dec.logits.sum(0)[0, -1]  # the sum of the shares: before the softcap
+        logits = dec.logits.sum(0)[0]  # the sum of the shares (last token): before the softcap
         metric = logits[ANSWERS[p]] - (0 if WRONG[p] is None else logits[WRONG[p]])
         tiny.close(torch.tensor(rows["clean_metric"].iloc[0]), metric.double(), f"prompt {p}")
         tiny.close(torch.tensor(rows["score"].sum()), metric.double(), f"prompt {p}: the rows")

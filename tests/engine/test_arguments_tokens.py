@@ -32,9 +32,9 @@ def test_string_prompt_labels(model):
 
 
 def test_list_of_prompts_is_padded_and_masked(model):
-    dec = tl_depass.decompose(model, ["w1 w2 w3 w4", "w5 w6"])
+    dec = tl_depass.decompose(model, ["w1 w2 w3 w4", "w5 w6"], logits="all")
     assert dec.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
-    alone = tl_depass.decompose(model, "w5 w6")
+    alone = tl_depass.decompose(model, "w5 w6", logits="all")
     torch.testing.assert_close(dec.logits[:3, 1, :3], alone.logits[:3, 0])
     with pytest.raises(tl_depass.DepassError, match="padding"):
         dec.logit_attribution("w3")

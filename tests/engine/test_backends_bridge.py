@@ -44,7 +44,7 @@ def test_completeness_every_level(arch, compat):
              (tl_depass.Heads(), "softmax"), (tl_depass.Modules(), "ratio"),
              (tl_depass.Neurons(1), "softmax")]
     for components, rule in cases:
-        dec = tl_depass.decompose(bridge, tokens, components, mlp_rule=rule)
+        dec = tl_depass.decompose(bridge, tokens, components, mlp_rule=rule, logits="all")
         for hook, err in dec.completeness_error().items():
             assert err <= F64, f"{arch} {components} {rule}: {hook} off by {err:.1e}"
         # The clean run is the model computed in float64 throughout (HF's float32 ops redone in
@@ -71,7 +71,7 @@ def test_linear_rule_equals_frozen_zero_ablation(arch):
     """The intervention oracle on a Bridge: removing a head in the frozen model moves the metric
     by exactly its ratio-rule share (also for adapters that delegate attention to HF)."""
     bridge, _, tokens = bridge_or_skip(arch, False)
-    dec = tl_depass.decompose(bridge, tokens, tl_depass.Heads(), mlp_rule="ratio")
+    dec = tl_depass.decompose(bridge, tokens, tl_depass.Heads(), mlp_rule="ratio", logits="all")
     shares = compare.metric_scores(bridge, dec, logit_diff).reshape(2, -1)[:, 1:-1]
     oracle = compare.frozen_ablation(bridge, tokens, logit_diff)
     torch.testing.assert_close(shares, oracle, rtol=0, atol=F64 * oracle.abs().max().item(),
@@ -111,7 +111,7 @@ def test_bridge_equals_hooked_transformer(arch):
     # HF's float32 RMSNorm makes the two models themselves differ by ~1e-7 (Llama)
     rtol = upstream_rtol(arch, torch.float64)
     for components in ["tokens", tl_depass.Heads(), tl_depass.Neurons(1)]:
-        ours, theirs = (tl_depass.decompose(m, tokens, components) for m in (ht, bridge))
+        ours, theirs = (tl_depass.decompose(m, tokens, components, logits="all") for m in (ht, bridge))
         assert ours.labels == theirs.labels and set(ours.results) == set(theirs.results)
         for name, value in ours.results.items():
             torch.testing.assert_close(theirs[name], value, rtol=0, atol=rtol * value.abs().max().item(),
@@ -126,8 +126,8 @@ def test_right_padding(arch):
     padded = torch.cat([tokens[:1], torch.cat([short, torch.zeros(1, 3, dtype=torch.long)], 1)])
     mask = torch.ones(2, 7, dtype=torch.long)
     mask[1, 4:] = 0
-    dec = tl_depass.decompose(bridge, padded, attention_mask=mask)
-    alone = tl_depass.decompose(bridge, short)
+    dec = tl_depass.decompose(bridge, padded, attention_mask=mask, logits="all")
+    alone = tl_depass.decompose(bridge, short, logits="all")
     for name, value in alone.results.items():
         torch.testing.assert_close(dec[name][:4, 1, :4], value[:-1, 0], msg=lambda m, n=name: f"{n}: {m}")
         torch.testing.assert_close(dec[name][-1, 1, :4], value[-1, 0], msg=lambda m, n=name: f"{n}: {m}")

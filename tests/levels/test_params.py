@@ -93,7 +93,8 @@ def logit_diff(logits):
 def test_linear_rule_equals_removing_the_subcomponent_in_the_frozen_model(setup, site):
     model, tokens, sites = setup
     s = sites[site]
-    dec = tl_depass.decompose(model, tokens, tl_depass.ParamComponents(Decomp([s])), mlp_rule="ratio")
+    dec = tl_depass.decompose(model, tokens, tl_depass.ParamComponents(Decomp([s])), mlp_rule="ratio",
+                              logits="all")
     shares = compare.metric_scores(model, dec, logit_diff)
     clean = record_clean_run(model, tokens, None, lambda n: n.endswith(FROZEN_INPUTS) or n == s.input_hook)
     x = clean[s.input_hook]

@@ -77,9 +77,9 @@ def test_one_layer_head_scores_are_direct_logit_attribution():
 def test_all_layers_at_once_equal_one_layer_at_a_time(rule):
     model = make_model(n_layers=3, **MATRIX["llama_gqa"])
     tokens = random_tokens(model)
-    together = tl_depass.decompose(model, tokens, Heads(), mlp_rule=rule)
+    together = tl_depass.decompose(model, tokens, Heads(), mlp_rule=rule, logits="all")
     for layer in range(3):
-        alone = tl_depass.decompose(model, tokens, Heads([layer]), mlp_rule=rule)
+        alone = tl_depass.decompose(model, tokens, Heads([layer]), mlp_rule=rule, logits="all")
         group = together.groups[layer]
         assert together.labels[group] == alone.labels
         for name in alone.results:
@@ -90,8 +90,8 @@ def test_all_layers_at_once_equal_one_layer_at_a_time(rule):
 def test_head_chunking_is_exact(rule):
     model = make_model(**MATRIX["gpt2_ln"])
     tokens = random_tokens(model)
-    whole = tl_depass.decompose(model, tokens, Heads(), mlp_rule=rule)
-    part = tl_depass.decompose(model, tokens, Heads(), mlp_rule=rule, chunk_size=3)
+    whole = tl_depass.decompose(model, tokens, Heads(), mlp_rule=rule, logits="all")
+    part = tl_depass.decompose(model, tokens, Heads(), mlp_rule=rule, chunk_size=3, logits="all")
     for name in whole.results:
         close(part[name], whole[name], name)
 
@@ -123,8 +123,8 @@ def test_neurons_post_mlp_residual(arch):
 def test_neuron_chunks_equal_unchunked(rule):
     model = make_model()
     tokens = random_tokens(model)
-    whole = tl_depass.decompose(model, tokens, Neurons(0), mlp_rule=rule)
-    part = tl_depass.decompose(model, tokens, Neurons(0), mlp_rule=rule, chunk_size=7)
+    whole = tl_depass.decompose(model, tokens, Neurons(0), mlp_rule=rule, logits="all")
+    part = tl_depass.decompose(model, tokens, Neurons(0), mlp_rule=rule, chunk_size=7, logits="all")
     for name in whole.results:
         close(part[name], whole[name], name)
     assert whole.neuron_scores(3).shape == (2, model.cfg.n_layers, model.cfg.d_mlp)
@@ -190,7 +190,7 @@ def test_sae_features_sum_exactly():
 def test_zero_ablation_agrees_exactly_with_linear_rule():
     model = make_model(**MATRIX["llama_gqa"])
     tokens = random_tokens(model)
-    dec = tl_depass.decompose(model, tokens, Heads(), mlp_rule="ratio")
+    dec = tl_depass.decompose(model, tokens, Heads(), mlp_rule="ratio", logits="all")
     shares = compare.metric_scores(model, dec, logit_diff).reshape(model.cfg.n_layers, -1)[:, 1:-1]
     close(shares, compare.frozen_ablation(model, tokens, logit_diff), "frozen zero ablation")
     close(dec.head_scores(3, wrong=4).mean(0), shares, "head_scores")

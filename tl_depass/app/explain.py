@@ -154,7 +154,7 @@ class Run:
 
     def depass(self, spec, kinds: tuple[str, ...] | None = None) -> LevelScores:
         """DePass scores of the components of `spec` whose kind is in `kinds` (None: all)."""
-        dec = decompose(self.model, self.tokens, spec, mlp_rule=self.rule)
+        dec = decompose(self.model, self.tokens, spec, mlp_rule=self.rule, logits="all")
         scores = compare.metric_scores(self.model, dec, self.metric)
         keep = [i for i, label in enumerate(dec.component_labels) if kinds is None or label.kind in kinds]
         return LevelScores([dec.labels[i] for i in keep], scores[keep], completeness=worst_per_hook(dec),

@@ -42,7 +42,7 @@ class Checked:
 def check_call(model: object, tokens, components: object = "tokens", *, mlp_rule="softmax",
                temperature=0.1, attention_mask=None, ignore_bos=True,
                pos_embed: PosEmbed = "with_token", keep: Keep = None, chunk_size=None,
-               logits: object = "all") -> Checked:  # checked by logit_positions
+               logits: object = "last") -> Checked:  # checked by logit_positions
     """Every check decompose makes before it runs the model (DepassError on bad input; `model`
     is `object` because the first check is whether it is a `Model`)."""
     check_model(model)

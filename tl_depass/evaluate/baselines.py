@@ -208,7 +208,7 @@ def depass_tokens(model: Model, tokens: Int[Tensor, "batch pos"], answers: Int[T
     paper's special-token rule (None: the tokenizer's)."""
     dec = decompose(model, tokens, mlp_rule=mlp_rule, keep=[],
                     ignore_bos=True if bos is None else bos)
-    last = dec.logits[:, :, -1]  # [component batch d_vocab]
+    last = dec.logits  # [component batch d_vocab]: logits="last" (no padding: position -1)
     probs = dec.clean_logits[:, -1].softmax(-1).to(last)
     rows = torch.arange(tokens.shape[0])
     score = last[:, rows, answers] - einops.einsum(last, probs, "c b v, b v -> c b")

@@ -52,7 +52,7 @@ def metric_scores(model: Model, dec: Decomposition, metric: Metric) -> Float[Ten
     difference, say); the first-order share otherwise."""
     if dec.logit_positions is not None or "logits" not in dec.results:
         raise DepassError("metric_scores reads the logits at every position: decompose with "
-                          "logits='all' (the default)")
+                          "logits='all'")
     pre = dec.clean["logits"].detach().clone().requires_grad_(True)
     cap = model.cfg.output_logits_soft_cap
     with torch.enable_grad():
@@ -68,11 +68,11 @@ def depass_scores(model: Model, tokens: Tensor, metric: Metric, level: Level, ml
     if level == "positions":
         rows = []
         for layer in range(L):
-            dec = decompose(model, tokens, TokensAt(layer), mlp_rule=mlp_rule, keep=[])
+            dec = decompose(model, tokens, TokensAt(layer), mlp_rule=mlp_rule, keep=[], logits="all")
             rows.append(metric_scores(model, dec, metric)[:n])
         return torch.stack(rows)
     spec, width = (Heads(), model.cfg.n_heads) if level == "heads" else (MLPByPosition(), n)
-    dec = decompose(model, tokens, spec, mlp_rule=mlp_rule, keep=[])
+    dec = decompose(model, tokens, spec, mlp_rule=mlp_rule, keep=[], logits="all")
     scores = metric_scores(model, dec, metric).reshape(L, width + 2)
     return scores[:, 1:-1]  # drop each layer's rest and bias
 

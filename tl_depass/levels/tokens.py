@@ -13,7 +13,7 @@ from tl_depass.engine.backends import Model
 from tl_depass.engine.clean_run import CleanRun
 from tl_depass.engine.validate import public_fields
 from tl_depass.errors import DepassError
-from tl_depass.levels.base import Group, stored
+from tl_depass.levels.base import Entry, Group
 from tl_depass.levels.label import Label
 
 PosEmbed = Literal["with_token", "separate"]
@@ -29,10 +29,31 @@ def token_labels(model: Model, tokens: Int[Tensor, "batch pos"], prefix: str = "
     return [f"{prefix}tok {p} {s!r}" for p, s in enumerate(strs)]
 
 
-def by_position(resid: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "pos batch pos d_model"]:
-    """Component p holds `resid` at position p and zero elsewhere."""
-    eye = torch.eye(resid.shape[1], dtype=resid.dtype, device=resid.device)
-    return torch.einsum("cp,bpd->cbpd", eye, resid)
+def by_position(resid: Float[Tensor, "batch pos d_model"], offset: int = 0, k: int | None = None
+                ) -> Float[Tensor, "component batch pos d_model"]:
+    """Components offset .. offset+k (default: all) of the token level: component p holds `resid`
+    at position p and zero elsewhere. Built per chunk, so that the [pos, batch, pos, d_model]
+    stack never exists whole when chunk_size is small."""
+    n = resid.shape[1]
+    k = n - offset if k is None else min(k, n - offset)
+    out = resid.new_zeros((k, *resid.shape))
+    p = torch.arange(offset, offset + k, device=resid.device)
+    out[p - offset, :, p] = resid[:, p].transpose(0, 1)  # [k, batch, d_model]
+    return out
+
+
+def position_entry(hook: str, resid: Float[Tensor, "batch pos d_model"],
+                   extra: Tensor | None = None) -> Entry:
+    """The token level's entry: each chunk's rows built when the chunk runs; `extra`
+    [batch, pos, d_model] (the position embedding) is one more component after the positions."""
+    n = resid.shape[1]
+
+    def rows(offset: int, k: int) -> Tensor:
+        part = by_position(resid, offset, k)
+        if extra is None or offset + k <= n:
+            return part
+        return torch.cat([part, extra[None]])
+    return Entry(hook, rows)
 
 
 @public_fields
@@ -64,7 +85,7 @@ class TokensAt:
 
     def groups(self, model: Model, clean: CleanRun, tokens: Int[Tensor, "batch pos"]) -> list[Group]:
         labels = self.labels(model, tokens) + [Label("bias", "bias")]
-        return [Group(labels, [stored(self.hook, by_position(clean[self.hook]))])]
+        return [Group(labels, [position_entry(self.hook, clean[self.hook])])]
 
 
 @dataclass(frozen=True)
@@ -87,6 +108,5 @@ class TokensAndPosition(TokensAt):
         # hook_pos_embed is a frozen input: always recorded
         resid = clean[self.hook]
         pos = clean["hook_pos_embed"].expand_as(resid)
-        states = torch.cat([by_position(resid - pos), pos[None]])
         labels = self.labels(model, tokens) + [Label("pos", "pos", 0), Label("bias", "bias")]
-        return [Group(labels, [stored(self.hook, states)])]
+        return [Group(labels, [position_entry(self.hook, resid - pos, pos)])]
