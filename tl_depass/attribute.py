@@ -26,9 +26,9 @@ from jaxtyping import Float, Int, jaxtyped
 from torch import Tensor
 
 from tl_depass import memory
+from tl_depass.arguments import Mask, Pos, Tokens, check_pos_embed, prepare_tokens
 from tl_depass.decompose import decompose
 from tl_depass.decomposition import Answer, answer_ids, check_wrong, readout_positions
-from tl_depass.engine.arguments import Mask, Pos, Tokens, check_pos_embed, prepare_tokens
 from tl_depass.engine.backends import Model, check_model, forward_as_recorded
 from tl_depass.engine.clean_run import CleanRun, record_clean_run
 from tl_depass.engine.frozen import FROZEN_INPUTS, frozen_hooks

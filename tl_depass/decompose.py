@@ -8,9 +8,9 @@ from jaxtyping import Int, jaxtyped
 from torch import Tensor
 
 from tl_depass import memory
+from tl_depass.arguments import Keep, Logits, check_call, logits_all, resolve
 from tl_depass.decomposition import Decomposition
 from tl_depass.engine import rules
-from tl_depass.engine.arguments import Keep, Logits, check_call, logits_all, resolve
 from tl_depass.engine.backends import Model, canonical_names
 from tl_depass.engine.clean_run import FROZEN, CleanRun, record_clean_run
 from tl_depass.engine.guard import check_complete, check_user_hooks, replaced_hooks, serialised

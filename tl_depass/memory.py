@@ -17,7 +17,7 @@ from jaxtyping import Integer, jaxtyped
 from torch import Tensor
 
 from tl_depass import footprint
-from tl_depass.engine.arguments import Tokens, check_call
+from tl_depass.arguments import Tokens, check_call
 from tl_depass.engine.backends import Model, canonical_names
 from tl_depass.engine.validate import public
 from tl_depass.errors import DepassError

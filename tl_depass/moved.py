@@ -8,7 +8,6 @@ import sys
 import warnings
 
 MOVED = {
-    "tl_depass.arguments": "tl_depass.engine.arguments",
     "tl_depass.backends": "tl_depass.engine.backends",
     "tl_depass.clean_run": "tl_depass.engine.clean_run",
     "tl_depass.files": "tl_depass.engine.files",

@@ -19,9 +19,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from tl_depass.arguments import prepare_tokens
 from tl_depass.decompose import decompose
 from tl_depass.decomposition import Decomposition
-from tl_depass.engine.arguments import prepare_tokens
 from tl_depass.engine.backends import Model, check_model, forward_as_recorded
 from tl_depass.engine.clean_run import record_clean_run
 from tl_depass.engine.frozen import FROZEN_INPUTS, frozen_hooks
