@@ -26,7 +26,26 @@ def test_backward_equals_forward(arch, level):
                               mlp_rule="ratio")
     assert (fwd.method, bwd.method) == ("forward", "backward")
     assert fwd.labels == bwd.labels and not any(x.endswith(("rest", "bias")) for x in bwd.labels)
+    assert fwd.component_labels == bwd.component_labels  # kind, layer, index, group: the same
     close(bwd.shares, fwd.shares, f"{arch} {level}")
+
+
+def test_structured_labels_say_what_each_component_is(tmp_path):
+    model = make_model(n_layers=2)
+    tokens = random_tokens(model, batch=2)
+    for method in ("forward", "backward"):
+        heads = tl_depass.attribute(model, tokens, Heads(), answer=3, mlp_rule="ratio", method=method)
+        assert [(x.kind, x.layer, x.index, x.group) for x in heads.component_labels] == [
+            ("head", layer, h, layer) for layer in range(2) for h in range(model.cfg.n_heads)]
+        neurons = tl_depass.attribute(model, tokens, Neurons(1, [5, 2]), answer=3, mlp_rule="ratio",
+                                      method=method)
+        assert [(x.kind, x.layer, x.index) for x in neurons.component_labels] == [
+            ("neuron", 1, 5), ("neuron", 1, 2)]
+        toks = tl_depass.attribute(model, tokens, "tokens", answer=3, mlp_rule="ratio", method=method)
+        assert [(x.kind, x.index) for x in toks.component_labels] == [
+            ("token", p) for p in range(tokens.shape[1])]
+    heads.save(tmp_path / "att")
+    assert tl_depass.Attribution.load(tmp_path / "att").component_labels == heads.component_labels
 
 
 def test_attention_only_modules():

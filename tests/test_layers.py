@@ -13,7 +13,7 @@ LAYERS = {
     "errors": 0, "tolerances": 0, "optional": 0, "commands": 0, "moved": 0,
     "engine": 1,
     "levels": 2,
-    "arguments": 3, "footprint": 3, "memory": 3, "decompose": 3, "decomposition": 3,
+    "arguments": 3, "footprint": 3, "backward": 3, "memory": 3, "decompose": 3, "decomposition": 3,
     "readouts": 3, "attribute": 3, "saving": 3,
     "models": 4, "evaluate": 4, "dataset": 4, "apd": 4,
     "app": 5,

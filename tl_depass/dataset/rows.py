@@ -12,9 +12,6 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from tl_depass.engine.backends import Model
-from tl_depass.engine.validate import check_layers
-from tl_depass.errors import DepassError
 from tl_depass.levels import Heads, Modules, Neurons
 from tl_depass.levels.components import TokensAt
 from tl_depass.levels.label import Label
@@ -24,44 +21,13 @@ COLUMNS = ["prompt", "component", "score", "kind", "layer", "unit", "position", 
 LEVELS = (TokensAt, Heads, Modules, Neurons)
 
 
-def structured(result, spec, model: Model, n_pos: int, named_only: bool) -> list[Label]:
-    """The structured label of each component of `result` (a Decomposition, or an Attribution
-    when `named_only`): its `component_labels` where the result has them, else the same records
-    built from the level, in the order the level lays its components out. The one place the
-    table reads label fields."""
-    labels = getattr(result, "component_labels", None)
-    if labels is None:
-        labels = level_labels(spec, model, n_pos)
-        if named_only:
-            labels = [x for x in labels if x.kind not in ("rest", "bias")]
-    if len(labels) != len(result.labels):
-        raise DepassError(f"{len(result.labels)} components but {len(labels)} structured labels for "
-                          f"{spec!r}: tl_depass.levels and the dataset runner disagree (a bug)")
+def structured(result) -> list[Label]:
+    """The structured label of each component of `result` (a Decomposition or an Attribution):
+    its `component_labels`, token components named by position only ("tok 3": their strings are
+    in the prompt, and a batch of one would name them by string). The one place the table reads
+    label fields."""
     return [Label(f"tok {x.index}", x.kind, x.layer, x.index, x.group) if x.kind == "token" else x
-            for x in labels]  # token names carry their string only in batches of one
-
-
-def level_labels(spec, model: Model, n_pos: int) -> list[Label]:
-    """What `tl_depass.levels` lays out for `spec`, as structured labels."""
-    if isinstance(spec, TokensAt):
-        return [Label(f"tok {p}", "token", spec.layer, p) for p in range(n_pos)] + [
-            Label("bias", "bias")]
-    if isinstance(spec, Neurons):
-        layer = spec.layer
-        chosen = range(model.cfg.d_mlp) if spec.neurons is None else spec.neurons
-        return [Label(f"L{layer} rest", "rest", layer),
-                *[Label(f"L{layer}N{i}", "neuron", layer, i) for i in chosen],
-                Label(f"L{layer} bias", "bias", layer)]
-    out = []
-    for g, layer in enumerate(check_layers(model, spec.layers, type(spec).__name__)):
-        if isinstance(spec, Heads):
-            units = [Label(f"L{layer}H{h}", "head", layer, h, g) for h in range(model.cfg.n_heads)]
-        else:
-            units = [Label(f"L{layer} {k}", k, layer, None, g)
-                     for k in ("attn",) + (() if model.cfg.attn_only else ("mlp",))]
-        out += [Label(f"L{layer} rest", "rest", layer, None, g), *units,
-                Label(f"L{layer} bias", "bias", layer, None, g)]
-    return out
+            for x in result.component_labels]
 
 
 def remainders(labels: list[Label], scores: Tensor, metric: Tensor) -> tuple[list[Label], Tensor]:

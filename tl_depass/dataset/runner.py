@@ -242,12 +242,12 @@ def score_batch(model: Model, spec, method: str, mlp_rule: str, items: list[Item
         dec = decompose(model, tokens, spec, mlp_rule=mlp_rule, attention_mask=mask, keep=[],
                         logits=at)
         scores, clean = dec.logit_attribution(target, wrong, at), dec.clean["logits"]
-        labels = structured(dec, spec, model, tokens.shape[1], named_only=False)
+        labels = structured(dec)
     else:
         att = attribute(model, tokens, spec, answer=target, wrong=wrong, pos=at, mlp_rule=mlp_rule,
                         attention_mask=mask, method="backward")
-        scores, clean = att.scores.T, clean_logits(model, tokens, mask, at)
-        labels = structured(att, spec, model, tokens.shape[1], named_only=True)
+        scores, clean = att.shares, clean_logits(model, tokens, mask, at)
+        labels = structured(att)
     rows = torch.arange(len(chosen), device=device)
     metric = clean[rows, target] - (0 if wrong is None else clean[rows, wrong])
     if method == "backward":
