@@ -70,9 +70,11 @@ class FoldedForward:
         self.width = k + 2
         self.slots = len(self.groups) * self.width
         # Contributors to MLP shares: the components, the probe (g == 0, so never counted), bias.
-        self.index = torch.cat([torch.arange(offset, offset + k), torch.tensor([-1, plan.total])])
+        device = setup.excluded.device  # the tokens' (and the model's) device
+        self.index = torch.cat([torch.arange(offset, offset + k, device=device),
+                                torch.tensor([-1, plan.total], device=device)])
         excluded = torch.cat([setup.excluded[offset:offset + k],
-                              torch.tensor([True, False]).reshape(2, 1, 1).expand(
+                              torch.tensor([True, False], device=device).reshape(2, 1, 1).expand(
                                   2, *setup.excluded.shape[1:])])
         self.excluded = einops.repeat(excluded, "w b p -> w (g b) p", g=len(self.groups))
 
@@ -159,7 +161,7 @@ class FoldedForward:
             if not logits:
                 return x[:, :0]
             rows = torch.arange(self.batch, device=x.device)
-            x = fold(self.view(x)[:, :, rows, self.plan.logit_positions])[:, None]
+            x = fold(self.view(x)[:, :, rows, self.plan.logit_positions.to(x.device)])[:, None]
             return torch.cat([x, x.new_zeros((-len(x) % 8, *x.shape[1:]))])
         return hook
 
