@@ -76,7 +76,9 @@ class FoldedForward:
         excluded = torch.cat([setup.excluded[offset:offset + k],
                               torch.tensor([True, False], device=device).reshape(2, 1, 1).expand(
                                   2, *setup.excluded.shape[1:])])
-        self.excluded = einops.repeat(excluded, "w b p -> w (g b) p", g=len(self.groups))
+        # None where no component is excluded (the probe's g is exactly zero, so never counted)
+        self.excluded = einops.repeat(excluded, "w b p -> w (g b) p", g=len(self.groups)) \
+            if bool(setup.excluded[offset:offset + k].any()) else None
 
     def view(self, x: Tensor) -> Tensor:
         return x.unflatten(0, (len(self.groups), self.width, self.batch))
@@ -136,9 +138,12 @@ class FoldedForward:
 
         def hook(post, hook):
             g = self.pre_activations(stash, site)
-            part = rules.stats(s.rule, g[:-2], self.excluded[:-2], self.index[:-2], s.temperature)
+            ex = self.excluded
+            part = rules.stats(s.rule, g[:-2], None if ex is None else ex[:-2], self.index[:-2],
+                               s.temperature)
             if self.offset == 0:  # the bias slot is the same in every chunk: count it once
-                bias = rules.stats(s.rule, g[-1:], self.excluded[-1:], self.index[-1:], s.temperature)
+                bias = rules.stats(s.rule, g[-1:], None if ex is None else ex[-1:], self.index[-1:],
+                                   s.temperature)
                 part = rules.combine(s.rule, bias, part)
             out["stats"] = part
         return hook
