@@ -13,9 +13,16 @@ over rounds (CPU: process time, `torch.set_num_threads(1)`; CUDA: wall time afte
 - every neuron of layer L/2 (softmax) vs zero-ablating each neuron (batched full forwards).
 
 Random HookedTransformer (gelu_new, LayerNorm), float32. `benchmarks/gpu.py` runs the same on CUDA.
+
+    python benchmarks/bench_core.py --memory        # the README's table: seconds and peak memory
+
+`--memory`: decompose (defaults) vs one plain forward at batch M, N = 64 and 256, with and without
+`chunk_size`; each peak is the resident memory of a fresh subprocess minus its baseline.
 """
 
 import argparse
+import multiprocessing as mp
+import resource
 import time
 
 import torch
@@ -101,6 +108,51 @@ def tables(args) -> list[tuple[str, str, float]]:
     return rows
 
 
+def measure_memory(kind: str, n: int, rule: str, chunk: int | None, queue) -> None:
+    torch.manual_seed(0)
+    m = make_model(4, 256, 1000, 256, "cpu")
+    tokens = torch.randint(0, 1000, (1, n))
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    repeats = 3 if n <= 64 else 1
+    with torch.no_grad():
+        if kind == "forward":
+            folded = tokens.repeat(n + 1, 1)
+            seconds = min(timed(lambda: m(folded)) for _ in range(repeats))
+        else:
+            seconds = min(timed(lambda: tl_depass.decompose(m, tokens, mlp_rule=rule, chunk_size=chunk))
+                          for _ in range(repeats))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base
+    queue.put((seconds, peak / 1024))
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def in_subprocess(*args) -> tuple[float, float]:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    p = ctx.Process(target=measure_memory, args=(*args, queue))
+    p.start()
+    result = queue.get()
+    p.join()
+    return result
+
+
+def memory_table() -> None:
+    print("| N tokens | what | seconds | / forward at batch M | peak MiB |")
+    print("|---|---|---|---|---|")
+    for n in (64, 256):
+        fwd, fwd_mem = in_subprocess("forward", n, "", None)
+        print(f"| {n} | plain forward, batch M={n + 1} | {fwd:.3f} | 1.00 | {fwd_mem:.0f} |", flush=True)
+        for rule, chunk in [("softmax", None), ("ratio", None), ("softmax", n // 4), ("ratio", n // 4)]:
+            sec, mem = in_subprocess("decompose", n, rule, chunk)
+            what = f"decompose {rule}" + (f", chunk_size={chunk}" if chunk else "")
+            print(f"| {n} | {what} | {sec:.3f} | {sec / fwd:.2f} | {mem:.0f} |", flush=True)
+
+
 def parser(device: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default=device)
@@ -111,11 +163,14 @@ def parser(device: str) -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--ablate-batch", type=int, default=256, help="neurons per ablation forward")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--memory", action="store_true", help="the seconds / peak memory table instead")
     return p
 
 
 def main(device: str = "cpu") -> None:
     args = parser(device).parse_args()
+    if args.memory:
+        return memory_table()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} thread(s); "
           f"{args.layers} layers, d_model {args.d_model}, d_vocab {args.d_vocab}, N = {args.n}; "
