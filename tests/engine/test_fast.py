@@ -11,7 +11,9 @@ from tl_depass.tolerances import completeness_rtol
 
 tiny = pytest.importorskip("tiny")  # HookedTransformer only (TransformerLens 3.x)
 
-ARCHS = {"gpt2": tiny.GPT2_LIKE, "llama": tiny.LLAMA_LIKE}
+ARCHS = {"gpt2": tiny.GPT2_LIKE, "llama": tiny.LLAMA_LIKE,
+         "folded_ln": dict(tiny.GPT2_LIKE, normalization_type="LNPre"),
+         "folded_rms": dict(tiny.LLAMA_LIKE, normalization_type="RMSPre")}
 
 
 def model_of(arch: str):
@@ -38,6 +40,17 @@ def test_fast_paths_are_bit_identical(monkeypatch, arch, rule, components):
     for name, value in full.results.items():
         assert torch.equal(quick.results[name], value), name
     assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_every_module_takes_its_fast_path(arch):
+    model = model_of(arch)
+    layers = range(model.cfg.n_layers)
+    paths = fast.fast_paths(model, [f"blocks.{i}.attn" for i in layers],
+                            [(f"blocks.{i}.mlp", f"blocks.{i}.mlp.hook_post") for i in layers],
+                            ["blocks.0.ln1", "ln_final"], [])
+    assert len(paths.attn) == len(paths.mlps) == model.cfg.n_layers
+    assert paths.norms == {"blocks.0.ln1", "ln_final"}
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))

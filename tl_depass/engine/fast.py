@@ -9,7 +9,8 @@ gives the attention, MLP and norm modules a forward that computes only what the 
 - MLP: W_in (hook_pre fires), the activation hook fires with the pre-activation as a placeholder
   (the pass overrides it: the activation function is never evaluated), W_out; a gated MLP skips
   the activation and the up projection (the rules use the clean up projection);
-- LayerNorm / RMSNorm: hook_scale fires with a placeholder (the pass replays the clean scale).
+- LayerNorm / RMSNorm (and their folded Pre forms): hook_scale fires with a placeholder (the
+  pass replays the clean scale).
 
 Each fast forward uses the same kernels as TransformerLens's own (bit-identical results). A module
 keeps its own forward when anything it would skip is hooked (a user's hook, a kept value) or when
@@ -71,9 +72,12 @@ def _mlp_ok(module: nn.Module, act_hook: str) -> bool:
 
 def _norm_ok(module: nn.Module) -> bool:
     from transformer_lens.components.layer_norm import LayerNorm
+    from transformer_lens.components.layer_norm_pre import LayerNormPre
     from transformer_lens.components.rms_norm import RMSNorm
+    from transformer_lens.components.rms_norm_pre import RMSNormPre
 
-    return (type(module) in (LayerNorm, RMSNorm) and module.cfg.dtype in (torch.float32, torch.float64)
+    return (type(module) in (LayerNorm, LayerNormPre, RMSNorm, RMSNormPre)
+            and module.cfg.dtype in (torch.float32, torch.float64)
             and _unhooked(module, ("hook_scale",)))
 
 
@@ -129,15 +133,19 @@ def mlp_forward(module: nn.Module) -> Callable:
 
 
 def norm_forward(module: nn.Module) -> Callable:
-    """A LayerNorm / RMSNorm whose hook_scale is replayed: the statistics are never computed."""
-    centre = hasattr(module, "b")
+    """A LayerNorm / RMSNorm (or their folded `Pre` forms) whose hook_scale is replayed: the
+    statistics are never computed."""
+    centre = type(module).__name__ in ("LayerNorm", "LayerNormPre")
+    weight, bias = hasattr(module, "w"), hasattr(module, "b")
 
     def forward(x):
         if centre:
             x = x - x.mean(-1, keepdim=True)
         scale = module.hook_scale(x[..., :1])  # a placeholder: the pass replays the clean scale
         x = module.hook_normalized(x / scale).to(module.cfg.dtype)
-        return x * module.w + module.b if centre else x * module.w
+        if not weight:
+            return x
+        return x * module.w + module.b if bias else x * module.w
     return forward
 
 
