@@ -1,78 +1,184 @@
-"""Core benchmark: decompose time vs one plain forward at batch M, and peak memory vs chunk_size.
+"""Core benchmark: the decomposed forward against what it replaces (issue 15's speed rows).
 
-    python benchmarks/bench_core.py            # prints a Markdown table
+    python benchmarks/bench_core.py                 # small settings, CPU, 1 thread
+    python benchmarks/bench_core.py --n 64 --rounds 5 --layers 6
 
-Model: 4 layers, d_model=256, 8 heads, d_mlp=1024, float32, random weights; token level, so
-M = N + 1 components (N tokens plus bias; the folded forward also carries one zero probe).
-Each memory figure is the peak resident memory of a fresh subprocess minus its baseline.
+Three tables, each a ratio measured side by side in one process, interleaved rounds, the minimum
+over rounds (CPU: process time, `torch.set_num_threads(1)`; CUDA: wall time after a synchronize):
+
+- token level (softmax and ratio rules, `logits="last"`) vs one plain forward at batch M
+  (M = N + 1 components: N tokens and the bias);
+- every head of every layer (softmax, forward mode) vs `transformer_lens.patching` of every head
+  (`get_act_patch_attn_head_out_all_pos`, one forward per head);
+- every neuron of layer L/2 (softmax) vs zero-ablating each neuron (batched full forwards).
+
+Random HookedTransformer (gelu_new, LayerNorm), float32. `benchmarks/gpu.py` runs the same on CUDA.
+
+    python benchmarks/bench_core.py --memory        # the README's table: seconds and peak memory
+
+`--memory`: decompose (defaults) vs one plain forward at batch M, N = 64 and 256, with and without
+`chunk_size`; each peak is the resident memory of a fresh subprocess minus its baseline.
 """
 
+import argparse
 import multiprocessing as mp
 import resource
 import time
 
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens import HookedTransformer, HookedTransformerConfig, patching
 
 import tl_depass
+from tl_depass.levels.units import Heads, Neurons
 
 
-def model() -> HookedTransformer:
-    cfg = HookedTransformerConfig(n_layers=4, d_model=256, n_heads=8, d_head=32, d_mlp=1024,
-                                  d_vocab=1000, n_ctx=256, act_fn="gelu_new",
-                                  normalization_type="LN", seed=0)
+def make_model(layers: int, d_model: int, d_vocab: int, n_ctx: int, device: str) -> HookedTransformer:
+    cfg = HookedTransformerConfig(n_layers=layers, d_model=d_model, n_heads=d_model // 32, d_head=32,
+                                  d_mlp=4 * d_model, d_vocab=d_vocab, n_ctx=n_ctx, act_fn="gelu_new",
+                                  normalization_type="LN", seed=0, device=device)
     return HookedTransformer(cfg).eval()
 
 
-def best_of(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def clock(device: str):
+    if device.startswith("cuda"):
+        def now() -> float:
+            torch.cuda.synchronize()
+            return time.perf_counter()
+        return now
+    return time.process_time
 
 
-def measure(kind: str, n: int, rule: str, chunk: int | None, queue) -> None:
+def interleaved(cases: dict, rounds: int, device: str) -> dict[str, float]:
+    """The minimum time of each case over `rounds` rounds, the cases interleaved in each round."""
+    now, best = clock(device), dict.fromkeys(cases, float("inf"))
+    for case in cases.values():  # warm-up
+        case()
+    for _ in range(rounds):
+        for name, case in cases.items():
+            start = now()
+            case()
+            best[name] = min(best[name], now() - start)
+    return best
+
+
+def ablate_neurons(model: HookedTransformer, tokens: torch.Tensor, layer: int, batch: int) -> None:
+    d_mlp = model.cfg.d_mlp
+    for lo in range(0, d_mlp, batch):
+        ids = torch.arange(lo, min(lo + batch, d_mlp), device=tokens.device)
+
+        def zero(post, hook, ids=ids):
+            post = post.clone()
+            post[torch.arange(len(ids), device=post.device), :, ids] = 0
+            return post
+        model.run_with_hooks(tokens.repeat(len(ids), 1),
+                             fwd_hooks=[(f"blocks.{layer}.mlp.hook_post", zero)])
+
+
+def tables(args) -> list[tuple[str, str, float]]:
     torch.manual_seed(0)
-    m = model()
+    dev, rows = args.device, []
+    model = make_model(args.layers, args.d_model, args.d_vocab, max(args.n, 8), dev)
+    tokens = torch.randint(0, args.d_vocab, (1, args.n), device=dev)
+    other = torch.randint(0, args.d_vocab, (1, args.n), device=dev)
+    with torch.no_grad():
+        t = interleaved({
+            "forward": lambda: model(tokens.repeat(args.n + 1, 1)),
+            "softmax": lambda: tl_depass.decompose(model, tokens, mlp_rule="softmax", logits="last"),
+            "ratio": lambda: tl_depass.decompose(model, tokens, mlp_rule="ratio", logits="last"),
+        }, args.rounds, dev)
+        rows += [("token level, softmax", "one plain forward at batch M", t["softmax"] / t["forward"]),
+                 ("token level, ratio", "one plain forward at batch M", t["ratio"] / t["forward"])]
+        _, cache = model.run_with_cache(tokens)
+        answer = int(model(tokens)[0, -1].argmax())
+
+        def metric(logits):
+            return logits[0, -1, answer]
+        t = interleaved({
+            "patch": lambda: patching.get_act_patch_attn_head_out_all_pos(model, other, cache, metric),
+            "depass": lambda: tl_depass.decompose(model, tokens, Heads(), logits="last"),
+        }, args.rounds, dev)
+        rows.append(("all heads, softmax", "TL patching of every head", t["depass"] / t["patch"]))
+        layer = args.layers // 2
+        t = interleaved({
+            "ablate": lambda: ablate_neurons(model, tokens, layer, args.ablate_batch),
+            "depass": lambda: tl_depass.decompose(model, tokens, Neurons(layer), logits="last"),
+        }, args.rounds, dev)
+        rows.append((f"neurons of layer {layer}, softmax", "zero-ablating each (batched)",
+                     t["depass"] / t["ablate"]))
+    return rows
+
+
+def measure_memory(kind: str, n: int, rule: str, chunk: int | None, queue) -> None:
+    torch.manual_seed(0)
+    m = make_model(4, 256, 1000, 256, "cpu")
     tokens = torch.randint(0, 1000, (1, n))
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     repeats = 3 if n <= 64 else 1
     with torch.no_grad():
         if kind == "forward":
             folded = tokens.repeat(n + 1, 1)
-            seconds = best_of(lambda: m(folded), repeats)
+            seconds = min(timed(lambda: m(folded)) for _ in range(repeats))
         else:
-            seconds = best_of(lambda: tl_depass.decompose(m, tokens, mlp_rule=rule,
-                                                          chunk_size=chunk), repeats)
+            seconds = min(timed(lambda: tl_depass.decompose(m, tokens, mlp_rule=rule, chunk_size=chunk))
+                          for _ in range(repeats))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base
     queue.put((seconds, peak / 1024))
 
 
-def run(*args) -> tuple[float, float]:
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def in_subprocess(*args) -> tuple[float, float]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    p = ctx.Process(target=measure, args=(*args, queue))
+    p = ctx.Process(target=measure_memory, args=(*args, queue))
     p.start()
     result = queue.get()
     p.join()
     return result
 
 
-def main() -> None:
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; best of 3 runs at "
-          "N=64, one run at N=256\n")
+def memory_table() -> None:
     print("| N tokens | what | seconds | / forward at batch M | peak MiB |")
     print("|---|---|---|---|---|")
     for n in (64, 256):
-        fwd, fwd_mem = run("forward", n, "", None)
+        fwd, fwd_mem = in_subprocess("forward", n, "", None)
         print(f"| {n} | plain forward, batch M={n + 1} | {fwd:.3f} | 1.00 | {fwd_mem:.0f} |", flush=True)
-        for rule, chunk in [("softmax", None), ("ratio", None), ("softmax", n // 4),
-                            ("ratio", n // 4)]:
-            sec, mem = run("decompose", n, rule, chunk)
+        for rule, chunk in [("softmax", None), ("ratio", None), ("softmax", n // 4), ("ratio", n // 4)]:
+            sec, mem = in_subprocess("decompose", n, rule, chunk)
             what = f"decompose {rule}" + (f", chunk_size={chunk}" if chunk else "")
             print(f"| {n} | {what} | {sec:.3f} | {sec / fwd:.2f} | {mem:.0f} |", flush=True)
+
+
+def parser(device: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default=device)
+    p.add_argument("--n", type=int, default=32, help="tokens")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--d-vocab", type=int, default=1000)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--ablate-batch", type=int, default=256, help="neurons per ablation forward")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--memory", action="store_true", help="the seconds / peak memory table instead")
+    return p
+
+
+def main(device: str = "cpu") -> None:
+    args = parser(device).parse_args()
+    if args.memory:
+        return memory_table()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} thread(s); "
+          f"{args.layers} layers, d_model {args.d_model}, d_vocab {args.d_vocab}, N = {args.n}; "
+          f"min over {args.rounds} interleaved rounds\n")
+    print("| what | vs | ratio (DePass time / baseline time) |")
+    print("|---|---|---|")
+    for what, vs, ratio in tables(args):
+        print(f"| {what} | {vs} | {ratio:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

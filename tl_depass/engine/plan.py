@@ -2,6 +2,7 @@
 folded forward, where they enter, which norms, attention and MLPs come after the entry (and are
 replayed), which hooks are kept and where the probe is subtracted."""
 
+import dataclasses
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ from typing import TYPE_CHECKING
 from torch import Tensor
 
 from tl_depass.engine import hooks, rules
-from tl_depass.engine.backends import Model, act_fn
+from tl_depass.engine.backends import Model, act_fn, is_bridge
 from tl_depass.engine.clean_run import CleanRun
 from tl_depass.engine.validate import NOT_DECOMPOSABLE, RESIDUAL
 from tl_depass.errors import DepassError
@@ -22,6 +23,7 @@ if TYPE_CHECKING:  # levels build on the engine; the engine only reads their gro
 # adapter that delegates attention to HF has no `hook_attn_out`; correcting twice is a no-op).
 BIASED = ("hook_attn_out", "hook_mlp_out", "unembed.hook_out", "attn.o.hook_out", "mlp.out.hook_out")
 MLP_PRE = re.compile(r"blocks\.(\d+)\.mlp\.hook_pre")
+BLOCK = re.compile(r"blocks\.(\d+)\.")
 
 
 @dataclass(frozen=True, eq=False)
@@ -61,6 +63,9 @@ class Plan:
     # None for every position; `logits=False`: no position reaches the unembedding.
     logit_positions: Tensor | None = None
     logits: bool = True
+    # HookedTransformer: the forward starts at this block (`start_at_layer`) from the clean
+    # residual, the components entering in it or later; 0: from the tokens.
+    start_layer: int = 0
 
     @property
     def total(self) -> int:
@@ -99,3 +104,30 @@ def make_plan(model: Model, clean: CleanRun, groups: "list[Group]", keep: list[s
         logit_positions=logit_pos,
         logits=logits,
     )
+
+
+def by_entry_layer(model: Model, clean: CleanRun, plan: Plan) -> list[tuple[list[int], Plan]]:
+    """The groups of `plan` split by the block where each first enters, with a plan for each part
+    that starts there (HookedTransformer `start_at_layer`): a group entering at layer L never runs
+    blocks 0..L-1, whose values its entry overwrites (kept values before the entry are filled from
+    the clean run by `decompose`). One part, `plan` itself, where this does not apply (a Bridge,
+    shortformer positions, entries outside the blocks)."""
+    def layer(group) -> int | None:
+        first = min((e.hook for e in group.entries), key=clean.order.index)
+        match = BLOCK.match(first)
+        return None if match is None else int(match.group(1))
+
+    layers = [layer(g) for g in plan.groups]
+    if (is_bridge(model) or model.cfg.positional_embedding_type == "shortformer"
+            or None in layers or set(layers) == {0}):
+        return [(list(range(len(plan.groups))), plan)]
+    parts = []
+    for start in sorted(set(layers)):
+        ids = [i for i, x in enumerate(layers) if x == start]
+        groups = [plan.groups[i] for i in ids]
+        entry = min((e.hook for g in groups for e in g.entries), key=clean.order.index)
+        keep = [n for n in plan.keep if n != "unembed.hook_out"
+                and clean.order.index(n) >= clean.order.index(entry)]
+        sub = make_plan(model, clean, groups, keep, plan.logit_positions, plan.logits)
+        parts.append((ids, dataclasses.replace(sub, start_layer=start)))
+    return parts

@@ -18,7 +18,9 @@ from torch import Tensor
 from tl_depass.engine import rules
 from tl_depass.engine.backends import Model, forward_as_recorded
 from tl_depass.engine.clean_run import CleanRun
+from tl_depass.engine.fast import FastPaths, fast_paths, skipping_frozen
 from tl_depass.engine.groups import Entry
+from tl_depass.engine.hooks import resid_pre
 from tl_depass.engine.plan import MLPSite, Plan, mlp_site
 
 __all__ = ["FoldedForward", "MLPSite", "Plan", "RuleSetup", "attend", "mlp_site"]
@@ -68,11 +70,15 @@ class FoldedForward:
         self.width = k + 2
         self.slots = len(self.groups) * self.width
         # Contributors to MLP shares: the components, the probe (g == 0, so never counted), bias.
-        self.index = torch.cat([torch.arange(offset, offset + k), torch.tensor([-1, plan.total])])
+        device = setup.excluded.device  # the tokens' (and the model's) device
+        self.index = torch.cat([torch.arange(offset, offset + k, device=device),
+                                torch.tensor([-1, plan.total], device=device)])
         excluded = torch.cat([setup.excluded[offset:offset + k],
-                              torch.tensor([True, False]).reshape(2, 1, 1).expand(
+                              torch.tensor([True, False], device=device).reshape(2, 1, 1).expand(
                                   2, *setup.excluded.shape[1:])])
-        self.excluded = einops.repeat(excluded, "w b p -> w (g b) p", g=len(self.groups))
+        # None where no component is excluded (the probe's g is exactly zero, so never counted)
+        self.excluded = einops.repeat(excluded, "w b p -> w (g b) p", g=len(self.groups)) \
+            if bool(setup.excluded[offset:offset + k].any()) else None
 
     def view(self, x: Tensor) -> Tensor:
         return x.unflatten(0, (len(self.groups), self.width, self.batch))
@@ -105,6 +111,11 @@ class FoldedForward:
             return attend(pattern, stash.pop(attn).unflatten(0, (self.slots, self.batch)))
         return hook
 
+    def attend(self, attn: str) -> Callable[[Tensor], Tensor]:
+        """z from every slot's (corrected) values and the clean pattern (fast attention)."""
+        pattern = self.clean[f"{attn}.hook_pattern"]
+        return lambda v: attend(pattern, v.unflatten(0, (self.slots, self.batch)))
+
     def pre_activations(self, stash: dict, site: MLPSite) -> Tensor:
         """The corrected MLP input of every slot, [slot, group*batch, pos, d_mlp]."""
         return einops.rearrange(self.view(stash.pop(site.prefix)), "g w b ... -> w (g b) ...")
@@ -127,9 +138,12 @@ class FoldedForward:
 
         def hook(post, hook):
             g = self.pre_activations(stash, site)
-            part = rules.stats(s.rule, g[:-2], self.excluded[:-2], self.index[:-2], s.temperature)
+            ex = self.excluded
+            part = rules.stats(s.rule, g[:-2], None if ex is None else ex[:-2], self.index[:-2],
+                               s.temperature)
             if self.offset == 0:  # the bias slot is the same in every chunk: count it once
-                bias = rules.stats(s.rule, g[-1:], self.excluded[-1:], self.index[-1:], s.temperature)
+                bias = rules.stats(s.rule, g[-1:], None if ex is None else ex[-1:], self.index[-1:],
+                                   s.temperature)
                 part = rules.combine(s.rule, bias, part)
             out["stats"] = part
         return hook
@@ -144,13 +158,20 @@ class FoldedForward:
 
     def unembed_rows(self, logits: bool) -> Callable:
         """At `unembed.hook_in`: only the kept position of each batch row goes on to the
-        unembedding ([slots*batch, 1, d_model]); `logits=False`: no position does."""
+        unembedding ([slots*batch, 1, d_model], zero rows appended up to a multiple of 8, which
+        `unpad` drops: BLAS computes the last rows of a matrix whose row count is not a multiple
+        of its block with another kernel, and the kept logits must equal those of
+        `logits="all"` bit for bit); `logits=False`: no position does."""
         def hook(x, hook):
             if not logits:
                 return x[:, :0]
             rows = torch.arange(self.batch, device=x.device)
-            return fold(self.view(x)[:, :, rows, self.plan.logit_positions])[:, None]
+            x = fold(self.view(x)[:, :, rows, self.plan.logit_positions.to(x.device)])[:, None]
+            return torch.cat([x, x.new_zeros((-len(x) % 8, *x.shape[1:]))])
         return hook
+
+    def unpad(self, x, hook):
+        return x[:self.slots * self.batch]
 
     def norm_hook(self, module, args, out):
         return self.rowwise(lambda x, hook: fold(correct(self.view(x))))(out, None)
@@ -167,10 +188,14 @@ class FoldedForward:
         return hook
 
     # --- wiring ---
-    def hooks(self, out: dict, collect: MLPSite | None = None) -> list[tuple[str, Callable]]:
+    def hooks(self, out: dict, collect: MLPSite | None = None, fast: FastPaths | None = None
+              ) -> list[tuple[str, Callable]]:
         """The hooks of one forward, which write into `out`: the kept values, or with `collect`,
-        the statistics at that MLP (no MLP after it is replayed: the forward stops there)."""
+        the statistics at that MLP (no MLP after it is replayed: the forward stops there).
+        Attention in `fast.attn` computes z itself (engine/fast.py): hook_v is only corrected."""
         p, stash = self.plan, {}
+        # the padding `unembed_rows` adds is dropped before any other hook sees the logits
+        hooks = [("unembed.hook_out", self.unpad)] if p.logit_positions is not None else []
         after = set(self.clean.after(p.start))
         entries: dict[str, list] = {}
         for g, group in enumerate(self.groups):
@@ -179,9 +204,11 @@ class FoldedForward:
         # Components entering at a hook the pass stashes (a weight's output, e.g. mlp.hook_pre)
         # enter before the stash; everywhere else after the replay (which they override).
         early = [n for n in entries if n.endswith(("attn.hook_v", "mlp.hook_pre"))]
-        hooks = [(hook, self.enter(entries.pop(hook))) for hook in early]
+        hooks += [(hook, self.enter(entries.pop(hook))) for hook in early]
         hooks += [(n, self.replay(n)) for n in after if n.endswith("hook_scale")]
-        for attn in p.attn:
+        fast_attn = set() if fast is None else fast.attn
+        hooks += [(f"{attn}.hook_v", self.fix) for attn in p.attn if attn in fast_attn]
+        for attn in (a for a in p.attn if a not in fast_attn):
             hooks += [(f"{attn}.hook_v", self.stash_corrected(stash, attn)),
                       (f"{attn}.hook_z", self.attention(stash, attn))]
         mlps = p.mlps if collect is None else p.mlps[:p.mlps.index(collect) + 1]
@@ -200,15 +227,20 @@ class FoldedForward:
 
     def run(self, tokens: Int[Tensor, "batch pos"], attention_mask: Tensor | None,
             collect: MLPSite | None = None) -> dict:
-        model, out = self.model, {}
-        folded = tokens.repeat(self.slots, 1)
+        model, out, p = self.model, {}, self.plan
         mask = None if attention_mask is None else attention_mask.repeat(self.slots, 1)
-        stop = {} if collect is None else {"stop_at_layer": collect.layer + 1}
-        handles = [model.get_submodule(n).register_forward_hook(self.norm_hook)
-                   for n in self.plan.norms]
+        options = {} if collect is None else {"stop_at_layer": collect.layer + 1}
+        if p.start_layer:  # HookedTransformer: the blocks before the entry are never run
+            options["start_at_layer"] = p.start_layer
+            folded = self.clean[resid_pre(p.start_layer)].repeat(self.slots, 1, 1)
+        else:
+            folded = tokens.repeat(self.slots, 1)
+        fast = fast_paths(model, p.attn, [(s.prefix, s.act_hook) for s in p.mlps], p.norms, p.keep)
+        handles = [model.get_submodule(n).register_forward_hook(self.norm_hook) for n in p.norms]
         try:
-            with forward_as_recorded(model), model.hooks(fwd_hooks=self.hooks(out, collect)):
-                model(folded, attention_mask=mask, **stop)
+            with forward_as_recorded(model), skipping_frozen(model, fast, self.attend), \
+                    model.hooks(fwd_hooks=self.hooks(out, collect, fast)):
+                model(folded, attention_mask=mask, **options)
         finally:
             for h in handles:
                 h.remove()

@@ -12,7 +12,7 @@ from torch import Tensor
 from tl_depass.engine import rules
 from tl_depass.engine.backends import Model
 from tl_depass.engine.clean_run import CleanRun
-from tl_depass.engine.plan import Plan
+from tl_depass.engine.plan import Plan, by_entry_layer
 from tl_depass.engine.replay import FoldedForward, RuleSetup
 
 Chunks = list[tuple[int, int]]  # (offset, k): components offset .. offset+k of each group
@@ -45,16 +45,22 @@ def statistics(model: Model, tokens: Int[Tensor, "batch pos"], mask: Tensor | No
 def run_chunks(model: Model, tokens: Int[Tensor, "batch pos"], mask: Tensor | None,
                clean: CleanRun, plan: Plan, setup: RuleSetup, chunk_size: int | None
                ) -> dict[str, Tensor]:
-    """Every kept value, [group*(components+1), batch, ...] by hook (each group's bias last)."""
-    total, chunks = plan.total, chunks_of(plan, chunk_size)
+    """Every kept value, [group*(components+1), batch, ...] by hook (each group's bias last).
+    Groups run from the block where they enter (`by_entry_layer`); a kept hook before a part's
+    entry is left zero for that part's groups (`decompose` fills it from the clean run)."""
+    total, out = plan.total, {}
     with torch.no_grad():
-        stats: Mapping[str, rules.Stats] = statistics(model, tokens, mask, clean, plan, setup, chunks)
-        out: dict[str, Tensor] = {}
-        for offset, k in chunks:
-            kept = FoldedForward(model, clean, plan, setup, offset, k, stats).kept(tokens, mask)
-            for name, value in kept.items():  # [group, slot, batch, ...]
-                if name not in out:
-                    out[name] = value.new_empty((len(plan.groups), total + 1, *value.shape[2:]))
-                out[name][:, offset:offset + k] = value[:, :k]
-                out[name][:, total] = value[:, -1]
+        for ids, part in by_entry_layer(model, clean, plan):
+            chunks = chunks_of(part, chunk_size)
+            stats: Mapping[str, rules.Stats] = statistics(model, tokens, mask, clean, part, setup, chunks)
+            for offset, k in chunks:
+                kept = FoldedForward(model, clean, part, setup, offset, k, stats).kept(tokens, mask)
+                for name, value in kept.items():  # [group, slot, batch, ...]
+                    if name not in out:
+                        out[name] = value.new_zeros((len(plan.groups), total + 1, *value.shape[2:]))
+                    out[name][ids, offset:offset + k] = value[:, :k]
+                    out[name][ids, total] = value[:, -1]
+        for name in plan.keep:  # kept before every part's entry
+            if name not in out:
+                out[name] = clean[name].new_zeros((len(plan.groups), total + 1, *clean[name].shape))
     return {name: value.flatten(0, 1) for name, value in out.items()}
