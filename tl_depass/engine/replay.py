@@ -158,20 +158,15 @@ class FoldedForward:
 
     def unembed_rows(self, logits: bool) -> Callable:
         """At `unembed.hook_in`: only the kept position of each batch row goes on to the
-        unembedding ([slots*batch, 1, d_model], zero rows appended up to a multiple of 8, which
-        `unpad` drops: BLAS computes the last rows of a matrix whose row count is not a multiple
-        of its block with another kernel, and the kept logits must equal those of
-        `logits="all"` bit for bit); `logits=False`: no position does."""
+        unembedding ([slots*batch, 1, d_model]); `logits=False`: no position does. (The kept
+        logits equal `logits="all"`'s to rounding: BLAS may block a matrix of other row count
+        differently.)"""
         def hook(x, hook):
             if not logits:
                 return x[:, :0]
             rows = torch.arange(self.batch, device=x.device)
-            x = fold(self.view(x)[:, :, rows, self.plan.logit_positions.to(x.device)])[:, None]
-            return torch.cat([x, x.new_zeros((-len(x) % 8, *x.shape[1:]))])
+            return fold(self.view(x)[:, :, rows, self.plan.logit_positions.to(x.device)])[:, None]
         return hook
-
-    def unpad(self, x, hook):
-        return x[:self.slots * self.batch]
 
     def norm_hook(self, module, args, out):
         return self.rowwise(lambda x, hook: fold(correct(self.view(x))))(out, None)
@@ -193,9 +188,7 @@ class FoldedForward:
         """The hooks of one forward, which write into `out`: the kept values, or with `collect`,
         the statistics at that MLP (no MLP after it is replayed: the forward stops there).
         Attention in `fast.attn` computes z itself (engine/fast.py): hook_v is only corrected."""
-        p, stash = self.plan, {}
-        # the padding `unembed_rows` adds is dropped before any other hook sees the logits
-        hooks = [("unembed.hook_out", self.unpad)] if p.logit_positions is not None else []
+        p, stash, hooks = self.plan, {}, []
         after = set(self.clean.after(p.start))
         entries: dict[str, list] = {}
         for g, group in enumerate(self.groups):
