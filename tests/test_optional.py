@@ -25,3 +25,15 @@ def test_a_missing_extra_is_named(module, extra, monkeypatch):
     monkeypatch.delitem(sys.modules, module, raising=False)
     with pytest.raises(DepassError, match=rf"pip install 'tl_depass\[{extra}\]'"):
         need(module, "this picture")
+
+
+def test_import_adds_no_transformer_lens_module_it_does_not_need():
+    """`import tl_depass` costs little beyond `import transformer_lens` (issue 14: at most 0.3 s):
+    it imports no part of TransformerLens that `import transformer_lens` did not (TL 4 imports the
+    Bridge lazily; the `Model` type checks against it only when a model is checked)."""
+    code = ("import sys, transformer_lens; before = {m for m in sys.modules if m.startswith("
+            "'transformer_lens')}; import tl_depass; tl_depass.decompose; print(sorted("
+            "m for m in sys.modules if m.startswith('transformer_lens.model_bridge') and m not in before))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -41,6 +41,10 @@ def hooked_class():
 
 class _AnyModel(type):
     def __instancecheck__(cls, obj) -> bool:
+        # Not a TransformerLens class anywhere in its MRO: no model, and no need to import the
+        # Bridge (beartype asks isinstance(None, Model) when it decorates, at import time).
+        if not any(c.__module__.startswith("transformer_lens.") for c in type(obj).__mro__):
+            return False
         return isinstance(obj, model_classes())
 
 
