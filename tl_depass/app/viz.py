@@ -6,7 +6,6 @@ Every function returns a displayable object (a `plotly.graph_objects.Figure`, or
 level the decomposition was made at.
 """
 
-import re
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -22,10 +21,6 @@ make_subplots = need("plotly.subplots", "drawing DePass results").make_subplots
 #: Diverging colours centred on zero: red pushes the answer down, blue pushes it up (as in
 #: TransformerLens' and Neel Nanda's plotting utilities).
 SCALE = "RdBu"
-# The display strings of head and neuron labels (tl_depass.app.explain selects components with
-# them); this module reads the structured labels (`dec.component_labels`) instead.
-HEAD = re.compile(r"L(\d+)H(\d+)")
-NEURON = re.compile(r"L(\d+)N(\d+)")
 
 
 def _layout(fig: go.Figure, title: str, height: int) -> go.Figure:
