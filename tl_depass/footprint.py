@@ -11,7 +11,9 @@ The terms (rows = the slots of one folded forward x batch):
   values next to the larger of its working set (one layer's temporaries, or the raw logits) and
   their copy into the results; chunked, the results next to a forward and two chunks' kept values.
 The constants were fitted to the peak resident memory (VmHWM) of calls on CPU, float32 and
-float64: the estimate is 0.7x-1.4x of it (docs/benchmarks.md, "Memory"; tests/test_memory.py).
+float64: the estimate was 0.7x-1.4x of it (docs/benchmarks.md, "Memory"); with the fast HookedTransformer
+replay (no activation function, no attention scores for folded rows, FAST_MLP_TEMPS) 1.0x-1.8x,
+re-measured after it (tests/test_memory.py keeps every case within 0.5x-2x).
 """
 
 from collections.abc import Callable
@@ -19,15 +21,18 @@ from typing import NamedTuple
 
 from tl_depass.engine.backends import Model
 from tl_depass.engine.hooks import resid_pre
-from tl_depass.engine.validate import NOT_DECOMPOSABLE, RESIDUAL, check_layers
-from tl_depass.levels import Heads, Modules, Neurons, SAEFeatures, Subspace
-from tl_depass.levels.components import Split, TokensAt
+from tl_depass.engine.validate import NOT_DECOMPOSABLE, RESIDUAL
+from tl_depass.levels import Heads, Modules, Neurons
+from tl_depass.levels.tokens import TokensAndPosition, TokensAt
 
 # Per row and position, in units of the model's dtype: the MLP's working set (pre-activation,
 # its corrected copy, the activation, the rule's temporaries), the attention's (scores, masked
 # scores, pattern), and the residual stream's (a few copies alive around each hook); at the end
 # the raw logits (before and after b_U) next to the corrected ones.
 MLP_TEMPS, ATTN_TEMPS, RESID_TEMPS = 10, 4, 6
+# A HookedTransformer's replay (engine/fast.py) never evaluates the activation function nor
+# computes attention scores for the folded rows: two d_mlp temporaries fewer, no scores.
+FAST_MLP_TEMPS = 8
 # What autograd keeps per layer and position on attribute's backward path (model's dtype).
 GRAPH_RESID, GRAPH_MLP = 12, 4
 
@@ -43,24 +48,13 @@ class Terms(NamedTuple):
 
 
 def count_components(spec, model: Model, pos: int, pos_embed: str) -> tuple[int, int, bool]:
-    """(groups, components per group without the bias, exact?) from the spec alone. Where the
-    clean run decides the count (SAEFeatures(features=None), a user's level), a lower bound."""
-    if isinstance(spec, TokensAt):
-        return 1, pos + (pos_embed == "separate"), True
-    if isinstance(spec, Split):
-        return 1, spec.tensor.shape[0], True
-    if isinstance(spec, Heads):
-        return len(check_layers(model, spec.layers, "Heads")), model.cfg.n_heads + 1, True
-    if isinstance(spec, Modules):
-        return len(check_layers(model, spec.layers, "Modules")), 2 + (not model.cfg.attn_only), True
-    if isinstance(spec, Neurons):
-        return 1, 1 + (model.cfg.d_mlp if spec.neurons is None else len(spec.neurons)), True
-    if isinstance(spec, Subspace):
-        return 1, 1 + (len(spec.basis) if isinstance(spec.basis, dict) else 1), True
-    if isinstance(spec, SAEFeatures):
-        known = spec.features is not None
-        return 1, 3 + (len(spec.features) if known else 0), known
-    return 1, 1, False
+    """(groups, components per group without the bias, exact?) before the clean run: the level's
+    own `size`; a level without one is counted from a lower bound (1, 1), checked again once its
+    groups are built."""
+    if pos_embed == "separate" and isinstance(spec, TokensAt):  # the tokens and the position
+        spec = TokensAndPosition()
+    size = getattr(spec, "size", None)
+    return (1, 1, False) if size is None else size(model, pos)
 
 
 def entry_hook(spec) -> str:
@@ -123,9 +117,11 @@ def clean_run(cfg, batch: int, pos: int) -> int:
 
 
 def terms(cfg, batch: int, pos: int, groups: int, per_group: int, kept: list[str],
-          chunk_size: int | None, padded: bool, n_logits: int | None = None) -> Terms:
+          chunk_size: int | None, padded: bool, n_logits: int | None = None,
+          full_replay: bool = True) -> Terms:
     """The terms for `groups` groups of `per_group` components (and a bias each), with the
-    logits of `n_logits` positions per row (None: all)."""
+    logits of `n_logits` positions per row (None: all). `full_replay`: the folded rows run every
+    op of the model (a TransformerBridge); False: a HookedTransformer's replay (engine/fast.py)."""
     d_mlp, d_vocab = mlp_and_vocab(cfg)
     n_logits = pos if n_logits is None else n_logits
     # per component and batch row: every position's kept hooks, the kept positions' logits
@@ -133,8 +129,9 @@ def terms(cfg, batch: int, pos: int, groups: int, per_group: int, kept: list[str
     results = groups * (per_group + 1) * batch * width
     k = per_group if chunk_size is None else max(1, min(per_group, chunk_size // groups))
     rows = groups * (k + 2) * batch
-    working = max(2 * d_vocab * n_logits, pos * (MLP_TEMPS * d_mlp + RESID_TEMPS * cfg.d_model),
-                  pos * (ATTN_TEMPS * cfg.n_heads * pos + RESID_TEMPS * cfg.d_model))
+    mlp_temps = MLP_TEMPS if full_replay else FAST_MLP_TEMPS
+    working = max(2 * d_vocab * n_logits, pos * (mlp_temps * d_mlp + RESID_TEMPS * cfg.d_model),
+                  pos * (ATTN_TEMPS * cfg.n_heads * pos * full_replay + RESID_TEMPS * cfg.d_model))
     facts = 3 * cfg.n_layers * groups * batch * pos * d_mlp if groups > 1 else 0
     kept_rows = rows * width  # what one forward keeps
     if k < per_group:  # the results exist during later chunks, next to the previous chunk's

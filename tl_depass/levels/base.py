@@ -42,6 +42,10 @@ class Level(Protocol):
         ...
 
 
+# Optional, for the memory estimate before the clean run: `size(model, pos) -> (groups,
+# components per group without the bias, exact)`. A level without it (or one whose count the
+# clean run decides) is estimated from a lower bound, checked again once the groups are built.
+Size = tuple[int, int, bool]
 
 
 def one_hot_rows(n: int, offset: int, k: int, fill: dict[int, Tensor], like: Tensor) -> Tensor:

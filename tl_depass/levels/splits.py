@@ -13,7 +13,7 @@ from tl_depass.engine.backends import Model
 from tl_depass.engine.clean_run import CleanRun
 from tl_depass.engine.validate import check_finite, check_indices, given, public_fields, residual_hook
 from tl_depass.errors import DepassError
-from tl_depass.levels.base import Group, stored
+from tl_depass.levels.base import Group, Size, stored
 from tl_depass.levels.label import Label
 from tl_depass.tolerances import completeness_rtol, relative_error
 
@@ -50,6 +50,9 @@ class Split:
             if len(labels) != len(t):
                 raise DepassError(f"Split has {len(t)} components but {len(labels)} labels")
         return dataclasses.replace(self, hook=hook)
+
+    def size(self, model: Model, pos: int) -> Size:
+        return 1, self.tensor.shape[0], True
 
     def reads(self, model: Model) -> list[str]:
         return [self.hook]
@@ -119,6 +122,9 @@ class Subspace:
             check_finite(b.double(), f"Subspace {name!r}: the basis")
         return dataclasses.replace(self, hook=hook)
 
+    def size(self, model: Model, pos: int) -> Size:
+        return 1, 1 + (len(self.basis) if isinstance(self.basis, dict) else 1), True
+
     def reads(self, model: Model) -> list[str]:
         return [self.hook]
 
@@ -165,6 +171,11 @@ class SAEFeatures:
         if self.features is not None:
             check_indices(self.features, W_dec.shape[0], "SAEFeatures: features", "d_sae")
         return dataclasses.replace(self, hook=hook)
+
+    def size(self, model: Model, pos: int) -> Size:
+        """Exact for chosen features; features=None: the active ones, known after the clean run."""
+        known = self.features is not None
+        return 1, 3 + (len(self.features) if known else 0), known
 
     def reads(self, model: Model) -> list[str]:
         return [self.hook]

@@ -13,7 +13,7 @@ from tl_depass.engine.backends import Model
 from tl_depass.engine.clean_run import CleanRun
 from tl_depass.engine.validate import public_fields
 from tl_depass.errors import DepassError
-from tl_depass.levels.base import Entry, Group
+from tl_depass.levels.base import Entry, Group, Size
 from tl_depass.levels.label import Label
 
 PosEmbed = Literal["with_token", "separate"]
@@ -78,6 +78,9 @@ class TokensAt:
     def reads(self, model: Model) -> list[str]:
         return [self.hook]
 
+    def size(self, model: Model, pos: int) -> Size:
+        return 1, pos, True
+
     def labels(self, model: Model, tokens: Int[Tensor, "batch pos"]) -> list[Label]:
         prefix = f"L{self.layer} " if self.layer else ""
         return [Label(name, "token", self.layer, p)
@@ -103,6 +106,9 @@ class TokensAndPosition(TokensAt):
                 f"this model's is {model.cfg.positional_embedding_type!r}: use pos_embed='with_token'"
             )
         return self
+
+    def size(self, model: Model, pos: int) -> Size:
+        return 1, pos + 1, True  # and the position embedding
 
     def groups(self, model: Model, clean: CleanRun, tokens: Int[Tensor, "batch pos"]) -> list[Group]:
         # hook_pos_embed is a frozen input: always recorded

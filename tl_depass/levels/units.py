@@ -16,7 +16,7 @@ from tl_depass.engine.clean_run import CleanRun
 from tl_depass.engine.plan import mlp_site
 from tl_depass.engine.validate import check_indices, check_layers, public_fields
 from tl_depass.errors import DepassError
-from tl_depass.levels.base import Entry, Group, around, one_hot_rows, rest_entry
+from tl_depass.levels.base import Entry, Group, Size, around, one_hot_rows, rest_entry
 from tl_depass.levels.label import Label
 
 
@@ -31,6 +31,9 @@ class Heads:
     def check(self, model: Model) -> "Heads":
         check_layers(model, self.layers, "Heads")
         return self
+
+    def size(self, model: Model, pos: int) -> Size:
+        return len(check_layers(model, self.layers, "Heads")), model.cfg.n_heads + 1, True
 
     def reads(self, model: Model) -> list[str]:
         return [h for layer in check_layers(model, self.layers, "Heads")
@@ -61,6 +64,9 @@ class Modules:
     def check(self, model: Model) -> "Modules":
         check_layers(model, self.layers, "Modules")
         return self
+
+    def size(self, model: Model, pos: int) -> Size:
+        return len(check_layers(model, self.layers, "Modules")), 2 + (not model.cfg.attn_only), True
 
     def reads(self, model: Model) -> list[str]:
         return [h for layer in check_layers(model, self.layers, "Modules")
@@ -101,6 +107,9 @@ class Neurons:
         if self.neurons is not None:
             check_indices(self.neurons, model.cfg.d_mlp, "Neurons: neuron ids", "d_mlp")
         return self
+
+    def size(self, model: Model, pos: int) -> Size:
+        return 1, 1 + (model.cfg.d_mlp if self.neurons is None else len(self.neurons)), True
 
     def reads(self, model: Model) -> list[str]:
         return [hooks.resid_pre(self.layer)]  # and the MLP's frozen inputs
