@@ -16,6 +16,7 @@ from tl_depass.engine.support import check_supported
 from tl_depass.engine.validate import NOT_DECOMPOSABLE, RESIDUAL, check_options, check_text
 from tl_depass.errors import DepassError
 from tl_depass.levels.components import PosEmbed, TokensAt, as_components
+from tl_depass.levels.tokens import TokensAndPosition
 
 Keep = str | Sequence[str] | Callable[[str], bool] | None
 Logits = str | int | Tensor | None
@@ -50,6 +51,8 @@ def check_call(model: object, tokens, components: object = "tokens", *, mlp_rule
     check_options(model, mlp_rule, temperature, chunk_size, ignore_bos)
     tokens, mask = prepare_tokens(model, tokens, attention_mask)
     spec = check_pos_embed(as_components(components, model), pos_embed)
+    if pos_embed == "separate":  # the token level, with the position embedding its own component
+        spec = TokensAndPosition().check(model)
     return Checked(tokens, mask, spec, keep_names(canonical_names(model), keep),
                    logit_positions(tokens, mask, logits),
                    None if logits_all(logits) else int(logits is not None))

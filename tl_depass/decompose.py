@@ -21,7 +21,7 @@ from tl_depass.engine.validate import RESIDUAL, public
 from tl_depass.errors import DepassError
 from tl_depass.levels.base import Group, Level
 from tl_depass.levels.label import Label
-from tl_depass.levels.tokens import PosEmbed, TokensAndPosition
+from tl_depass.levels.tokens import PosEmbed
 
 
 def bos_exclusions(model: Model, tokens: Int[Tensor, "batch pos"], mask: Tensor | None,
@@ -93,11 +93,9 @@ def decompose(
                       keep=keep, chunk_size=chunk_size, logits=logits)
     tokens, mask, spec, keep_list = call.tokens, call.mask, call.spec, call.keep
     logit_pos, n_logits = call.logit_positions, call.n_logits
-    if pos_embed == "separate":  # checked: the spec is the token level
-        spec = TokensAndPosition().check(model)
     hooks = canonical_names(model)
-    *counts, exact = memory.count_components(spec, model, tokens.shape[1], pos_embed)
-    chunk = memory.fitted(model, tokens, mask, spec, keep_list, pos_embed, chunk_size, max_memory,
+    *counts, exact = memory.count_components(spec, model, tokens.shape[1])
+    chunk = memory.fitted(model, tokens, mask, spec, keep_list, chunk_size, max_memory,
                           tuple(counts), n_logits=n_logits)
     reads = {resolve(hooks, n) for n in spec.reads(model)}
     clean = record_clean_run(
@@ -110,7 +108,7 @@ def decompose(
     plan = make_plan(model, clean, parts, keep_list, logit_pos, logits is not None)
     user = check_user_hooks(model, replaced_hooks(model, plan.attn, plan.mlps))
     if not exact:  # a lower bound was checked; the clean run has fixed the count
-        chunk = memory.fitted(model, tokens, mask, spec, keep_list, pos_embed, chunk_size,
+        chunk = memory.fitted(model, tokens, mask, spec, keep_list, chunk_size,
                               max_memory, (len(parts), plan.total), n_logits=n_logits)
     excluded = bos_exclusions(model, tokens, mask, parts[0].labels, mlp_rule, ignore_bos)
     setup = RuleSetup(mlp_rule, temperature, excluded)

@@ -23,7 +23,6 @@ from tl_depass.engine.backends import Model
 from tl_depass.engine.hooks import resid_pre
 from tl_depass.engine.validate import NOT_DECOMPOSABLE, RESIDUAL
 from tl_depass.levels import Heads, Modules, Neurons
-from tl_depass.levels.tokens import TokensAndPosition, TokensAt
 
 # Per row and position, in units of the model's dtype: the MLP's working set (pre-activation,
 # its corrected copy, the activation, the rule's temporaries), the attention's (scores, masked
@@ -47,12 +46,10 @@ class Terms(NamedTuple):
     chunk_size: int | None  # components per forward (None: all in one)
 
 
-def count_components(spec, model: Model, pos: int, pos_embed: str) -> tuple[int, int, bool]:
+def count_components(spec, model: Model, pos: int) -> tuple[int, int, bool]:
     """(groups, components per group without the bias, exact?) before the clean run: the level's
     own `size`; a level without one is counted from a lower bound (1, 1), checked again once its
     groups are built."""
-    if pos_embed == "separate" and isinstance(spec, TokensAt):  # the tokens and the position
-        spec = TokensAndPosition()
     size = getattr(spec, "size", None)
     return (1, 1, False) if size is None else size(model, pos)
 

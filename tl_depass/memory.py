@@ -164,7 +164,7 @@ def check_fits(est: MemoryEstimate, chunk_given: bool, keeps_hooks: bool) -> Non
 
 
 def planned(model: Model, tokens: Integer[Tensor, "batch pos"], mask: Integer[Tensor, "batch pos"] | None,
-            spec, keep: list[str] | Callable[[str], bool], pos_embed: str, chunk_size: int | None,
+            spec, keep: list[str] | Callable[[str], bool], chunk_size: int | None,
             max_memory: int | None, counts: tuple[int, int] | None = None,
             n_logits: int | None = None) -> MemoryEstimate:
     """The estimate for a `decompose` call whose arguments are checked (`keep` as keep_names
@@ -172,7 +172,7 @@ def planned(model: Model, tokens: Integer[Tensor, "batch pos"], mask: Integer[Te
     `n_logits` positions per row whose logits are kept (None: all)."""
     if max_memory is not None and max_memory < 1:
         raise DepassError(f"max_memory must be a positive number of bytes, got {max_memory}")
-    counts = counts or count_components(spec, model, tokens.shape[1], pos_embed)[:2]
+    counts = counts or count_components(spec, model, tokens.shape[1])[:2]
     kept = footprint.kept_hooks(list(dict.fromkeys(canonical_names(model).values())), spec, keep)
     available = max_memory if max_memory is not None else available_memory(tokens.device)
     return plan(model, *tokens.shape, counts, kept, chunk_size, available, mask is not None,
@@ -180,12 +180,12 @@ def planned(model: Model, tokens: Integer[Tensor, "batch pos"], mask: Integer[Te
 
 
 def fitted(model: Model, tokens: Integer[Tensor, "batch pos"], mask: Integer[Tensor, "batch pos"] | None,
-           spec, keep: list[str] | Callable[[str], bool], pos_embed: str, chunk_size: int | None,
+           spec, keep: list[str] | Callable[[str], bool], chunk_size: int | None,
            max_memory: int | None, counts: tuple[int, int] | None = None,
            n_logits: int | None = None) -> int | None:
     """The chunk size `decompose` runs with: `chunk_size`, or when None the largest that fits
     (None: one forward). Raises DepassError when the call would not fit."""
-    est = planned(model, tokens, mask, spec, keep, pos_embed, chunk_size, max_memory, counts,
+    est = planned(model, tokens, mask, spec, keep, chunk_size, max_memory, counts,
                   n_logits)
     check_fits(est, chunk_size is not None, callable(keep) or bool(keep))
     return chunk_size if chunk_size is not None else est.chunk_size
@@ -207,6 +207,5 @@ def estimate_memory(model: Model, tokens: Tokens, components: object = "tokens",
                           f"options {sorted(names | {'max_memory'})}")
     max_memory = options.pop("max_memory", None)
     call = check_call(model, tokens, components, **options)
-    return planned(model, call.tokens, call.mask, call.spec, call.keep,
-                   options.get("pos_embed", "with_token"), options.get("chunk_size"), max_memory,
-                   n_logits=call.n_logits)
+    return planned(model, call.tokens, call.mask, call.spec, call.keep, options.get("chunk_size"),
+                   max_memory, n_logits=call.n_logits)
