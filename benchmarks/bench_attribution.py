@@ -38,8 +38,7 @@ from torch import Tensor
 
 import tl_depass
 from tl_depass.evaluate import baselines
-from tl_depass.levels import Heads, Neurons
-from tl_depass.levels.components import Split
+from tl_depass.levels import Heads, Neurons, Split
 
 LIBC = ctypes.CDLL("libc.so.6")
 

@@ -15,8 +15,8 @@ from tl_depass.engine.backends import Model, canonical_names, check_model
 from tl_depass.engine.support import check_supported
 from tl_depass.engine.validate import NOT_DECOMPOSABLE, RESIDUAL, check_options, check_text
 from tl_depass.errors import DepassError
-from tl_depass.levels.components import PosEmbed, TokensAt, as_components
-from tl_depass.levels.tokens import TokensAndPosition
+from tl_depass.levels.components import as_components
+from tl_depass.levels.tokens import PosEmbed, TokensAndPosition, TokensAt
 
 Keep = str | Sequence[str] | Callable[[str], bool] | None
 Logits = str | int | Tensor | None

@@ -32,7 +32,8 @@ from tl_depass.engine.guard import serialised
 from tl_depass.engine.validate import check_options, public, public_fields
 from tl_depass.errors import DepassError
 from tl_depass.levels import Heads, Label, Modules, Neurons
-from tl_depass.levels.components import PosEmbed, TokensAt, as_components
+from tl_depass.levels.components import as_components
+from tl_depass.levels.tokens import PosEmbed, TokensAt
 from tl_depass.saving import label_records, labels_from_records, load_result, save_result
 
 Method = Literal["auto", "forward", "backward"]

@@ -26,8 +26,7 @@ from tl_depass.errors import DepassError
 from tl_depass.evaluate import compare
 from tl_depass.evaluate.metrics import correlation, logit_diff_rows
 from tl_depass.evaluate.patch import Patch, patch_each
-from tl_depass.levels import Heads, Modules, Neurons
-from tl_depass.levels.components import TokensAt
+from tl_depass.levels import Heads, Modules, Neurons, TokensAt
 from tl_depass.tolerances import completeness_rtol
 
 LEVELS = ("tokens", "heads", "modules", "neurons")

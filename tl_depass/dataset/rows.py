@@ -12,8 +12,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from tl_depass.levels import Heads, Modules, Neurons
-from tl_depass.levels.components import TokensAt
+from tl_depass.levels import Heads, Modules, Neurons, TokensAt
 from tl_depass.levels.label import Label
 
 COLUMNS = ["prompt", "component", "score", "kind", "layer", "unit", "position", "group",
