@@ -80,32 +80,48 @@ def tables(args) -> list[tuple[str, str, float]]:
     model = make_model(args.layers, args.d_model, args.d_vocab, max(args.n, 8), dev)
     tokens = torch.randint(0, args.d_vocab, (1, args.n), device=dev)
     other = torch.randint(0, args.d_vocab, (1, args.n), device=dev)
+    only = set(args.only.split(","))
     with torch.no_grad():
-        t = interleaved({
-            "forward": lambda: model(tokens.repeat(args.n + 1, 1)),
-            "softmax": lambda: tl_depass.decompose(model, tokens, mlp_rule="softmax", logits="last"),
-            "ratio": lambda: tl_depass.decompose(model, tokens, mlp_rule="ratio", logits="last"),
-        }, args.rounds, dev)
-        rows += [("token level, softmax", "one plain forward at batch M", t["softmax"] / t["forward"]),
-                 ("token level, ratio", "one plain forward at batch M", t["ratio"] / t["forward"])]
-        _, cache = model.run_with_cache(tokens)
-        answer = int(model(tokens)[0, -1].argmax())
-
-        def metric(logits):
-            return logits[0, -1, answer]
-        t = interleaved({
-            "patch": lambda: patching.get_act_patch_attn_head_out_all_pos(model, other, cache, metric),
-            "depass": lambda: tl_depass.decompose(model, tokens, Heads(), logits="last"),
-        }, args.rounds, dev)
-        rows.append(("all heads, softmax", "TL patching of every head", t["depass"] / t["patch"]))
-        layer = args.layers // 2
-        t = interleaved({
-            "ablate": lambda: ablate_neurons(model, tokens, layer, args.ablate_batch),
-            "depass": lambda: tl_depass.decompose(model, tokens, Neurons(layer), logits="last"),
-        }, args.rounds, dev)
-        rows.append((f"neurons of layer {layer}, softmax", "zero-ablating each (batched)",
-                     t["depass"] / t["ablate"]))
+        if "tokens" in only:
+            rows += token_rows(args, model, tokens)
+        if "heads" in only:
+            rows += head_rows(args, model, tokens, other)
+        if "neurons" in only:
+            rows += neuron_rows(args, model, tokens)
     return rows
+
+
+def token_rows(args, model, tokens):
+    t = interleaved({
+        "forward": lambda: model(tokens.repeat(args.n + 1, 1)),
+        "softmax": lambda: tl_depass.decompose(model, tokens, mlp_rule="softmax", logits="last"),
+        "ratio": lambda: tl_depass.decompose(model, tokens, mlp_rule="ratio", logits="last"),
+    }, args.rounds, args.device)
+    return [("token level, softmax", "one plain forward at batch M", t["softmax"] / t["forward"]),
+            ("token level, ratio", "one plain forward at batch M", t["ratio"] / t["forward"])]
+
+
+def head_rows(args, model, tokens, other):
+    _, cache = model.run_with_cache(tokens)
+    answer = int(model(tokens)[0, -1].argmax())
+
+    def metric(logits):
+        return logits[0, -1, answer]
+    t = interleaved({
+        "patch": lambda: patching.get_act_patch_attn_head_out_all_pos(model, other, cache, metric),
+        "depass": lambda: tl_depass.decompose(model, tokens, Heads(), logits="last"),
+    }, args.rounds, args.device)
+    return [("all heads, softmax", "TL patching of every head", t["depass"] / t["patch"])]
+
+
+def neuron_rows(args, model, tokens):
+    layer = args.layers // 2
+    t = interleaved({
+        "ablate": lambda: ablate_neurons(model, tokens, layer, args.ablate_batch),
+        "depass": lambda: tl_depass.decompose(model, tokens, Neurons(layer), logits="last"),
+    }, args.rounds, args.device)
+    return [(f"neurons of layer {layer}, softmax", "zero-ablating each (batched)",
+             t["depass"] / t["ablate"])]
 
 
 def measure_memory(kind: str, n: int, rule: str, chunk: int | None, queue) -> None:
@@ -163,6 +179,7 @@ def parser(device: str) -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--ablate-batch", type=int, default=256, help="neurons per ablation forward")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--only", default="tokens,heads,neurons", help="which tables (comma-separated)")
     p.add_argument("--memory", action="store_true", help="the seconds / peak memory table instead")
     return p
 

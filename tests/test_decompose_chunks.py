@@ -2,6 +2,8 @@
 every call, equal to those of one forward holding every component), and chunked runs equal one
 forward on every Bridge architecture (each sweep stops after its MLP's block)."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -74,7 +76,8 @@ def test_token_level_chunked_equals_whole_entry(rule, pos_embed, monkeypatch):
     """The token level builds its entry states per chunk: every chunked run is bit-identical (in
     float64) to the same run with the [pos, batch, pos, d_model] entry stack built whole, and
     equals one forward (to the completeness tolerance: BLAS sums a chunk of rows in another
-    order than a whole batch, about 1e-16 apart, as it did before)."""
+    order than a whole batch, about 1e-16 apart, as it did before; and a chunk's forward skips
+    the positions before its first component)."""
     from tl_depass.levels import tokens as token_level
     from tl_depass.levels.base import stored
 
@@ -83,9 +86,13 @@ def test_token_level_chunked_equals_whole_entry(rule, pos_embed, monkeypatch):
     whole = tl_depass.decompose(model, tokens, **opts)
     lazy = {c: tl_depass.decompose(model, tokens, chunk_size=c, **opts) for c in (1, 2, 5)}
 
+    lazy_entry = token_level.position_entry
+
     def whole_stack(hook, resid, extra=None):
         states = token_level.by_position(resid)
-        return stored(hook, states if extra is None else torch.cat([states, extra[None]]))
+        entry = stored(hook, states if extra is None else torch.cat([states, extra[None]]))
+        # the same windows as the lazy entry (chunks skip the positions before their first)
+        return dataclasses.replace(entry, first=lazy_entry(hook, resid, extra).first)
 
     monkeypatch.setattr(token_level, "position_entry", whole_stack)
     for chunk, part in lazy.items():

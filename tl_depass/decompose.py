@@ -16,7 +16,7 @@ from tl_depass.engine.clean_run import FROZEN, CleanRun, record_clean_run
 from tl_depass.engine.guard import check_complete, check_user_hooks, replaced_hooks, serialised
 from tl_depass.engine.plan import make_plan
 from tl_depass.engine.replay import RuleSetup
-from tl_depass.engine.sweep import run_chunks
+from tl_depass.engine.sweep import fastest_chunk, run_chunks
 from tl_depass.engine.validate import RESIDUAL, public
 from tl_depass.errors import DepassError
 from tl_depass.levels.base import Group, Level
@@ -81,7 +81,8 @@ def decompose(
     and MLP activations frozen at their clean values. See docs/rules.md for the rules.
     Before anything is allocated, the memory the call needs (`estimate_memory`) is checked
     against what is free (or `max_memory` bytes); `chunk_size=None` runs the largest chunk of
-    components per forward that fits.
+    components per forward that fits (the ratio rule at the token level: chunks of at least 16
+    positions, each skipping the positions before its first component, where that is smaller).
     `logits`: whose logits are decomposed: "last" (the default since 0.2.0: each row's last
     unpadded token), a position (int) or one per row (tensor [batch]) (`dec.logits`
     [component, batch, d_vocab], positions in `dec.logit_positions`), "all" (`dec.logits`
@@ -110,6 +111,8 @@ def decompose(
     if not exact:  # a lower bound was checked; the clean run has fixed the count
         chunk = memory.fitted(model, tokens, mask, spec, keep_list, chunk_size,
                               max_memory, (len(parts), plan.total), n_logits=n_logits)
+    if chunk_size is None:  # the linear rule runs token components fastest in windows
+        chunk = fastest_chunk(model, plan, mlp_rule, chunk, tokens.shape[1])
     excluded = bos_exclusions(model, tokens, mask, parts[0].labels, mlp_rule, ignore_bos)
     setup = RuleSetup(mlp_rule, temperature, excluded)
     results = run_chunks(model, tokens, mask, clean, plan, setup, chunk)

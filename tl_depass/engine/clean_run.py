@@ -30,6 +30,19 @@ class CleanRun:
         """Hook points that fire after `name` first fires (the part of the model DePass replays)."""
         return self.order[self.order.index(name) + 1:]
 
+    def window(self, start: int) -> "CleanRun":
+        """The clean run at positions `start` onwards (patterns: queries and keys alike), views
+        only; HookedTransformer's [batch, pos, ...] layout."""
+        if not start:
+            return self
+
+        def cut(name: str, x: Tensor) -> Tensor:
+            if name.endswith(("hook_pattern", "hook_attn_scores")):
+                return x[..., start:, start:]
+            return x[:, start:] if x.ndim >= 2 else x
+        return CleanRun(self.order, {n: cut(n, x) for n, x in self.values.items()},
+                        self.logits[:, start:])
+
 
 def unflatten_rows(x: Tensor, batch: int, pos: int) -> Tensor:
     """[batch*pos, d] -> [batch, pos, d]: some Hugging Face blocks (OPT's MLP) flatten the token

@@ -41,11 +41,17 @@ class Label:
 @dataclass
 class Entry:
     """Where a group's components enter: at `hook`, component rows `offset .. offset+k` take
-    `rows(offset, k)`, the group's bias slot takes `bias` (None: zero)."""
+    `rows(offset, k)`, the group's bias slot takes `bias` (None: zero).
+
+    `first(offset, k)`, where given: the first position at which those components can be
+    non-zero. Before it their rows are exactly zero, and stay so at every later hook of a causal
+    model (the frozen patterns carry nothing backwards; the rules give an exact zero nothing), so a
+    chunk's forward may skip those positions (the token level: component p starts at p)."""
 
     hook: str
     rows: Callable[[int, int], Tensor]
     bias: Tensor | None = None
+    first: Callable[[int, int], int] | None = None
 
 
 @dataclass

@@ -72,6 +72,16 @@ class Plan:
         """Components per group, without the group's bias."""
         return len(self.groups[0].labels) - 1
 
+    def window(self, start: int) -> "Plan":
+        """The plan at positions `start` onwards (`CleanRun.window`): the MLPs' clean facts and
+        the logit positions shifted."""
+        if not start:
+            return self
+        mlps = [dataclasses.replace(s, facts=rules.NeuronFacts(
+            *(t[:, start:] for t in (s.facts.act, s.facts.extra, s.facts.ratio)))) for s in self.mlps]
+        pos = None if self.logit_positions is None else self.logit_positions - start
+        return dataclasses.replace(self, mlps=mlps, logit_positions=pos)
+
 
 def make_plan(model: Model, clean: CleanRun, groups: "list[Group]", keep: list[str] | Callable,
               logit_pos: Tensor | None = None, logits: bool = True) -> Plan:

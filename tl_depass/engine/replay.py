@@ -58,13 +58,21 @@ class FoldedForward:
     """The hooks of one folded forward: for every group of `plan`, components `offset .. offset+k`,
     then the group's probe and bias. Slots fold into the batch axis group-major. `stats`: the
     non-linear rule's statistics over all components at each MLP (chunked runs), by MLP prefix.
+    `window`: the forward covers positions `window` onwards only, where the components are all
+    exactly zero before it (`Entry.first`); there the bias slot, which needs every position, is
+    not this forward's to give (`run_chunks` takes it from the chunk at offset 0, window 0).
 
     `kept(...)` runs the whole forward and returns the kept values; `statistics(site, ...)` runs
     it up to MLP `site` and returns this chunk's part of the statistics there."""
 
     def __init__(self, model: Model, clean: CleanRun, plan: Plan, setup: RuleSetup,
-                 offset: int, k: int, stats: Mapping[str, rules.Stats]):
+                 offset: int, k: int, stats: Mapping[str, rules.Stats], window: int = 0):
+        if window:  # every component here is exactly zero before `window`: run from there
+            clean, plan = clean.window(window), plan.window(window)
+            setup = RuleSetup(setup.rule, setup.temperature, setup.excluded[..., window:])
+            stats = {name: s.window(window) for name, s in stats.items()}
         self.model, self.clean, self.plan, self.setup, self.stats = model, clean, plan, setup, stats
+        self.window = window
         self.groups, self.offset, self.k = plan.groups, offset, k
         self.batch = clean.logits.shape[0]
         self.width = k + 2
@@ -87,10 +95,11 @@ class FoldedForward:
     def enter(self, entries: list[tuple[int, Entry]]) -> Callable:
         def hook(x, hook):
             x = self.view(x).clone()
+            w = self.window
             for g, entry in entries:
-                x[g, :self.k] = entry.rows(self.offset, self.k)
+                x[g, :self.k] = entry.rows(self.offset, self.k)[:, :, w:]
                 x[g, self.k] = 0
-                x[g, self.k + 1] = 0 if entry.bias is None else entry.bias
+                x[g, self.k + 1] = 0 if entry.bias is None else entry.bias[:, w:]
             return fold(x)
         return hook
 
@@ -220,8 +229,9 @@ class FoldedForward:
 
     def run(self, tokens: Int[Tensor, "batch pos"], attention_mask: Tensor | None,
             collect: MLPSite | None = None) -> dict:
-        model, out, p = self.model, {}, self.plan
-        mask = None if attention_mask is None else attention_mask.repeat(self.slots, 1)
+        model, out, p, w = self.model, {}, self.plan, self.window
+        tokens = tokens[:, w:]
+        mask = None if attention_mask is None else attention_mask[:, w:].repeat(self.slots, 1)
         options = {} if collect is None else {"stop_at_layer": collect.layer + 1}
         if p.start_layer:  # HookedTransformer: the blocks before the entry are never run
             options["start_at_layer"] = p.start_layer
@@ -241,10 +251,12 @@ class FoldedForward:
 
     def kept(self, tokens: Int[Tensor, "batch pos"], attention_mask: Tensor | None
              ) -> dict[str, Tensor]:
-        """The kept values of every slot, [group, slot, batch, ...] by hook."""
+        """The kept values of every slot, [group, slot, batch, ...] by hook (positions `window`
+        onwards)."""
         return self.run(tokens, attention_mask)
 
     def statistics(self, site: MLPSite, tokens: Int[Tensor, "batch pos"],
                    attention_mask: Tensor | None) -> rules.Stats:
-        """This chunk's part of the non-linear rule's statistics at MLP `site`."""
-        return self.run(tokens, attention_mask, site)["stats"]
+        """This chunk's part of the non-linear rule's statistics at MLP `site` (every position)."""
+        site = next(s for s in self.plan.mlps if s.prefix == site.prefix)  # this window's
+        return self.run(tokens, attention_mask, site)["stats"].padded(self.window)

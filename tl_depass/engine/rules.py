@@ -54,6 +54,19 @@ class Stats:
     top: Float[Tensor, "batch pos d_mlp"]
     rest: Tensor  # softmax: Float sum of exp(g/T - top); max: Int index of the winner
 
+    def window(self, start: int) -> "Stats":
+        """The statistics at positions `start` onwards."""
+        return Stats(self.top[:, start:], self.rest[:, start:])
+
+    def padded(self, start: int) -> "Stats":
+        """Statistics of positions `start` onwards, with the `start` positions before them in
+        which no contributor counted (what `combine` adds nothing from)."""
+        if not start:
+            return self
+        top = self.top.new_full((self.top.shape[0], start, *self.top.shape[2:]), -torch.inf)
+        rest = self.rest.new_zeros((self.rest.shape[0], start, *self.rest.shape[2:]))
+        return Stats(torch.cat([top, self.top], 1), torch.cat([rest, self.rest], 1))
+
 
 def _excluded(g: Tensor, excluded: Bool[Tensor, "slot batch pos"] | None) -> Tensor:
     """Contributors left out of a neuron's share: exact zeros, and the `excluded` ones (None:

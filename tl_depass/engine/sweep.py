@@ -10,7 +10,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from tl_depass.engine import rules
-from tl_depass.engine.backends import Model
+from tl_depass.engine.backends import Model, is_bridge
 from tl_depass.engine.clean_run import CleanRun
 from tl_depass.engine.plan import Plan, by_entry_layer
 from tl_depass.engine.replay import FoldedForward, RuleSetup
@@ -25,6 +25,37 @@ def chunks_of(plan: Plan, chunk_size: int | None) -> Chunks:
     return [(off, min(per_group, total - off)) for off in range(0, total, per_group)]
 
 
+def window(model: Model, plan: Plan, offset: int, k: int) -> int:
+    """The position before which components `offset .. offset+k` of every group are exactly zero
+    (`Entry.first`; 0 where an entry does not say, or the model is a Bridge or not causal), no
+    later than a kept logit position."""
+    entries = [e for g in plan.groups for e in g.entries]
+    if (is_bridge(model) or model.cfg.attention_dir != "causal"
+            or any(e.first is None for e in entries)):
+        return 0
+    start = min(e.first(offset, k) for e in entries)
+    if start and plan.logit_positions is not None:
+        start = min(start, int(plan.logit_positions.min()))
+    return start
+
+
+#: The linear rule's default chunks (`fastest_chunk`): at least this many positions each, and at
+#: most MAX_WINDOWS of them (measured fastest on CPU; docs/benchmarks.md "Windows").
+WINDOW_POSITIONS, MAX_WINDOWS = 16, 8
+
+
+def fastest_chunk(model: Model, plan: Plan, rule: rules.Rule, chunk: int | None, pos: int) -> int | None:
+    """`chunk` (the largest that fits; None: all in one forward), or a smaller one where that
+    is faster: with the linear rule (no statistics sweep) chunks of token components skip the
+    positions before their first (`window`), so c chunks do about (1 + 1/c)/2 of one forward's
+    work, against a fixed cost per forward."""
+    c = min(MAX_WINDOWS, pos // WINDOW_POSITIONS)
+    if rule != "ratio" or c < 2 or len(plan.groups) > 1 or not window(model, plan, 1, 1):
+        return chunk
+    size = -(-plan.total // c)
+    return size if chunk is None else min(chunk, size)
+
+
 def statistics(model: Model, tokens: Int[Tensor, "batch pos"], mask: Tensor | None,
                clean: CleanRun, plan: Plan, setup: RuleSetup, chunks: Chunks
                ) -> dict[str, rules.Stats]:
@@ -36,7 +67,8 @@ def statistics(model: Model, tokens: Int[Tensor, "batch pos"], mask: Tensor | No
     for site in plan.mlps:
         acc = None
         for offset, k in chunks:
-            forward = FoldedForward(model, clean, plan, setup, offset, k, stats)
+            forward = FoldedForward(model, clean, plan, setup, offset, k, stats,
+                                    window(model, plan, offset, k))
             acc = rules.combine(setup.rule, acc, forward.statistics(site, tokens, mask))
         stats = {**stats, site.prefix: acc}
     return stats
@@ -54,12 +86,17 @@ def run_chunks(model: Model, tokens: Int[Tensor, "batch pos"], mask: Tensor | No
             chunks = chunks_of(part, chunk_size)
             stats: Mapping[str, rules.Stats] = statistics(model, tokens, mask, clean, part, setup, chunks)
             for offset, k in chunks:
-                kept = FoldedForward(model, clean, part, setup, offset, k, stats).kept(tokens, mask)
-                for name, value in kept.items():  # [group, slot, batch, ...]
+                start = window(model, part, offset, k)
+                kept = FoldedForward(model, clean, part, setup, offset, k, stats, start).kept(tokens, mask)
+                for name, value in kept.items():  # [group, slot, batch, pos from `start`, ...]
+                    per_pos = name != "unembed.hook_out" or part.logit_positions is None
                     if name not in out:
-                        out[name] = value.new_zeros((len(plan.groups), total + 1, *value.shape[2:]))
-                    out[name][ids, offset:offset + k] = value[:, :k]
-                    out[name][ids, total] = value[:, -1]
+                        shape = list(value.shape[2:])
+                        shape[1] += start if per_pos else 0
+                        out[name] = value.new_zeros((len(plan.groups), total + 1, *shape))
+                    out[name][ids, offset:offset + k, :, start if per_pos else 0:] = value[:, :k]
+                    if offset == 0:  # the bias slot needs every position: window 0 here
+                        out[name][ids, total] = value[:, -1]
         for name in plan.keep:  # kept before every part's entry
             if name not in out:
                 out[name] = clean[name].new_zeros((len(plan.groups), total + 1, *clean[name].shape))

@@ -53,7 +53,10 @@ def position_entry(hook: str, resid: Float[Tensor, "batch pos d_model"],
         if extra is None or offset + k <= n:
             return part
         return torch.cat([part, extra[None]])
-    return Entry(hook, rows)
+
+    def first(offset: int, k: int) -> int:  # the position embedding is non-zero everywhere
+        return offset if extra is None or offset + k <= n else 0
+    return Entry(hook, rows, first=first)
 
 
 @public_fields
