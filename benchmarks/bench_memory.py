@@ -10,8 +10,9 @@ fit is refused.
    the call); then with `max_memory` at half the unchunked estimate, the chunk size decompose
    chooses and the peak it reaches (with the linear rule, which chunks for free; chunked softmax
    runs a statistics sweep per MLP layer and takes minutes).
-2. The GPT-2-small shape (12 layers, d_model 768, 50257 words) at N = 1024 with the logits of
-   every position: the seconds from the call to the DepassError (the estimate is checked
+2. N = 512 (not with --quick): the defaults and `keep=[], chunk_size=32`, peak and logit shares.
+3. The GPT-2-small shape (12 layers, d_model 768, 50257 words) at N = 1024 with the logits of
+   every position (`logits="all"`): the seconds from the call to the DepassError (the estimate is checked
    before the clean run, so nothing large is allocated).
 
 Results: docs/benchmarks.md ("Memory").
@@ -87,19 +88,41 @@ def small(sizes: list[int]) -> list[str]:
     return rows
 
 
+def long_prompt(n: int = 512) -> list[str]:
+    """Issue 15's row: N = 512, GPT-2's vocabulary, the defaults (softmax, the residual stream
+    kept, logits at the last token) and keep=[], chunk_size=32; the two runs' logit shares."""
+    model = random_model(4, 256, 8, n)
+    toks = tokens(n)
+    rows = ["| N | options | estimate | measured peak | seconds |", "|---|---|---|---|---|"]
+    out = {}
+    for name, options in (("defaults", {}), ("keep=[], chunk_size=32", dict(keep=[], chunk_size=32))):
+        est = tl_depass.estimate_memory(model, toks, **options)
+        with PeakMemory() as mem:
+            start = time.perf_counter()
+            out[name] = tl_depass.decompose(model, toks, **options).logits
+            seconds = time.perf_counter() - start
+        rows.append(f"| {n} | {name} (chunk {est.chunk_size}) | {est.total / GiB:.2f} GiB | "
+                    f"{mem.mib / 1024:.2f} GiB | {seconds:.0f} |")
+        print(rows[-1], flush=True)
+    a, b = out.values()
+    rows.append(f"\nlogit shares of the two runs: max |difference| {(a - b).abs().max().item():.2e}, "
+                f"max |share| {a.abs().max().item():.2e}")
+    return rows
+
+
 def gpt2_small_refused(n: int = 1024) -> list[str]:
     model = random_model(12, 768, 12, 1024)
     toks = tokens(n)
     start = time.perf_counter()
     try:
-        tl_depass.decompose(model, toks)
+        tl_depass.decompose(model, toks, logits="all")
         outcome = "ran (no error)"
     except tl_depass.DepassError as e:
         outcome = str(e)
     seconds = time.perf_counter() - start
     print(f"GPT-2-small shape, N = {n}: {seconds:.2f} s to: {outcome}", flush=True)
-    return [f"GPT-2-small shape (12 layers, 768, {VOCAB}), N = {n}, default keep: refused after "
-            f"{seconds:.2f} s with\n\n> {outcome}"]
+    return [f"GPT-2-small shape (12 layers, 768, {VOCAB}), N = {n}, default keep, logits='all': "
+            f"refused after {seconds:.2f} s with\n\n> {outcome}"]
 
 
 def main() -> None:
@@ -109,6 +132,7 @@ def main() -> None:
     torch.set_num_threads(2)
     start = time.perf_counter()
     table = small([64] if args.quick else [64, 128])
+    table += [""] + ([] if args.quick else long_prompt())
     refused = gpt2_small_refused()
     now = datetime.datetime.now(datetime.timezone.utc)
     print(f"\n{now:%Y-%m-%d %H:%M} UTC, {platform.machine()}, {os.cpu_count()} CPUs, torch "
