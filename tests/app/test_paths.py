@@ -54,7 +54,8 @@ def test_token_paths_match_a_plain_tensor_computation(family):
     by_head, buildup = paths.token_paths(model, tokens, heads, "softmax", metric, str_tokens)
     assert by_head.columns == buildup.columns == [f"{p}: {t}" for p, t in enumerate(str_tokens)] + ["bias"]
     assert by_head.rows == ["L1H2", "L0H1", "L1H0", "other heads (and b_O)", "MLPs", "embeddings (direct)"]
-    assert buildup.rows == ["tokens (embeddings)", "resid entering L1", "final residual (after L1)"]
+    assert buildup.rows == ["resid entering L0 (embeddings)", "resid entering L1",
+                            "final residual (after L1)"]
 
     ref = reference_depass(model, tokens, "softmax")  # component p = token p, then the bias
     _, cache = model.run_with_cache(tokens)
@@ -118,3 +119,28 @@ def test_explain_has_the_new_views_and_renders_them():
     assert "resid entering L<i>i</i></b> asks a different question" in page
     assert "Heads and Modules split attention differently" in page
     assert "sum of its heads (Heads)" in page and "the restoration effect" in page
+
+
+def test_heads_sum_to_attn_plus_what_they_did_through_the_same_layers_mlp():
+    """What the report says of Heads and Modules, with the ratio rule (linear): a layer's heads
+    sum to its attn (Modules) plus the heads' share of the same layer's MLP output, carried on
+    from the residual stream after that layer (a Split there)."""
+    import tl_depass
+    from tl_depass.engine.hooks import block_hook, resid_post
+    from tl_depass.levels import Heads, Modules, Split
+
+    model = make_model()
+    tokens = random_tokens(model, batch=1, pos=6)
+    for layer in range(model.cfg.n_layers):
+        mlp_out = block_hook(layer, "hook_mlp_out")
+        heads = tl_depass.decompose(model, tokens, Heads([layer]), mlp_rule="ratio", keep=[mlp_out])
+        modules = tl_depass.decompose(model, tokens, Modules([layer]), mlp_rule="ratio")
+        total = heads.logit_attribution(ANSWER, WRONG)[1:-1, 0].sum()  # [rest, heads..., bias]
+        attn = modules.logit_attribution(ANSWER, WRONG)[modules.index(f"L{layer} attn"), 0]
+        part = heads[mlp_out][1:-1].sum(0)  # the heads' share of the MLP's output
+        clean = model.run_with_cache(tokens)[1][resid_post(layer)]
+        on = tl_depass.decompose(model, tokens, Split(resid_post(layer), torch.stack([part, clean - part])),
+                                 mlp_rule="ratio")
+        through_mlp = on.logit_attribution(ANSWER, WRONG)[0, 0]
+        assert (total - attn).abs() > 1e-3  # the difference is real on this model
+        close(total, attn + through_mlp, f"layer {layer}")

@@ -79,7 +79,7 @@ def token_paths(model: Model, tokens: Int[Tensor, "1 pos"], heads: Sequence[Labe
     remainder = final - sum(v for _, v in head_rows[len(heads):]) - sum(by_head)
     if remainder.abs().max() > completeness_rtol(final.dtype) * final.abs().max():
         head_rows.append(("not written by attention or MLPs", remainder))  # not a pre-norm block
-    build_rows = [("tokens (embeddings)" if layer == 0 else f"resid entering L{layer}",
+    build_rows = [(f"resid entering L{layer}" + (" (embeddings)" if layer == 0 else ""),
                    tok[resid_pre(layer)]) for layer in range(n_layers)]
     build_rows.append((f"final residual (after L{n_layers - 1})", final))
     vectors = torch.cat([v for _, v in head_rows + build_rows])  # [row * column, 1, pos, d_model]

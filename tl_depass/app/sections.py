@@ -16,7 +16,7 @@ TOKENS = (
     "cells and the bias (not shown) sum to the metric.")
 BUILDUP = (
     "How each source token's share reaches the answer. Cell (row, token <i>t</i>): the part of "
-    "token <i>t</i>'s share (as in the first row of the figure above) that is already in the "
+    "token <i>t</i>'s share (the first row of Token contributions) that is already in the "
     "<b>last position's</b> residual stream when it enters layer <i>i</i>, read directly through "
     "the final norm (at its clean scale) and the unembedding: a logit lens of the shares. Entering "
     "L0 only the last token is there; each row adds what the layers before it moved to the last "
@@ -44,10 +44,9 @@ MODULES = (
     "MLP, so what attention did <i>through the same layer's MLP</i> counts for the MLP, not for "
     "<code>attn</code> (what it does through later layers still counts for <code>attn</code>). A "
     "layer's heads therefore sum to its <code>attn</code> plus their share of that layer's MLP "
-    "output followed to the logits: exactly with the ratio rule (linear), approximately with the "
-    "softmax and max rules. Measured on the bundled <code>recall</code> model (its first task "
-    "prompt, ratio rule): the four L0 heads sum to +12.59, <code>L0 attn</code> is +0.87, and the "
-    "heads' share of MLP0's output, followed to the logits, is +11.72 (0.87 + 11.72 = 12.59).")
+    "output followed to the logits: exactly with the ratio rule (linear; tested), approximately "
+    "with the softmax and max rules. The table gives both on this prompt; the difference is what "
+    "the heads did through their own layer's MLP.")
 VOCAB = (
     "Each top component's logits at the last position, minus their mean over the vocabulary "
     "(a shift of every logit changes no probability): the tokens it pushes up and down most. For "
