@@ -80,9 +80,13 @@ def test_report_is_self_contained(page):
     parsed = Classes()
     parsed.feed(page.read_text(encoding="utf-8"))
     assert parsed.fetches == []  # no script, style sheet or image from anywhere: plotly.js inline
-    # the bundled induction model is attention-only: tokens, heads, modules, completeness, scatter
-    assert parsed.meta["depass-figures"] == "5"
-    assert parsed.count["depass-figure"] == 5
+    # the bundled induction model is attention-only: tokens, their build-up through the residual
+    # stream, heads, the top heads' attention patterns, head x source token, modules,
+    # completeness, scatter
+    assert parsed.meta["depass-figures"] == "8"
+    assert parsed.count["depass-figure"] == 8
+    assert parsed.count["explain"] == 5  # what each of five figures shows, in words
+    assert parsed.count["vocab"] == 3  # the top tokens of the top tokens, heads and modules
 
 
 def test_plots_render_in_chromium(page, tmp_path):
@@ -93,10 +97,14 @@ def test_plots_render_in_chromium(page, tmp_path):
     # plotly.js ran: every figure became a plot with its SVG layers and the right trace types
     assert parsed.count.get("js-plotly-plot") == n
     assert parsed.count.get("main-svg", 0) >= 2 * n
-    assert parsed.count.get("heatmaplayer", 0) >= 2  # tokens and heads
+    # tokens, build-up, heads, head x source token, and one per top head's attention pattern
+    assert parsed.count.get("heatmaplayer", 0) >= 4 + 4
     assert parsed.count.get("barlayer", 0) >= 1  # modules
     assert parsed.count.get("scatterlayer", 0) >= 2  # completeness and DePass vs patching
     assert "total effect on" in dom  # the heads title, drawn as SVG text by plotly
+    assert "read directly from the last position" in dom  # the build-up's title
+    assert "what each head wrote, by source token" in dom  # the head x source token title
+    assert "Clean attention patterns" in dom  # the head view
 
 
 def test_screenshot_is_not_blank(page, tmp_path):

@@ -16,6 +16,7 @@ from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from tl_depass.app import paths
 from tl_depass.app.results import Explanation, LevelScores, Prompt, top_table  # noqa: F401 (public here too)
 from tl_depass.decompose import decompose
 from tl_depass.engine.backends import Model
@@ -30,8 +31,7 @@ from tl_depass.levels import Heads, Modules, Neurons, TokensAt
 from tl_depass.tolerances import completeness_rtol
 
 LEVELS = ("tokens", "heads", "modules", "neurons")
-
-
+TOP = 8  # components per level in the report's tables (and their top vocabulary tokens)
 
 
 def worst_per_hook(dec) -> dict[str, float]:
@@ -124,10 +124,23 @@ def _explain(model: Model, prompt: Prompt, levels: Sequence[str], rule: str,
     name = (lambda i: model.to_string([i])) if model.tokenizer is not None else (lambda i: f"[{i}]")
     with torch.no_grad():
         value = run.metric(model(tokens)).item()
+    top = top_heads(out["heads"]) if "heads" in out else []
+    head_tokens = buildup = None
+    if "tokens" in out:
+        head_tokens, buildup = paths.token_paths(model, tokens, top, rule, run.metric, str_tokens)
     return Explanation(
         model_name, str_tokens, name(target), None if wrong is None else name(wrong), value, rule,
         completeness_rtol(cfg.dtype), None if corrupted is None else [name(int(t)) for t in corrupted[0]],
-        neuron_layer if "neurons" in out else None, out, tokens_by_layer, tokens_patching)
+        neuron_layer if "neurons" in out else None, out, tokens_by_layer, tokens_patching,
+        None if corrupted is None else run.corrupted_metric(),
+        paths.patterns(model, tokens, top) if top else None,
+        head_tokens if top else None, buildup)
+
+
+def top_heads(level: LevelScores, k: int = 4) -> list:
+    """The `k` heads with the largest |DePass share| (structured labels), largest first."""
+    order = level.depass.abs().argsort(descending=True)[:k].tolist()
+    return [level.components[i] for i in order]
 
 
 class Run:
@@ -140,6 +153,7 @@ class Run:
         self.patch_limit = patch_limit
         self.target, self.wrong = target, wrong
         self.cache = model.run_with_cache(tokens)[1] if corrupted is not None else None
+        self._corrupted: float | None = None
 
     def metric_rows(self, logits: Tensor) -> Tensor:
         return logit_diff_rows(logits, self.target, self.wrong)
@@ -147,17 +161,24 @@ class Run:
     def metric(self, logits: Tensor) -> Tensor:
         return self.metric_rows(logits).mean()
 
-    def corrupted_metric(self) -> Tensor:
-        with torch.no_grad():
-            return self.metric(self.model(self.corrupted))
+    def corrupted_metric(self) -> float:
+        if self._corrupted is None:
+            with torch.no_grad():
+                self._corrupted = self.metric(self.model(self.corrupted)).item()
+        return self._corrupted
 
     def depass(self, spec, kinds: tuple[str, ...] | None = None) -> LevelScores:
         """DePass scores of the components of `spec` whose kind is in `kinds` (None: all)."""
         dec = decompose(self.model, self.tokens, spec, mlp_rule=self.rule, logits="all")
         scores = compare.metric_scores(self.model, dec, self.metric)
         keep = [i for i, label in enumerate(dec.component_labels) if kinds is None or label.kind in kinds]
+        top = scores[keep].abs().argsort(descending=True)[:TOP].tolist()
+        vocab = {dec.labels[keep[i]]: paths.vocabulary(self.model, dec.logits[keep[i], 0, -1])
+                 for i in top}
         return LevelScores([dec.labels[i] for i in keep], scores[keep], completeness=worst_per_hook(dec),
-                     components=[dec.component_labels[i] for i in keep])
+                           components=[dec.component_labels[i] for i in keep],
+                           corrupted_metric=None if self.corrupted is None else self.corrupted_metric(),
+                           vocab=vocab)
 
     def positions(self) -> tuple[LevelScores, Tensor, Tensor | None]:
         """Each position's residual entering each layer (layer 0: the token level)."""

@@ -17,12 +17,13 @@ import tempfile
 from html import escape as esc
 from pathlib import Path
 
-from tl_depass.app import viz
+from tl_depass.app import sections, viz
 from tl_depass.app.results import Explanation, top_table
 from tl_depass.errors import DepassError
 from tl_depass.optional import need
 
 offline = need("plotly.offline", "the HTML report")
+
 
 def figures(ex: Explanation) -> list[tuple[str, object]]:
     """(section title, plotly figure) in report order, for the levels that were computed."""
@@ -37,6 +38,20 @@ def figures(ex: Explanation) -> list[tuple[str, object]]:
         grid = lv["heads"].depass.reshape(-1, len([x for x in lv["heads"].components
                                                     if x.kind == "head" and x.layer == 0]))
         out.append(("Heads", viz.head_heatmap(grid, f"Each head's total effect on {what}")))
+    if getattr(ex, "patterns", None):
+        out.append(("Attention patterns of the top heads", viz.attention_patterns(
+            ex.patterns, ex.str_tokens, "Clean attention patterns (query down, key across)")))
+    if getattr(ex, "head_tokens", None) is not None:
+        b = ex.head_tokens
+        rows = [f"{r} ({t:+.2f})" for r, t in zip(b.rows, b.shares.sum(1).tolist(), strict=True)]
+        out.append(("Head × source token", viz.grid_heatmap(
+            b.shares, rows, b.columns, f"Direct share of {what}: what each head wrote, by source "
+            "token")))
+    if getattr(ex, "buildup", None) is not None:
+        b = ex.buildup
+        out.append(("Build-up through the residual stream", viz.grid_heatmap(
+            b.shares, b.rows, b.columns, f"Each source token's share of {what}, read directly "
+            "from the last position's residual stream")))
     if "modules" in lv:
         out.append(("Modules", viz.top_bar(lv["modules"].depass, lv["modules"].labels, 40,
                                            f"Attention and MLP blocks: share of {what}")))
@@ -67,6 +82,12 @@ def facts(ex: Explanation) -> str:
              "<tr><th>corrupted prompt</th><td>" + (
                  f"<code>{esc(' '.join(ex.corrupted))}</code>" if ex.corrupted else
                  "none given: no activation patching comparison") + "</td></tr>"]
+    base = getattr(ex, "corrupted_metric", None)
+    if base is not None:
+        parts.append(f"<tr><th>patching</th><td>the restoration effect: metric(corrupted run with "
+                     "one clean activation restored) &minus; metric(corrupted run), where "
+                     f"metric(corrupted run) = {base:+.4f} (add it for the raw patched metric "
+                     "that <code>transformer_lens.patching</code> returns)</td></tr>")
     worst = max(max(lv.completeness.values()) for lv in ex.levels.values())
     parts.append(f"<tr><th>completeness</th><td>worst relative error {worst:.1e} (tolerance "
                  f"{ex.tolerance:.0e}): {'OK' if worst <= ex.tolerance else 'FAILED'}</td></tr>")
@@ -94,9 +115,13 @@ def render(ex: Explanation) -> str:
     parts = [f"<h1>DePass: why does <code>{esc(ex.model_name)}</code> predict "
              f"<code>{esc(ex.target)}</code>?</h1>", facts(ex), tables(ex)]
     for i, (title, fig) in enumerate(figs):  # fixed div ids: plotly's default is a random uuid
-        parts.append(f"<h2>{esc(title)}</h2><div class='depass-figure'>"
-                     + fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"depass-figure-{i}")
-                     + "</div>")
+        parts.append(f"<h2>{esc(title)}</h2><div class='depass-figure'>" + fig.to_html(
+            full_html=False, include_plotlyjs=False, div_id=f"depass-figure-{i}") + "</div>")
+        if title in sections.NOTES and (title != "Modules" or "heads" in ex.levels):
+            parts.append(f"<p class='explain'>{sections.NOTES[title]}</p>")  # under its figure
+        if title == "Modules":
+            parts.append(sections.heads_vs_modules(ex))
+    parts.append(sections.vocab_tables(ex))
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'>"
             f"<meta name='depass-figures' content='{len(figs)}'>"
             f"<title>DePass report: {esc(ex.model_name)}</title><style>{STYLE}</style>"
@@ -141,4 +166,6 @@ table.facts th{text-align:left;padding-right:16px;vertical-align:top}
 table.top{border-collapse:collapse;font-size:13px}
 table.top td,table.top th{border-bottom:1px solid #ddd;padding:2px 8px;text-align:right}
 table.top td:first-child{text-align:left}caption{font-weight:600;text-align:left}
-.note{color:#666;font-size:13px}"""
+.note{color:#666;font-size:13px}
+.explain{font-size:14px;line-height:1.45;max-width:900px}
+table.vocab td,table.vocab th{text-align:left}"""

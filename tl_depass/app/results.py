@@ -27,6 +27,18 @@ class LevelScores:
     completeness: dict[str, float] = field(default_factory=dict)  # hook -> worst relative error
     note: str = ""  # what to keep in mind when reading the agreement
     components: list[Label] = field(default_factory=list)  # the structured labels of `labels`
+    corrupted_metric: float | None = None  # the corrupted run's metric, nothing restored
+    #: label -> (tokens pushed up most, pushed down most) by the top components' logits at the
+    #: last position, relative to their mean over the vocabulary: [(token, value), ...]
+    vocab: dict[str, tuple[list[tuple[str, float]], list[tuple[str, float]]]] | None = None
+
+    @property
+    def patched(self) -> Float[Tensor, " component"] | None:
+        """The raw patched metric (what `transformer_lens.patching` returns): `patching` (the
+        restoration effect) plus the corrupted metric."""
+        if self.patching is None or self.corrupted_metric is None:
+            return None
+        return self.patching + self.corrupted_metric
 
     def agreement(self, note: bool = True) -> str:
         if self.patching is None:
@@ -53,10 +65,25 @@ class Explanation:
     levels: dict[str, LevelScores]
     tokens_by_layer: Float[Tensor, "layer pos"] | None  # each position's share entering each layer
     tokens_patching: Float[Tensor, "layer pos"] | None  # patching each position's resid_pre
+    corrupted_metric: float | None = None  # the metric on the corrupted prompt
+    #: the clean attention pattern of the top heads (by |DePass share|), label -> [query, key]
+    patterns: dict[str, Float[Tensor, "query_pos key_pos"]] | None = None
+    head_tokens: "Breakdown | None" = None  # top heads x source tokens (direct shares)
+    buildup: "Breakdown | None" = None  # source tokens' shares in the residual stream, by layer
 
     @property
     def metric_name(self) -> str:
         return f"logit({self.target!r})" + ("" if self.wrong is None else f" - logit({self.wrong!r})")
+
+
+@dataclass
+class Breakdown:
+    """A table of shares of the metric: `shares[row, column]`, columns the prompt's source
+    tokens, then "bias" (see `tl_depass.app.paths`)."""
+
+    rows: list[str]
+    columns: list[str]
+    shares: Float[Tensor, "row column"]
 
 
 @public_fields

@@ -66,6 +66,42 @@ def head_heatmap(scores: Float[Tensor, "layer head_index"], title: str = "Heads 
     return _layout(fig, title, 160 + 50 * scores.shape[0])
 
 
+def grid_heatmap(scores: Float[Tensor, "row column"], rows: Sequence[str], columns: Sequence[str],
+                 title: str) -> go.Figure:
+    """One cell per (row, column), rows down, columns across, coloured around zero."""
+    scores = scores.detach().double().cpu()
+    bound = max(scores.abs().max().item(), 1e-12)
+    fig = go.Figure(go.Heatmap(
+        z=scores.tolist(), x=list(columns), y=list(rows), colorscale=SCALE, zmid=0, zmin=-bound,
+        zmax=bound, text=[[f"{v:+.2f}" for v in row] for row in scores.tolist()],
+        texttemplate="%{text}", hovertemplate="%{y}<br>%{x}<br>share %{z:+.4f}<extra></extra>",
+        colorbar=dict(title="share")))
+    fig.update_yaxes(autorange="reversed", type="category")
+    fig.update_xaxes(type="category", tickangle=-45)
+    return _layout(fig, title, 200 + 40 * len(rows))
+
+
+def attention_patterns(patterns: Mapping[str, Float[Tensor, "query_pos key_pos"]],
+                       tokens: Sequence[str], title: str = "Attention patterns") -> go.Figure:
+    """One heatmap per head (query positions down, key positions across, 0 to 1), two per row."""
+    names = list(patterns)
+    cols = min(len(names), 2)
+    rows = -(-len(names) // cols)
+    ticks = [f"{p}: {t}" for p, t in enumerate(tokens)]
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=names, horizontal_spacing=0.12,
+                        vertical_spacing=0.25 / rows)
+    for i, name in enumerate(names):
+        z = patterns[name].detach().double().cpu().tolist()
+        fig.add_trace(go.Heatmap(
+            z=z, x=ticks, y=ticks, zmin=0, zmax=1, colorscale="Blues", showscale=i == 0,
+            colorbar=dict(title="attention"), name=name,
+            hovertemplate=name + "<br>query %{y}<br>key %{x}<br>%{z:.3f}<extra></extra>"),
+            row=i // cols + 1, col=i % cols + 1)
+    fig.update_yaxes(autorange="reversed", type="category", tickfont=dict(size=9))
+    fig.update_xaxes(type="category", tickangle=-60, tickfont=dict(size=9))
+    return _layout(fig, title, 120 + 420 * rows)
+
+
 def top_bar(scores: Float[Tensor, " component"], labels: Sequence[str], k: int = 20,
             title: str = "Top components") -> go.Figure:
     """The k components with the largest |score|, largest first."""

@@ -37,13 +37,21 @@ Level = Literal["heads", "positions", "mlp"]
 
 @dataclass
 class Comparison:
+    """DePass next to activation patching at one level. `patching` is the restoration effect,
+    metric(corrupted run with the clean activation restored) − metric(corrupted run): what
+    restoring it brings back, 0 for a site that changes nothing (the convention of the report
+    and the CLI). `patched` is the raw patched metric, as `transformer_lens.patching` returns
+    it (`patching + corrupted_metric`)."""
+
     level: Level
     axes: tuple[str, str]  # ("layer", "head") or ("layer", "pos")
     depass: Float[Tensor, "layer index"]
-    patching: Float[Tensor, "layer index"]
+    patching: Float[Tensor, "layer index"]  # restoration effect: patched − corrupted_metric
     pearson: float
     spearman: float
-    frame: pd.DataFrame  # one row per (layer, index): depass and patching scores
+    frame: pd.DataFrame  # one row per (layer, index): depass, patching (effect) and patched (raw)
+    patched: Float[Tensor, "layer index"]  # the raw patched metric (transformer_lens.patching's)
+    corrupted_metric: float  # metric(corrupted run), nothing restored
 
 
 def metric_scores(model: Model, dec: Decomposition, metric: Metric) -> Float[Tensor, " component"]:
@@ -90,7 +98,9 @@ def with_patching(model: Model, clean_tokens, corrupted_tokens, metric: Metric, 
                   mlp_rule: str = "softmax") -> Comparison:
     """Run `transformer_lens.patching` at `level` (heads: attention head outputs, all positions;
     positions: resid_pre; mlp: MLP outputs by position) with `metric` (logits -> scalar), and
-    the matching DePass scores (each component's share of `metric` in the clean run)."""
+    the matching DePass scores (each component's share of `metric` in the clean run).
+    `Comparison.patching` is the restoration effect (patched − corrupted metric, since 0.2.0;
+    it was the raw patched metric before), `Comparison.patched` the raw patched metric."""
     if level not in PATCHERS:
         raise DepassError(f"unknown level {level!r}; use one of {list(PATCHERS)}")
     check_model(model)
@@ -106,13 +116,17 @@ def with_patching(model: Model, clean_tokens, corrupted_tokens, metric: Metric, 
     name, axes = PATCHERS[level]
     _, cache = model.run_with_cache(clean_tokens)
     patched = getattr(patching, name)(model, corrupted_tokens, cache, metric)
+    with torch.no_grad():
+        corrupted = metric(model(corrupted_tokens)).to(patched)
+    effect = patched - corrupted
     ours = depass_scores(model, clean_tokens, metric, level, mlp_rule).to(patched)
     frame = pd.DataFrame([
-        {axes[0]: i, axes[1]: j, "depass": ours[i, j].item(), "patching": patched[i, j].item()}
+        {axes[0]: i, axes[1]: j, "depass": ours[i, j].item(), "patching": effect[i, j].item(),
+         "patched": patched[i, j].item()}
         for i in range(ours.shape[0]) for j in range(ours.shape[1])
     ])
-    pearson, spearman = correlation(ours, patched)
-    return Comparison(level, axes, ours, patched, pearson, spearman, frame)
+    pearson, spearman = correlation(ours, effect)  # a shift by the corrupted metric changes neither
+    return Comparison(level, axes, ours, effect, pearson, spearman, frame, patched, corrupted.item())
 
 
 def head_ablation(model: Model, tokens: Int[Tensor, "batch pos"], metric: Metric, frozen: bool
