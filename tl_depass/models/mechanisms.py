@@ -62,7 +62,7 @@ def heads(model: Model, batch, n: int) -> None:
           f"(clean {metric(model(small.tokens)).item():.2f}, corrupted "
           f"{metric(model(small.corrupted)).item():.2f})")
     print(table("DePass", cmp.depass))
-    print(table("patch ", cmp.patching))
+    print(table("patch ", cmp.patched))  # the raw patched metric (docs/models.md "patched")
     print(table("ablate", plain))
     print(f"  DePass vs patching: Pearson {cmp.pearson:.3f}, Spearman {cmp.spearman:.3f}")
     _, cache = model.run_with_cache(small.tokens)
