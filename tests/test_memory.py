@@ -144,7 +144,7 @@ def test_the_largest_chunk_that_fits_is_chosen(model, rule, monkeypatch):
     assert chosen is not None and 4 <= chosen < 24
     assert tl_depass.estimate_memory(model, tokens, chunk_size=chosen + 1, max_memory=HUGE).total > budget
     ran, run_chunks = [], ENGINE.run_chunks
-    monkeypatch.setattr(ENGINE, "run_chunks", lambda *a: ran.append(a[6]) or run_chunks(*a))  # chunk_size
+    monkeypatch.setattr(ENGINE, "run_chunks", lambda *a: ran.append(a[-1]) or run_chunks(*a))
     part = tl_depass.decompose(model, tokens, max_memory=budget, **options)
     assert ran == [chosen]
     for name in whole.results:

@@ -81,9 +81,8 @@ def decompose(
     and MLP activations frozen at their clean values. See docs/rules.md for the rules.
     Before anything is allocated, the memory the call needs (`estimate_memory`) is checked
     against what is free (or `max_memory` bytes); `chunk_size=None` runs the largest chunk of
-    components per forward that fits (at the token level: chunks of at least 16 positions, each
-    skipping the positions before its first component, where that is smaller; the softmax/max
-    rules run them together, meeting at each MLP, when one forward would fit).
+    components per forward that fits (the ratio rule at the token level: chunks of at least 16
+    positions, each skipping the positions before its first component, where that is smaller).
     `logits`: whose logits are decomposed: "last" (the default since 0.2.0: each row's last
     unpadded token), a position (int) or one per row (tensor [batch]) (`dec.logits`
     [component, batch, d_vocab], positions in `dec.logit_positions`), "all" (`dec.logits`
@@ -112,12 +111,11 @@ def decompose(
     if not exact:  # a lower bound was checked; the clean run has fixed the count
         chunk = memory.fitted(model, tokens, mask, spec, keep_list, chunk_size,
                               max_memory, (len(parts), plan.total), n_logits=n_logits)
-    together = False
-    if chunk_size is None:  # token components run fastest in windows
-        chunk, together = fastest_chunk(model, plan, mlp_rule, chunk, tokens.shape[1])
+    if chunk_size is None:  # the linear rule runs token components fastest in windows
+        chunk = fastest_chunk(model, plan, mlp_rule, chunk, tokens.shape[1])
     excluded = bos_exclusions(model, tokens, mask, parts[0].labels, mlp_rule, ignore_bos)
     setup = RuleSetup(mlp_rule, temperature, excluded)
-    results = run_chunks(model, tokens, mask, clean, plan, setup, chunk, together)
+    results = run_chunks(model, tokens, mask, clean, plan, setup, chunk)
     fill_before_entry(results, clean, parts)
     clean_values = {h: clean[h] for h in plan.keep}
     if logits is not None:

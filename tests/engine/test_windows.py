@@ -14,31 +14,20 @@ tiny = pytest.importorskip("tiny")
 
 @pytest.fixture
 def windows(monkeypatch):
-    """The windows of the forwards that keep values (not the statistics sweep's), in chunk order."""
+    """The windows of the forwards that keep values (not the statistics sweep's)."""
     seen: list[int] = []
 
     class Recording(sweep.FoldedForward):
-        def inputs(self, tokens, attention_mask, collect=None):
-            if collect is None:
-                seen.append(self.window)
-            return super().inputs(tokens, attention_mask, collect)
+        def kept(self, tokens, attention_mask):
+            seen.append(self.window)
+            out = super().kept(tokens, attention_mask)
+            n = tokens.shape[1] - self.window
+            assert all(v.shape[3] == n for name, v in out.items() if name != "unembed.hook_out"), \
+                {name: v.shape for name, v in out.items()}
+            return out
 
     monkeypatch.setattr(sweep, "FoldedForward", Recording)
     return seen
-
-
-@pytest.fixture
-def together(monkeypatch):
-    """How many chunks each run of chunks together had."""
-    runs: list[int] = []
-    original = sweep.run_together
-
-    def recording(model, tokens, mask, forwards):
-        runs.append(len(forwards))
-        return original(model, tokens, mask, forwards)
-
-    monkeypatch.setattr(sweep, "run_together", recording)
-    return runs
 
 
 def same(part, whole, what):
@@ -118,56 +107,18 @@ def test_no_window_where_components_are_not_causal(windows):
     assert part["blocks.1.hook_resid_post"][4, 0, :4].abs().max() > 0  # it does reach back
 
 
-def test_default_chunks_are_windows(windows, together):
-    """chunk_size=None: the token level runs in chunks of 16 positions or more, up to 8; the
-    linear rule one after another, the softmax/max rules together from 4 chunks (meeting at each
-    MLP: the same as the sweep, bit for bit); short prompts in one forward."""
-    model = tiny.make_model(n_ctx=64)
-    tokens = tiny.random_tokens(model, batch=2, pos=64)
-    for rule in ("ratio", "softmax", "max"):
-        one = tl_depass.decompose(model, tokens, mlp_rule=rule, chunk_size=64)
-        swept = tl_depass.decompose(model, tokens, mlp_rule=rule, chunk_size=16)
-        windows.clear()
-        together.clear()
-        fast = tl_depass.decompose(model, tokens, mlp_rule=rule)
-        assert sorted(windows) == [0, 16, 32, 48], rule
-        assert together == ([] if rule == "ratio" else [4]), rule
-        same(fast, one, f"{rule} default chunks")
-        for name in fast.results:
-            torch.testing.assert_close(fast[name], swept[name], rtol=0, atol=0,
-                                       msg=lambda m, n=name, r=rule: f"{r} {n}: {m}")
-    for rule, n, expected in (("ratio", 31, [0]), ("ratio", 32, [0, 16]), ("softmax", 63, [0])):
+def test_the_ratio_rule_chooses_windows_by_default(windows):
+    """chunk_size=None: the linear rule (no statistics sweep) runs the token level in chunks of
+    16 positions or more, up to 8; the softmax rule and short prompts in one forward."""
+    model = tiny.make_model(n_ctx=48)
+    tokens = tiny.random_tokens(model, batch=1, pos=48)
+    one = tl_depass.decompose(model, tokens, mlp_rule="ratio", chunk_size=48)
+    assert windows == [0]
+    windows.clear()
+    fast = tl_depass.decompose(model, tokens, mlp_rule="ratio")
+    assert windows == [0, 16, 32]
+    same(fast, one, "default chunks")
+    for rule, n in (("softmax", 48), ("ratio", 31)):
         windows.clear()
         tl_depass.decompose(model, tokens[:, :n], mlp_rule=rule)
-        assert windows == expected, (rule, n)
-
-
-def test_chunks_together_fail_cleanly(monkeypatch):
-    """An error in one chunk's thread stops the others (none waits forever at the meeting), is
-    raised to the caller, and leaves no hook behind."""
-    from tl_depass.engine import rules
-
-    model = tiny.make_model(n_ctx=64)
-    tokens = tiny.random_tokens(model, batch=1, pos=64)
-    original = rules.shares
-
-    def failing(rule, g, *args):
-        if g.shape[2] < 64:  # a windowed chunk
-            raise RuntimeError("boom in a chunk")
-        return original(rule, g, *args)
-
-    monkeypatch.setattr(rules, "shares", failing)
-    with pytest.raises(RuntimeError, match="boom in a chunk"):
-        tl_depass.decompose(model, tokens)
-    assert not any(h._forward_hooks for h in model.hook_dict.values())
-    assert all(not m._forward_hooks and "forward" not in m.__dict__ for m in model.modules())
-    monkeypatch.setattr(rules, "shares", original)
-    tl_depass.decompose(model, tokens)  # and the model still works
-
-
-def test_chunks_chosen_for_memory_run_one_after_another(together):
-    model = tiny.make_model(n_ctx=64)
-    tokens = tiny.random_tokens(model, batch=1, pos=64)
-    need = tl_depass.estimate_memory(model, tokens, max_memory=2**62).total
-    tl_depass.decompose(model, tokens, max_memory=int(need * 0.7))
-    assert together == []
+        assert windows == [0], (rule, n)

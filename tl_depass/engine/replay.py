@@ -7,8 +7,7 @@ probe, which started at zero, holds exactly what was added, so subtracting it le
 component its pure share and the bias slot the whole bias path. Exact zeros stay exact zeros.
 """
 
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import einops
@@ -74,8 +73,6 @@ class FoldedForward:
             stats = {name: s.window(window) for name, s in stats.items()}
         self.model, self.clean, self.plan, self.setup, self.stats = model, clean, plan, setup, stats
         self.window = window
-        # chunks running together (engine/together.py): this chunk's statistics -> all chunks'
-        self.meet: Callable[[rules.Stats], rules.Stats] | None = None
         self.groups, self.offset, self.k = plan.groups, offset, k
         self.batch = clean.logits.shape[0]
         self.width = k + 2
@@ -138,30 +135,26 @@ class FoldedForward:
                                     for t in (site.facts.act, site.facts.extra, site.facts.ratio)))
 
         def hook(post, hook):
-            g = self.pre_activations(stash, site)
-            total = self.stats.get(site.prefix)
-            if self.meet is not None:  # chunks run together: their statistics meet here
-                total = self.meet(self.part(g).padded(self.window)).window(self.window)
-            share = rules.shares(s.rule, g, self.excluded, self.index, s.temperature, facts, total)
+            share = rules.shares(s.rule, self.pre_activations(stash, site), self.excluded, self.index,
+                                 s.temperature, facts, self.stats.get(site.prefix))
             return einops.rearrange(share, "w (g b) ... -> (g w b) ...", g=n)
         return hook
-
-    def part(self, g: Tensor) -> rules.Stats:
-        """This chunk's part of the rule's statistics over `g` (every slot's, [slot, ...])."""
-        s, ex = self.setup, self.excluded
-        part = rules.stats(s.rule, g[:-2], None if ex is None else ex[:-2], self.index[:-2],
-                           s.temperature)
-        if self.offset == 0:  # the bias slot is the same in every chunk: count it once
-            bias = rules.stats(s.rule, g[-1:], None if ex is None else ex[-1:], self.index[-1:],
-                               s.temperature)
-            part = rules.combine(s.rule, bias, part)
-        return part
 
     def collect(self, stash: dict, site: MLPSite, out: dict) -> Callable:
         """At MLP `site`: this chunk's statistics into `out["stats"]` (the value is left as is;
         the forward stops after this block)."""
+        s = self.setup
+
         def hook(post, hook):
-            out["stats"] = self.part(self.pre_activations(stash, site))
+            g = self.pre_activations(stash, site)
+            ex = self.excluded
+            part = rules.stats(s.rule, g[:-2], None if ex is None else ex[:-2], self.index[:-2],
+                               s.temperature)
+            if self.offset == 0:  # the bias slot is the same in every chunk: count it once
+                bias = rules.stats(s.rule, g[-1:], None if ex is None else ex[-1:], self.index[-1:],
+                                   s.temperature)
+                part = rules.combine(s.rule, bias, part)
+            out["stats"] = part
         return hook
 
     def fix(self, x, hook):
@@ -234,31 +227,26 @@ class FoldedForward:
             hooks.append(("unembed.hook_in", self.unembed_rows(logits)))
         return [(n, self.rowwise(fn)) for n, fn in hooks]
 
-    def inputs(self, tokens: Int[Tensor, "batch pos"], attention_mask: Tensor | None,
-               collect: MLPSite | None = None) -> tuple[Tensor, dict]:
-        """The folded input of the model's forward and its options."""
-        p, w = self.plan, self.window
-        mask = None if attention_mask is None else attention_mask[:, w:].repeat(self.slots, 1)
-        options = {"attention_mask": mask}
-        if collect is not None:
-            options["stop_at_layer"] = collect.layer + 1
-        if p.start_layer:  # HookedTransformer: the blocks before the entry are never run
-            options["start_at_layer"] = p.start_layer
-            return self.clean[resid_pre(p.start_layer)].repeat(self.slots, 1, 1), options
-        return tokens[:, w:].repeat(self.slots, 1), options
-
-    def fast(self) -> FastPaths:
-        p = self.plan
-        return fast_paths(self.model, p.attn, [(s.prefix, s.act_hook) for s in p.mlps], p.norms, p.keep)
-
     def run(self, tokens: Int[Tensor, "batch pos"], attention_mask: Tensor | None,
             collect: MLPSite | None = None) -> dict:
-        out: dict = {}
-        folded, options = self.inputs(tokens, attention_mask, collect)
-        fast = self.fast()
-        with replaying(self.model, self.plan, fast, self.norm_hook, self.attend,
-                       self.hooks(out, collect, fast)):
-            self.model(folded, **options)
+        model, out, p, w = self.model, {}, self.plan, self.window
+        tokens = tokens[:, w:]
+        mask = None if attention_mask is None else attention_mask[:, w:].repeat(self.slots, 1)
+        options = {} if collect is None else {"stop_at_layer": collect.layer + 1}
+        if p.start_layer:  # HookedTransformer: the blocks before the entry are never run
+            options["start_at_layer"] = p.start_layer
+            folded = self.clean[resid_pre(p.start_layer)].repeat(self.slots, 1, 1)
+        else:
+            folded = tokens.repeat(self.slots, 1)
+        fast = fast_paths(model, p.attn, [(s.prefix, s.act_hook) for s in p.mlps], p.norms, p.keep)
+        handles = [model.get_submodule(n).register_forward_hook(self.norm_hook) for n in p.norms]
+        try:
+            with forward_as_recorded(model), skipping_frozen(model, fast, self.attend), \
+                    model.hooks(fwd_hooks=self.hooks(out, collect, fast)):
+                model(folded, attention_mask=mask, **options)
+        finally:
+            for h in handles:
+                h.remove()
         return out
 
     def kept(self, tokens: Int[Tensor, "batch pos"], attention_mask: Tensor | None
@@ -272,18 +260,3 @@ class FoldedForward:
         """This chunk's part of the non-linear rule's statistics at MLP `site` (every position)."""
         site = next(s for s in self.plan.mlps if s.prefix == site.prefix)  # this window's
         return self.run(tokens, attention_mask, site)["stats"].padded(self.window)
-
-
-@contextmanager
-def replaying(model: Model, plan: Plan, fast: FastPaths, norm_hook: Callable,
-              attend: Callable[[str], Callable], hooks: list[tuple[str, Callable]]) -> Iterator[None]:
-    """Inside: `model`'s forward is a folded forward (`hooks`, the fast paths, the norm outputs
-    corrected by `norm_hook`); everything is removed on exit, also after an exception."""
-    handles = [model.get_submodule(n).register_forward_hook(norm_hook) for n in plan.norms]
-    try:
-        with forward_as_recorded(model), skipping_frozen(model, fast, attend), \
-                model.hooks(fwd_hooks=hooks):
-            yield
-    finally:
-        for h in handles:
-            h.remove()

@@ -3,7 +3,7 @@ components at each MLP, which depend on the shares at earlier MLPs, so a chunked
 the chunks once per MLP layer (each sweep stops after that layer) and returns the statistics; the
 forwards that keep values then use them."""
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 
 import torch
 from jaxtyping import Int
@@ -14,7 +14,6 @@ from tl_depass.engine.backends import Model, is_bridge
 from tl_depass.engine.clean_run import CleanRun
 from tl_depass.engine.plan import Plan, by_entry_layer
 from tl_depass.engine.replay import FoldedForward, RuleSetup
-from tl_depass.engine.together import run_together
 
 Chunks = list[tuple[int, int]]  # (offset, k): components offset .. offset+k of each group
 
@@ -40,27 +39,21 @@ def window(model: Model, plan: Plan, offset: int, k: int) -> int:
     return start
 
 
-#: The token level's default chunks (`fastest_chunk`): at least this many positions each, at most
-#: MAX_WINDOWS of them, and at least MIN_TOGETHER to run together (fewer lose to the threads'
-#: fixed cost; measured on CPU, docs/benchmarks.md "Windows").
-WINDOW_POSITIONS, MAX_WINDOWS, MIN_TOGETHER = 16, 8, 4
+#: The linear rule's default chunks (`fastest_chunk`): at least this many positions each, and at
+#: most MAX_WINDOWS of them (measured fastest on CPU; docs/benchmarks.md "Windows").
+WINDOW_POSITIONS, MAX_WINDOWS = 16, 8
 
 
-def fastest_chunk(model: Model, plan: Plan, rule: rules.Rule, chunk: int | None, pos: int
-                  ) -> tuple[int | None, bool]:
-    """The chunk size and whether the chunks run together (engine/together.py): `chunk` (the
-    largest that fits; None: all in one forward), or smaller chunks where that is faster. Chunks
-    of token components skip the positions before their first (`window`), so c chunks do about
-    (1 + 1/c)/2 of one forward's work, against a fixed cost per forward: the linear rule runs
-    them one after another, the softmax/max rules together (no statistics sweep) when one forward
-    would fit and there are at least MIN_TOGETHER of them."""
+def fastest_chunk(model: Model, plan: Plan, rule: rules.Rule, chunk: int | None, pos: int) -> int | None:
+    """`chunk` (the largest that fits; None: all in one forward), or a smaller one where that
+    is faster: with the linear rule (no statistics sweep) chunks of token components skip the
+    positions before their first (`window`), so c chunks do about (1 + 1/c)/2 of one forward's
+    work, against a fixed cost per forward."""
     c = min(MAX_WINDOWS, pos // WINDOW_POSITIONS)
-    if c < 2 or len(plan.groups) > 1 or not window(model, plan, 1, 1):
-        return chunk, False
+    if rule != "ratio" or c < 2 or len(plan.groups) > 1 or not window(model, plan, 1, 1):
+        return chunk
     size = -(-plan.total // c)
-    if rule == "ratio":
-        return (size if chunk is None else min(chunk, size)), False
-    return (size, True) if chunk is None and c >= MIN_TOGETHER else (chunk, False)
+    return size if chunk is None else min(chunk, size)
 
 
 def statistics(model: Model, tokens: Int[Tensor, "batch pos"], mask: Tensor | None,
@@ -81,36 +74,20 @@ def statistics(model: Model, tokens: Int[Tensor, "batch pos"], mask: Tensor | No
     return stats
 
 
-def kept_values(model: Model, tokens: Int[Tensor, "batch pos"], mask: Tensor | None,
-                clean: CleanRun, plan: Plan, setup: RuleSetup, chunks: Chunks, together: bool
-                ) -> Iterator[tuple[int, int, int, dict[str, Tensor]]]:
-    """(offset, k, window, kept values) of each chunk's forward."""
-    starts = [window(model, plan, offset, k) for offset, k in chunks]
-    if together and len(chunks) > 1 and setup.rule != "ratio":
-        forwards = [FoldedForward(model, clean, plan, setup, offset, k, {}, start)
-                    for (offset, k), start in zip(chunks, starts, strict=True)]
-        yield from ((*c, start, kept) for c, start, kept in
-                    zip(chunks, starts, run_together(model, tokens, mask, forwards), strict=True))
-        return
-    stats: Mapping[str, rules.Stats] = statistics(model, tokens, mask, clean, plan, setup, chunks)
-    for (offset, k), start in zip(chunks, starts, strict=True):
-        yield offset, k, start, FoldedForward(model, clean, plan, setup, offset, k, stats,
-                                              start).kept(tokens, mask)
-
-
 def run_chunks(model: Model, tokens: Int[Tensor, "batch pos"], mask: Tensor | None,
-               clean: CleanRun, plan: Plan, setup: RuleSetup, chunk_size: int | None,
-               together: bool = False) -> dict[str, Tensor]:
+               clean: CleanRun, plan: Plan, setup: RuleSetup, chunk_size: int | None
+               ) -> dict[str, Tensor]:
     """Every kept value, [group*(components+1), batch, ...] by hook (each group's bias last).
     Groups run from the block where they enter (`by_entry_layer`); a kept hook before a part's
-    entry is left zero for that part's groups (`decompose` fills it from the clean run).
-    `together`: the chunks run at once (engine/together.py) instead of after a sweep."""
+    entry is left zero for that part's groups (`decompose` fills it from the clean run)."""
     total, out = plan.total, {}
     with torch.no_grad():
         for ids, part in by_entry_layer(model, clean, plan):
             chunks = chunks_of(part, chunk_size)
-            for offset, k, start, kept in kept_values(model, tokens, mask, clean, part, setup,
-                                                      chunks, together):
+            stats: Mapping[str, rules.Stats] = statistics(model, tokens, mask, clean, part, setup, chunks)
+            for offset, k in chunks:
+                start = window(model, part, offset, k)
+                kept = FoldedForward(model, clean, part, setup, offset, k, stats, start).kept(tokens, mask)
                 for name, value in kept.items():  # [group, slot, batch, pos from `start`, ...]
                     per_pos = name != "unembed.hook_out" or part.logit_positions is None
                     if name not in out:
