@@ -36,7 +36,12 @@ CONFIG = dict(n_layers=2, d_model=128, n_heads=4, d_head=32, d_mlp=512, act_fn="
               n_ctx=128, normalization_type="LN", positional_embedding_type="standard", seed=0)
 STEPS, BATCH, LR, WARMUP = 1200, 16, 3e-3, 100
 TRAIN_SEED_OFFSET = 1_000_000
-MECHANISM = "see docs/models.md, section pystdlib"
+MECHANISM = ("indentation: from a line-ending ':' the layer-1 heads L1H1 and L1H3 (with L0H0) "
+             "attend to the newline token that starts the line and predict the next line one "
+             "level deeper (zeroing L1H3 and L0H0 makes it pick the wrong depth); an open quote "
+             "or bracket is tracked by L0H1, the top head for DePass and patching alike. No "
+             "induction heads; `self` in a method comes from context, not from copying the "
+             "parameter name (docs/models.md).")
 
 
 def train_tokenizer(texts: list[str]):
