@@ -159,3 +159,25 @@ def test_one_layer_0_head_tracks_the_open_quote_and_bracket(model, name):
     assert r["top_heads"][0] == r["top_patched_heads"][0] == (0, 1)
     assert r["pearson"] >= 0.9
     assert r["ablate_top"] < 0.6 * r["clean"] and r["ablate_least"] > 0.9 * r["clean"]
+
+
+def test_corpus_is_pinned():
+    """The corpus list is sorted, leaves out tests and other people's packages, and holds out the
+    same files every time; on the interpreter the model was built from, the hashes match."""
+    import platform
+
+    from tl_depass.models import corpus
+
+    paths = corpus.files()
+    assert paths == sorted(paths) and len(paths) > 100
+    assert not any(set(p.split("/")[:-1]) & set(corpus.EXCLUDED) for p in paths)
+    train, held = corpus.split(paths)
+    assert len(held) + len(train) == len(paths) and 0.02 < len(held) / len(paths) < 0.1
+    assert corpus.split(paths) == (train, held)
+    pinned = models.info("pystdlib")["corpus"]
+    if platform.python_version() == pinned["python"]:
+        manifest = corpus.manifest(paths)
+        for key in ("n_files", "n_chars", "files_sha256", "contents_sha256", "held_out"):
+            assert manifest[key] == pinned[key], key
+    with pytest.raises(tl_depass.DepassError, match="does not exist"):
+        corpus.files("/no/such/folder")

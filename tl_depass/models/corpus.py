@@ -34,7 +34,7 @@ def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def files(root: Path | None = None) -> list[str]:
+def files(root: str | Path | None = None) -> list[str]:
     """The corpus files: sorted POSIX paths relative to `root` (default: the stdlib folder)."""
     root = stdlib_root() if root is None else Path(root)
     if not root.is_dir():
@@ -59,13 +59,13 @@ def split(paths: list[str]) -> tuple[list[str], list[str]]:
     return [p for p in paths if not held_out(p)], [p for p in paths if held_out(p)]
 
 
-def read(path: str, root: Path | None = None) -> str:
+def read(path: str, root: str | Path | None = None) -> str:
     """The text of one corpus file (UTF-8, newlines as in the file)."""
     root = stdlib_root() if root is None else Path(root)
     return (root / path).read_bytes().decode("utf-8")
 
 
-def manifest(paths: list[str], root: Path | None = None) -> dict:
+def manifest(paths: list[str], root: str | Path | None = None) -> dict:
     """What pins the corpus: the Python version, the file list (and its SHA-256), the SHA-256 of
     the contents (path, NUL, content, NUL for every file in order), sizes, the held-out files."""
     contents = hashlib.sha256()
