@@ -149,6 +149,8 @@ def test_indentation_is_read_from_the_line_start_and_carried_by_two_heads(model)
     assert r["depass_top_position_is_key"] >= 0.9  # 1.00
     assert r["top_heads"] == [(1, 3), (0, 0)]
     assert r["ablate_top"] < 0 < r["clean"] - 1 < r["ablate_least"]  # -1.94; 2.76; 3.34
+    paths = text_mechanisms.head_paths(model, pairs, 0)  # L0H0 acts through MLP 0
+    assert paths["mlp0"] < 1.5 < 2.3 < min(paths["attention1"], paths["mlp1"], paths["direct"])
 
 
 @needs_hooked

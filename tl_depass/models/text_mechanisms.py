@@ -14,6 +14,7 @@ import contextlib
 import io
 import warnings
 
+import einops
 import torch
 import torch.nn.functional as F
 
@@ -123,6 +124,31 @@ def print_family(name: str, r: dict, text: str) -> None:
 
 
 @torch.no_grad()
+def head_paths(model: Model, pairs: Pairs, head: int) -> dict:
+    """Where a layer-0 head's output acts (2-layer models): the mean logit difference with that
+    output removed from one reader at a time, everything else as in the clean run: MLP 0's input,
+    layer 1's attention input (queries, keys and values), MLP 1's input, or the final residual
+    stream (the direct path); and zeroed everywhere (`zeroed`)."""
+    metric = logit_diff(pairs)
+    _, cache = model.run_with_cache(pairs.tokens)
+    out = einops.einsum(cache[attn_z(0)][:, :, head], model.W_O[0, head], "b p h, h d -> b p d")
+
+    def mlp(layer: int):
+        resid = cache[block_hook(layer, "hook_resid_mid")] - out
+        new = model.blocks[layer].mlp(model.blocks[layer].ln2(resid))
+        return [(block_hook(layer, "hook_mlp_out"), lambda t, hook: new)]
+
+    resid = model.blocks[1].ln1(cache[block_hook(1, "hook_resid_pre")] - out)
+    qkv = {x: einops.einsum(resid, W[1], "b p d, n d h -> b p n h") + b[1] for x, W, b in
+           (("q", model.W_Q, model.b_Q), ("k", model.W_K, model.b_K), ("v", model.W_V, model.b_V))}
+    attention = [(block_hook(1, f"attn.hook_{x}"), lambda t, hook, new=new: new) for x, new in qkv.items()]
+    direct = [(block_hook(1, "hook_resid_post"), lambda r, hook: r - out)]
+    return {name: metric(run(model, pairs.tokens, hooks)).item() for name, hooks in
+            (("clean", []), ("mlp0", mlp(0)), ("attention1", attention), ("mlp1", mlp(1)),
+             ("direct", direct), ("zeroed", zero_heads([(0, head)])))}
+
+
+@torch.no_grad()
 def repeated_tokens(model: Model, n: int = 32, length: int = 40, seed: int = 0) -> dict:
     """Loss on `[BOS, s, s]` (s: `length` random tokens) in the first and second copy, each head's
     induction score (attention from a token of the second copy to the token after its first
@@ -162,6 +188,10 @@ def main(argv: list[str] | None = None) -> None:
         for name in text_probes.FAMILIES:
             pairs = text_probes.make(model, name, args.n, seed=0)
             print_family(name, family(model, pairs), pairs.texts[0])
+            if name == "indent":
+                paths = head_paths(model, pairs, 0)
+                print("  L0H0's output removed from one reader at a time: " + ", ".join(
+                    f"{k} {v:+.2f}" for k, v in paths.items()))
         r = repeated_tokens(model)
         print(f"\n== repeated random tokens [BOS, s, s], |s| = 40: loss {r['loss_first']:.2f} (first "
               f"copy), {r['loss_second']:.2f} (second copy); with the top induction heads "
