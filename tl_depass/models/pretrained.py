@@ -76,7 +76,7 @@ def is_local(spec: str | Path) -> bool:
     """Whether `spec` names a bundled model or a model file (else: a pretrained name)."""
     from tl_depass.models import names
 
-    return str(spec) in names() or Path(spec).suffix in (".json", ".safetensors")
+    return str(spec) in names("all") or Path(spec).suffix in (".json", ".safetensors")
 
 
 def load_any(spec: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Model:
@@ -90,7 +90,7 @@ def load_any(spec: str | Path, *, device: str = "cpu", dtype: torch.dtype = torc
         model = load(spec, dtype=dtype)
         return model if torch.device(device) == torch.device("cpu") else model.to(device)
     name = str(spec)
-    bundled = ", ".join(names())
+    bundled = ", ".join(names("all"))
     official = pretrained_name(name)
     if official is None:
         raise DepassError(f"unknown model {name!r}: not a bundled model ({bundled}), not a path "
