@@ -94,7 +94,7 @@ def list_models() -> int:
     from tl_depass import models
     from tl_depass.models import tasks
 
-    for name in models.names():
+    for name in models.names("all"):
         print(models.describe(name), end="\n\n")
     print("Tasks (tl_depass.models.tasks.generate(name, n)):")
     for name, text in tasks.TASKS.items():
