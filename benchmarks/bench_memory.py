@@ -1,7 +1,7 @@
 """Memory benchmark: `estimate_memory` against the measured peak, and how fast a call that cannot
 fit is refused.
 
-    python benchmarks/bench_memory.py           # ~3 min and ~8 GB of RAM on 2 cores
+    python benchmarks/bench_memory.py           # ~8 min and ~7 GB of RAM on 2 cores
     python benchmarks/bench_memory.py --quick   # N = 64 only
 
 1. A random 4-layer model (d_model 256, d_mlp 1024, 8 heads) with GPT-2's vocabulary (50257):
