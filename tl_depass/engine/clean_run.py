@@ -65,7 +65,7 @@ def record_clean_run(
     hooks = [(name, recorder(name)) for name in dict.fromkeys(canonical_names(model).values())]
     with torch.no_grad(), forward_as_recorded(model), model.hooks(fwd_hooks=hooks):
         logits = model(tokens, attention_mask=attention_mask)
-    real = logits if attention_mask is None else logits[attention_mask.bool()]
+    real = logits if attention_mask is None else logits[attention_mask.bool().to(logits.device)]
     if not torch.isfinite(real).all():
         raise DepassError(f"the clean run is not finite: NaN or inf first appear at "
                           f"{bad[0] if bad else 'the logits'}; check the weights there (and norm eps > 0)")

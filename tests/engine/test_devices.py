@@ -1,0 +1,78 @@
+"""A model spread over devices (TransformerLens n_devices, a Bridge with a device_map): every value
+the decomposed pass combines is on the device of the layer that uses it.
+
+This machine has one device, so the layer-to-device moves are tested with PyTorch's `meta` device
+standing in for a second one (tensors there have shapes and a device, no data: mixing them with
+CPU tensors raises as two GPUs would), and the whole pass with a model whose config says it is
+spread (n_devices=2) but whose layers TransformerLens keeps on the CPU. docs/datasets.md has the
+check to run on real GPUs."""
+
+import pytest
+import torch
+
+import tl_depass
+from tl_depass import Heads, Modules, Neurons
+from tl_depass.backward import read_rows
+from tl_depass.engine import rules
+from tl_depass.engine.clean_run import CleanRun
+
+tiny = pytest.importorskip("tiny")
+OTHER = torch.device("meta")  # a second device
+
+
+@pytest.mark.parametrize("rule", ["softmax", "max"])
+def test_rule_statistics_follow_the_mlps_device(rule):
+    """The contributors' index and the BOS exclusions are made with the tokens (first device);
+    an MLP on another device uses them there."""
+    g = torch.randn(5, 2, 3, 4, device=OTHER)  # [slot, batch, pos, d_mlp] at the MLP
+    index, excluded = torch.tensor([0, 1, 2, -1, 3]), torch.zeros(5, 2, 3, dtype=torch.bool)
+    excluded[0] = True
+    facts = rules.NeuronFacts(*(torch.randn(2, 3, 4, device=OTHER) for _ in range(3)))
+    total = rules.stats(rule, g, excluded, index, 0.1)
+    assert total.top.device == OTHER
+    for stats in (None, total):
+        out = rules.shares(rule, g, excluded, index, 0.1, facts, stats)
+        assert out.device == OTHER and out.shape == g.shape
+
+
+def test_head_components_are_made_on_their_layers_device():
+    model = tiny.make_model()
+    z = torch.randn(2, 5, model.cfg.n_heads, model.cfg.d_head, device=OTHER)
+    resid = torch.randn(2, 5, model.cfg.d_model, device=OTHER)
+    clean = CleanRun([], {"blocks.1.hook_resid_pre": resid, "blocks.1.attn.hook_z": z}, resid)
+    (group,) = Heads([1]).groups(model, clean, torch.zeros(2, 5, dtype=torch.long))
+    for entry in group.entries:
+        assert entry.rows(0, 3).device == OTHER, entry.hook
+
+
+def test_the_backward_path_reads_the_logits_on_the_last_device():
+    at = torch.tensor([2, 4])  # with the tokens
+    x = torch.randn(2, 5, 16, device=OTHER)  # unembed.hook_in, on the last layer's device
+    assert read_rows(at)(x, None).shape == (2, 1, 16)
+
+
+def spread(model):
+    """`model` as TransformerLens describes one over two devices (the layers stay on the CPU:
+    TransformerLens asks for two GPUs before it builds one, and places blocks on the CPU)."""
+    model.cfg.n_devices = 2
+    return model
+
+
+@pytest.mark.parametrize("components", ["tokens", Heads(), Modules(), Neurons(1, [0, 3])],
+                         ids=["tokens", "heads", "modules", "neurons"])
+def test_a_spread_model_is_decomposed_like_one_on_one_device(components):
+    one, two = tiny.make_model(), spread(tiny.make_model())
+    tokens = tiny.random_tokens(one, batch=2)
+    a = tl_depass.decompose(one, tokens, components, mlp_rule="ratio")
+    b = tl_depass.decompose(two, tokens, components, mlp_rule="ratio")
+    torch.testing.assert_close(b.logits, a.logits, rtol=0, atol=0)
+    for method in ("forward", "backward"):
+        x, y = (tl_depass.attribute(m, tokens, components, answer=3, wrong=4, mlp_rule="ratio",
+                                    method=method) for m in (one, two))
+        torch.testing.assert_close(y.shares, x.shares, rtol=0, atol=0)
+        torch.testing.assert_close(y.remainder_shares, x.remainder_shares, rtol=0, atol=0)
+    table = tl_depass.run_dataset(two, list(tokens), components, answers=[3, 5], mlp_rule="ratio",
+                                  progress=False)
+    same = tl_depass.run_dataset(one, list(tokens), components, answers=[3, 5], mlp_rule="ratio",
+                                 progress=False)
+    assert table.equals(same)
