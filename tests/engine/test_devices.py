@@ -3,9 +3,12 @@ the decomposed pass combines is on the device of the layer that uses it.
 
 This machine has one device, so the layer-to-device moves are tested with PyTorch's `meta` device
 standing in for a second one (tensors there have shapes and a device, no data: mixing them with
-CPU tensors raises as two GPUs would), and the whole pass with a model whose config says it is
-spread (n_devices=2) but whose layers TransformerLens keeps on the CPU. docs/datasets.md has the
-check to run on real GPUs."""
+CPU tensors raises as two GPUs would); the whole pass with a model whose config says it is spread
+(n_devices=2) but whose layers TransformerLens keeps on the CPU, and with a Bridge over a Hugging
+Face model dispatched by accelerate with a device_map (every module's weights offloaded to the CPU
+and brought in by accelerate's hooks). docs/datasets.md has the check to run on real GPUs."""
+
+import warnings
 
 import pytest
 import torch
@@ -14,9 +17,9 @@ import tl_depass
 from tl_depass import Heads, Modules, Neurons
 from tl_depass.backward import read_rows
 from tl_depass.engine import rules
+from tl_depass.engine.backends import bridge_class
 from tl_depass.engine.clean_run import CleanRun
 
-tiny = pytest.importorskip("tiny")
 OTHER = torch.device("meta")  # a second device
 
 
@@ -36,6 +39,7 @@ def test_rule_statistics_follow_the_mlps_device(rule):
 
 
 def test_head_components_are_made_on_their_layers_device():
+    tiny = pytest.importorskip("tiny")
     model = tiny.make_model()
     z = torch.randn(2, 5, model.cfg.n_heads, model.cfg.d_head, device=OTHER)
     resid = torch.randn(2, 5, model.cfg.d_model, device=OTHER)
@@ -61,6 +65,7 @@ def spread(model):
 @pytest.mark.parametrize("components", ["tokens", Heads(), Modules(), Neurons(1, [0, 3])],
                          ids=["tokens", "heads", "modules", "neurons"])
 def test_a_spread_model_is_decomposed_like_one_on_one_device(components):
+    tiny = pytest.importorskip("tiny")
     one, two = tiny.make_model(), spread(tiny.make_model())
     tokens = tiny.random_tokens(one, batch=2)
     a = tl_depass.decompose(one, tokens, components, mlp_rule="ratio")
@@ -76,3 +81,29 @@ def test_a_spread_model_is_decomposed_like_one_on_one_device(components):
     same = tl_depass.run_dataset(one, list(tokens), components, answers=[3, 5], mlp_rule="ratio",
                                  progress=False)
     assert table.equals(same)
+
+
+def test_a_bridge_dispatched_by_accelerate_is_decomposed_like_one_without():
+    pytest.importorskip("accelerate")
+    if bridge_class() is None:
+        pytest.skip("this transformer_lens has no TransformerBridge")
+    import accelerate
+    from bridges import hf_model, make_bridge
+    from transformer_lens.model_bridge.sources import build_bridge_from_module
+
+    plain, _ = make_bridge("GPT2LMHeadModel")
+    hf = hf_model("GPT2LMHeadModel")  # the same weights (seeded)
+    modules = ["transformer.wte", "transformer.wpe", "transformer.drop", "transformer.h.0",
+               "transformer.h.1", "transformer.ln_f", "lm_head"]
+    accelerate.dispatch_model(hf, device_map=dict.fromkeys(modules, "cpu"), force_hooks=True)
+    assert hasattr(hf.transformer.h[1], "_hf_hook")  # accelerate runs every block
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        spread = build_bridge_from_module(hf, "GPT2LMHeadModel", hf_config=hf.config)
+    tokens = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0))
+    for components in ["tokens", Heads(), Modules(), Neurons(1)]:
+        for rule, method in [("softmax", "forward"), ("ratio", "backward")]:
+            a, b = (tl_depass.attribute(m, tokens, components, answer=3, wrong=4, mlp_rule=rule,
+                                        method=method) for m in (plain, spread))
+            torch.testing.assert_close(b.shares, a.shares, rtol=0, atol=0)
+            torch.testing.assert_close(b.remainder_shares, a.remainder_shares, rtol=0, atol=0)
