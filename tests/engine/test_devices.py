@@ -15,7 +15,6 @@ import torch
 
 import tl_depass
 from tl_depass import Heads, Modules, Neurons
-from tl_depass.backward import read_rows
 from tl_depass.engine import rules
 from tl_depass.engine.backends import bridge_class
 from tl_depass.engine.clean_run import CleanRun
@@ -47,12 +46,6 @@ def test_head_components_are_made_on_their_layers_device():
     (group,) = Heads([1]).groups(model, clean, torch.zeros(2, 5, dtype=torch.long))
     for entry in group.entries:
         assert entry.rows(0, 3).device == OTHER, entry.hook
-
-
-def test_the_backward_path_reads_the_logits_on_the_last_device():
-    at = torch.tensor([2, 4])  # with the tokens
-    x = torch.randn(2, 5, 16, device=OTHER)  # unembed.hook_in, on the last layer's device
-    assert read_rows(at)(x, None).shape == (2, 1, 16)
 
 
 def spread(model):
