@@ -100,3 +100,8 @@ def test_a_bridge_dispatched_by_accelerate_is_decomposed_like_one_without():
                                         method=method) for m in (plain, spread))
             torch.testing.assert_close(b.shares, a.shares, rtol=0, atol=0)
             torch.testing.assert_close(b.remainder_shares, a.remainder_shares, rtol=0, atol=0)
+    prompts = [torch.randint(0, 50, (n,), generator=torch.Generator().manual_seed(n)) for n in (5, 6, 4)]
+    for rule in ("softmax", "ratio"):
+        a, b = (tl_depass.run_dataset(m, prompts, Heads(), answers=[3, 4, 5], mlp_rule=rule,
+                                      progress=False) for m in (plain, spread))
+        assert b.equals(a), rule
