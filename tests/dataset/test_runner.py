@@ -80,26 +80,27 @@ def test_backward_and_forward_tables_have_the_same_rows(model, prompts, componen
 
 def test_one_forward_fewer(model, prompts):
     """The backward path's clean metric comes from the clean run attribute records: two forwards
-    per batch (clean, frozen), not a third clean one, and the metric is the clean logits' own."""
+    per batch (clean, frozen), not a third clean one, and the metric is bit for bit the one the
+    runner's own clean forward used to read (`unembed.hook_out` at the last token)."""
     calls = []
     handle = model.register_forward_hook(lambda module, args, out: calls.append(1))
     try:
-        table = run(model, prompts, Heads(), "ratio", batch_size=2)
+        table = run(model, prompts, Heads(), "ratio", batch_size=1)  # no padding: the same input
     finally:
         handle.remove()
-    assert len(calls) == 2 * 3  # 6 prompts, 3 batches
+    assert len(calls) == 2 * len(prompts)  # one batch per prompt
     got = {}
 
     def keep(x, hook):
         got["x"] = x
-    for p, ids in enumerate(prompts):  # what the runner's extra forward used to read
+
+    for p, ids in enumerate(prompts):
         with torch.no_grad(), model.hooks(fwd_hooks=[("unembed.hook_out", keep)]):
             model(ids[None])
         last = got.pop("x")[0, -1]
         metric = last[ANSWERS[p]] - (0 if WRONG[p] is None else last[WRONG[p]])
         clean = table[table["prompt"] == p]["clean_metric"].unique()
-        assert len(clean) == 1
-        tiny.close(torch.tensor(clean[0]), metric.double(), f"prompt {p}: the clean metric")
+        assert len(clean) == 1 and clean[0] == metric.item(), (p, clean, metric)
 
 
 def test_structured_columns(model, prompts):
