@@ -105,3 +105,18 @@ def test_a_bridge_dispatched_by_accelerate_is_decomposed_like_one_without():
         a, b = (tl_depass.run_dataset(m, prompts, Heads(), answers=[3, 4, 5], mlp_rule=rule,
                                       progress=False) for m in (plain, spread))
         assert b.equals(a), rule
+
+
+def test_patterns_are_placed_with_their_layers_z():
+    """TransformerLens fires hook_pattern on the padding mask's device (the first) and only then
+    moves it to V's: the recorded pattern goes where the layer's z is."""
+    from tl_depass.engine.clean_run import place_patterns
+
+    values = {"blocks.1.attn.hook_pattern": torch.rand(2, 4, 5, 5),
+              "blocks.1.attn.hook_z": torch.randn(2, 5, 4, 3, device=OTHER),
+              "blocks.0.attn.hook_pattern": torch.rand(2, 4, 5, 5),
+              "blocks.0.attn.hook_z": torch.randn(2, 5, 4, 3)}
+    same = values["blocks.0.attn.hook_pattern"]
+    placed = place_patterns(values)
+    assert placed["blocks.1.attn.hook_pattern"].device == OTHER
+    assert placed["blocks.0.attn.hook_pattern"] is same  # already there: not copied
