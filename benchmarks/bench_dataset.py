@@ -103,12 +103,15 @@ def main() -> None:
     if args.smoke:
         models, procs, args.prompts, args.length, args.rounds = ["ioi"], (1,), 4, 8, 1
     print(f"{args.prompts} prompts of {args.length} tokens, level {args.level}, batch "
-          f"{args.batch_size}; prompts per second (rank 0 wall time, min of {args.rounds})")
+          f"{args.batch_size}; prompts per second (rank 0 wall time, min of {args.rounds}); "
+          f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}, "
+          f"{os.cpu_count()} cores")
     print(f"{'model':<12}{'path':<22}" + "".join(f"{f'{k} proc':>10}" for k in procs))
     for model in models:
         for rule, path in (("softmax", "forward (softmax)"), ("ratio", "backward (ratio)")):
             rates = [args.prompts / measure(model, k, rule, args) for k in procs]
-            print(f"{model:<12}{path:<22}" + "".join(f"{r:>10.1f}" for r in rates))
+            print(f"{model:<12}{path:<22}" + "".join(f"{r:>10.2f}" for r in rates), flush=True)
+    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

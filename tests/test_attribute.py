@@ -28,6 +28,15 @@ def test_backward_equals_forward(arch, level):
     assert fwd.labels == bwd.labels and not any(x.endswith(("rest", "bias")) for x in bwd.labels)
     assert fwd.component_labels == bwd.component_labels  # kind, layer, index, group: the same
     close(bwd.shares, fwd.shares, f"{arch} {level}")
+    # the rest and bias: the same rows as decompose's on both paths, and the same clean readout
+    assert fwd.remainder_labels == bwd.remainder_labels
+    assert {x.kind for x in bwd.remainder_labels} == ({"bias"} if "tokens" in level else {"rest", "bias"})
+    close(bwd.remainder_shares, fwd.remainder_shares, f"{arch} {level}: rest and bias")
+    torch.testing.assert_close(bwd.metric, fwd.metric, rtol=0, atol=0)  # both read the clean run
+    labels, shares = bwd.with_rest_and_bias()
+    groups = torch.tensor([x.group for x in labels])
+    for g in groups.unique():
+        close(shares[groups == g].sum(0), bwd.metric, f"{arch} {level}: group {int(g)} sums to the metric")
 
 
 def test_structured_labels_say_what_each_component_is(tmp_path):
@@ -45,7 +54,27 @@ def test_structured_labels_say_what_each_component_is(tmp_path):
         assert [(x.kind, x.index) for x in toks.component_labels] == [
             ("token", p) for p in range(tokens.shape[1])]
     heads.save(tmp_path / "att")
-    assert tl_depass.Attribution.load(tmp_path / "att").component_labels == heads.component_labels
+    loaded = tl_depass.Attribution.load(tmp_path / "att")
+    assert loaded.component_labels == heads.component_labels
+    assert loaded.remainder_labels == heads.remainder_labels  # the rest and bias travel too
+    torch.testing.assert_close(loaded.remainder_shares, heads.remainder_shares, rtol=0, atol=0)
+    torch.testing.assert_close(loaded.metric, heads.metric, rtol=0, atol=0)
+
+
+def test_rest_and_bias_in_decomposes_order():
+    """`with_rest_and_bias()` is decompose's logit attribution, rows and labels, on both paths."""
+    model = make_model()
+    tokens = random_tokens(model, batch=2)
+    for spec in ("tokens", Heads(), Modules(), Neurons(0, [1, 4])):
+        dec = tl_depass.decompose(model, tokens, spec, mlp_rule="ratio")
+        for method in ("forward", "backward"):
+            att = tl_depass.attribute(model, tokens, spec, answer=3, wrong=4, mlp_rule="ratio",
+                                      method=method)
+            labels, shares = att.with_rest_and_bias()
+            assert labels == dec.component_labels, (spec, method)
+            close(shares, dec.logit_attribution(3, 4), f"{spec} {method}")
+    with pytest.raises(DepassError, match="no rest and bias"):
+        tl_depass.Attribution(att.labels, shares=att.shares, method="backward").with_rest_and_bias()
 
 
 def test_attention_only_modules():

@@ -46,6 +46,12 @@ class Attribution:
     `labels[c]`'s share of batch row b's logit (difference). Component first, as in
     `Decomposition.logit_attribution` (whose rows these are, without the rest and bias).
 
+    `attribute` also gives what is no named component's own share: `remainder_labels` /
+    `remainder_shares`, each group's rest (kind "rest"; the token level has none) and bias (kind
+    "bias"), exactly as `decompose` has them, and `metric` [batch], the clean readout (logit
+    difference, pre-softcap) that each group's shares, rest and bias sum to. An Attribution built
+    by hand or loaded from an older file may lack them (empty, None).
+
     Build one with `Attribution(labels, shares=..., method=...)`; the old positional form
     `Attribution(labels, scores, method)`, `scores` [batch, component], still works (deprecated)."""
 
@@ -53,11 +59,17 @@ class Attribution:
     shares: Float[Tensor, "component batch"]
     method: Literal["forward", "backward"]
     component_labels: list[Label]  # the structured labels of `labels` (kind, layer, index, group)
+    metric: Float[Tensor, " batch"] | None  # the clean readout
+    remainder_labels: list[Label]  # each group's rest and bias
+    remainder_shares: Float[Tensor, "remainder batch"] | None
 
     def __init__(self, labels: list[str], scores: Float[Tensor, "batch component"] | None = None,
                  method: Literal["forward", "backward"] | None = None, *,
                  shares: Float[Tensor, "component batch"] | None = None,
-                 component_labels: list[Label] | None = None) -> None:
+                 component_labels: list[Label] | None = None,
+                 metric: Float[Tensor, " batch"] | None = None,
+                 remainder_labels: list[Label] | None = None,
+                 remainder_shares: Float[Tensor, "remainder batch"] | None = None) -> None:
         if (scores is None) == (shares is None) or method is None:
             raise DepassError("Attribution needs labels, shares= ([component, batch]) and method= "
                               "('forward' or 'backward')")
@@ -76,8 +88,14 @@ class Attribution:
         if [x.name for x in component_labels] != list(labels):
             raise DepassError("Attribution: component_labels must name the same components as "
                               "labels, in the same order")
+        remainder_labels = list(remainder_labels or [])
+        if len(remainder_labels) != (0 if remainder_shares is None else remainder_shares.shape[0]):
+            raise DepassError("Attribution: remainder_shares needs one row per remainder_labels "
+                              "label (each group's rest and bias), or neither")
         self.labels, self.shares, self.method = labels, shares, method
         self.component_labels = list(component_labels)
+        self.metric, self.remainder_labels = metric, remainder_labels
+        self.remainder_shares = remainder_shares
 
     @property
     def scores(self) -> Float[Tensor, "batch component"]:
@@ -104,6 +122,18 @@ class Attribution:
         weights = weights.to(self.shares)
         return self.shares @ weights / weights.sum()
 
+    def with_rest_and_bias(self) -> tuple[list[Label], Float[Tensor, "component batch"]]:
+        """Every component in decompose's order (per group: its rest, its named components, its
+        bias), with their shares [component, batch]: per group they sum to `metric`."""
+        if self.remainder_shares is None:
+            raise DepassError("this Attribution has no rest and bias shares (built by hand or "
+                              "loaded from an older file): run tl_depass.attribute again")
+        labels = self.component_labels + self.remainder_labels
+        rank = {"rest": 0, "bias": 2}
+        order = sorted(range(len(labels)), key=lambda c: (labels[c].group, rank.get(labels[c].kind, 1)))
+        shares = torch.cat([self.shares, self.remainder_shares.to(self.shares)])
+        return [labels[c] for c in order], shares[order]
+
     def to_frame(self) -> pd.DataFrame:
         """A tidy table (batch, component, score), one row per batch row and component."""
         return pd.DataFrame([(b, label, float(self.shares[c, b])) for b in range(self.shares.shape[1])
@@ -116,7 +146,9 @@ class Attribution:
         # the file keeps the [batch, component] "scores" of earlier versions
         return save_result(path, "Attribution", {
             "labels": self.labels, "method": self.method,
-            "component_labels": label_records(self.component_labels)}, {"scores": self.shares.T},
+            "component_labels": label_records(self.component_labels),
+            "remainder_labels": label_records(self.remainder_labels)},
+            {"scores": self.shares.T, "metric": self.metric, "remainder": self.remainder_shares},
             overwrite)
 
     @classmethod
@@ -124,13 +156,19 @@ class Attribution:
         """An attribution saved with `.save(path)`."""
         meta, tensors = load_result(path, "Attribution", ("labels", "method"))
         shares = einops.rearrange(tensors["scores"], "batch component -> component batch")
+        rest = labels_from_records({"component_labels": meta.get("remainder_labels", [])})
         return cls(meta["labels"], shares=shares.contiguous(), method=meta["method"],
-                   component_labels=labels_from_records(meta)).to(device)
+                   component_labels=labels_from_records(meta), metric=tensors.get("metric"),
+                   remainder_labels=rest, remainder_shares=tensors.get("remainder")).to(device)
 
     def to(self, device: torch.device | str) -> "Attribution":
         """A copy with the shares on `device` (shared if already there, as with `Tensor.to`)."""
+        def moved(x):
+            return None if x is None else x.to(device)
         return Attribution(list(self.labels), shares=self.shares.to(device), method=self.method,
-                           component_labels=self.component_labels)
+                           component_labels=self.component_labels, metric=moved(self.metric),
+                           remainder_labels=self.remainder_labels,
+                           remainder_shares=moved(self.remainder_shares))
 
     def cpu(self) -> "Attribution":
         """A copy with the shares on the CPU."""
@@ -158,9 +196,10 @@ def attribute(
 ) -> Attribution:
     """Each component's share of `logit[answer] - logit[wrong]` (pre-softcap) at `pos`, per
     batch row: the rows of `decompose(...).logit_attribution(answer, wrong, pos)`, without the
-    rest and bias components, as `Attribution.shares` [component, batch]. `method="backward"`
-    (what "auto" picks for `mlp_rule="ratio"`) computes them with one forward and one backward
-    through the frozen model.
+    rest and bias components, as `Attribution.shares` [component, batch] (the rest and bias in
+    `remainder_shares`, the clean readout in `metric`). `method="backward"` (what "auto" picks
+    for `mlp_rule="ratio"`) computes them with one forward and one backward through the frozen
+    model.
 
     Shapes (checked): `tokens` [batch, pos] (or [pos], or text), `attention_mask` [batch, pos],
     `pos` an int or one position per batch row ([batch] or [1])."""
@@ -185,27 +224,42 @@ def attribute(
                         logits=read_positions(model, tokens, attention_mask, pos))
         score = dec.logit_attribution(answer, wrong, pos)  # [component, batch]
         named = [c for c, label in enumerate(dec.component_labels)
-                 if label.kind not in ("rest", "bias")]  # not returned: not a component's own share
+                 if label.kind not in ("rest", "bias")]  # not a component's own share
+        others = [c for c in range(len(dec.labels)) if c not in set(named)]
+        metric = clean_readout(model, dec.clean["logits"], answer, wrong)
         return Attribution([dec.labels[c] for c in named], shares=score[named], method="forward",
-                           component_labels=[dec.component_labels[c] for c in named])
+                           component_labels=[dec.component_labels[c] for c in named],
+                           metric=metric, remainder_labels=[dec.component_labels[c] for c in others],
+                           remainder_shares=score[others])
     check_pos_embed(spec, pos_embed)
     tokens, mask = prepare_tokens(model, tokens, attention_mask)
-    batch, rows = tokens.shape[0], torch.arange(tokens.shape[0])
+    batch = tokens.shape[0]
     at = readout_positions(tokens, mask, pos)
     right = answer_ids(model, answer, batch, model.cfg.d_vocab, tokens.device)
     other = None if wrong is None else check_wrong(
         right, answer_ids(model, wrong, batch, model.cfg.d_vocab, tokens.device))
 
-    def readout(logits):  # [batch, d_vocab]: the read position of each row
-        value = logits[rows, right]
-        return (value if other is None else value - logits[rows, other]).sum()
+    def readout(logits):  # [batch, d_vocab] (on the last layer's device): the read position's
+        rows, device = torch.arange(batch, device=logits.device), logits.device
+        value = logits[rows, right.to(device)]
+        return value if other is None else value - logits[rows, other.to(device)]
 
     memory.check_backward(model, tokens, max_memory)
-    labels, shares = backward(model, tokens, mask, spec, readout, at)
-    if mask is not None and isinstance(spec, TokensAt):  # component = position here
-        shares = shares.masked_fill(mask.T == 0, 0)
-    return Attribution([x.name for x in labels], shares=shares, method="backward",
-                       component_labels=labels)
+    got = backward(model, tokens, mask, spec, readout, at)
+    return Attribution([x.name for x in got.labels], shares=got.shares, method="backward",
+                       component_labels=got.labels, metric=got.metric,
+                       remainder_labels=got.remainder_labels, remainder_shares=got.remainder)
+
+
+def clean_readout(model: Model, logits: Float[Tensor, "batch d_vocab"], answer: Answer,
+                  wrong: Answer | None) -> Float[Tensor, " batch"]:
+    """`logits[answer] - logits[wrong]` per row (the forward path's clean readout)."""
+    batch, d_vocab, device = logits.shape[0], logits.shape[-1], logits.device
+    rows = torch.arange(batch, device=device)
+    value = logits[rows, answer_ids(model, answer, batch, d_vocab, device)]
+    if wrong is None:
+        return value
+    return value - logits[rows, answer_ids(model, wrong, batch, d_vocab, device)]
 
 
 def read_positions(model: Model, tokens: Tokens, attention_mask: Mask, pos: Pos

@@ -117,7 +117,10 @@ def decompose(
     setup = RuleSetup(mlp_rule, temperature, excluded)
     results = run_chunks(model, tokens, mask, clean, plan, setup, chunk)
     fill_before_entry(results, clean, parts)
-    clean_values = {h: clean[h] for h in plan.keep}
+    # A model spread over devices (n_devices, device_map) leaves each value on its layer's
+    # device: the result gathers on the tokens' (no copy on one device).
+    results = {name: value.to(tokens.device) for name, value in results.items()}
+    clean_values = {h: clean[h].to(tokens.device) for h in plan.keep}
     if logits is not None:
         results["logits"] = results.pop("unembed.hook_out")
         clean_values["logits"] = clean_values.pop("unembed.hook_out")
@@ -132,7 +135,8 @@ def decompose(
     option = "all" if logits_all(logits) else None if logits is None else (
         "last" if isinstance(logits, str) else "positions")
     return check_complete(Decomposition(model, labels, results, clean_values, tokens, mask,
-                                        clean.logits, n_groups=len(parts), logits=option,
+                                        clean.logits.to(tokens.device), n_groups=len(parts),
+                                        logits=option,
                                         logit_positions=logit_pos), user)
 
 

@@ -42,7 +42,7 @@ def test_table_is_each_prompts_attribution(model, prompts, components, rule):
         rows = table[table["prompt"] == p]
         att = tl_depass.attribute(model, ids[None], components, answer=ANSWERS[p], wrong=WRONG[p],
                                   mlp_rule=rule)
-        named = rows[~rows["kind"].isin(["rest", "bias", "rest+bias"])]
+        named = rows[~rows["kind"].isin(["rest", "bias"])]
         tiny.close(torch.tensor(named["score"].to_numpy()), att.scores[0].double(), f"prompt {p}")
         dec = tl_depass.decompose(model, ids[None], components, mlp_rule=rule)
         clean = dec.clean_logits[0, -1]
@@ -52,28 +52,55 @@ def test_table_is_each_prompts_attribution(model, prompts, components, rule):
         tiny.close(torch.tensor(rows["score"].sum()), metric.double() * (rows["group"].max() + 1),
                    "each group's rows sum to the metric")
         assert (rows["has_wrong"] == (WRONG[p] is not None)).all()
-        if rule == "softmax":  # the forward path: rest and bias exactly as decompose has them
-            full = dec.logit_attribution(ANSWERS[p], WRONG[p])[:, 0]
-            tiny.close(torch.tensor(rows["score"].to_numpy()), full.double(), "rest and bias")
-            assert len(rows) == len(dec.labels)
-            if components != "tokens":
-                assert rows["component"].tolist() == dec.labels
+        # both paths: rest and bias exactly as decompose has them
+        full = dec.logit_attribution(ANSWERS[p], WRONG[p])[:, 0]
+        tiny.close(torch.tensor(rows["score"].to_numpy()), full.double(), "rest and bias")
+        assert len(rows) == len(dec.labels)
+        assert rows["kind"].tolist() == [x.kind for x in dec.component_labels]
+        if components != "tokens":
+            assert rows["component"].tolist() == dec.labels
 
 
 @pytest.mark.parametrize("components", LEVELS, ids=["tokens", "heads", "modules", "neurons"])
-def test_backward_remainder_is_the_forward_rest_and_bias(model, prompts, components):
+def test_backward_and_forward_tables_have_the_same_rows(model, prompts, components):
+    """Under the ratio rule the backward path gives each group's rest and bias as rows of their
+    own, as the forward path does: the same components, the same scores to rounding."""
     back = run(model, prompts, components, "ratio")
     fwd = run(model, prompts, components, "ratio", method="forward")
-    assert set(back["kind"]) & {"rest", "bias"} <= {"bias"}  # tokens: no rest, the bias exact
-    named = ~fwd["kind"].isin(["rest", "bias"])
-    pd.testing.assert_frame_equal(fwd[named].reset_index(drop=True).drop(columns="score"),
-                                  back[~back["kind"].isin(["bias", "rest+bias"])]
-                                  .reset_index(drop=True).drop(columns="score"))
-    left = fwd[~named].groupby(["prompt", "group"])["score"].sum()
-    right = back[back["kind"].isin(["bias", "rest+bias"])].groupby(["prompt", "group"])["score"].sum()
-    tiny.close(torch.tensor(right.to_numpy()), torch.tensor(left.to_numpy()), "rest + bias")
+    kinds = {"bias"} if components == "tokens" else {"rest", "bias"}  # tokens: no rest
+    assert set(back["kind"]) & {"rest", "bias"} == kinds
+    pd.testing.assert_frame_equal(fwd.drop(columns=["score", "clean_metric"]),
+                                  back.drop(columns=["score", "clean_metric"]))
+    for column in ("score", "clean_metric"):
+        tiny.close(torch.tensor(back[column].to_numpy()), torch.tensor(fwd[column].to_numpy()),
+                   f"{column}: backward vs forward")
     with pytest.raises(DepassError, match="needs method='forward'"):
         run(model, prompts, components, "softmax", method="backward")
+
+
+def test_one_forward_fewer(model, prompts):
+    """The backward path's clean metric comes from the clean run attribute records: two forwards
+    per batch (clean, frozen), not a third clean one, and the metric is bit for bit the one the
+    runner's own clean forward used to read (`unembed.hook_out` at the last token)."""
+    calls = []
+    handle = model.register_forward_hook(lambda module, args, out: calls.append(1))
+    try:
+        table = run(model, prompts, Heads(), "ratio", batch_size=1)  # no padding: the same input
+    finally:
+        handle.remove()
+    assert len(calls) == 2 * len(prompts)  # one batch per prompt
+    got = {}
+
+    def keep(x, hook):
+        got["x"] = x
+
+    for p, ids in enumerate(prompts):
+        with torch.no_grad(), model.hooks(fwd_hooks=[("unembed.hook_out", keep)]):
+            model(ids[None])
+        last = got.pop("x")[0, -1]
+        metric = last[ANSWERS[p]] - (0 if WRONG[p] is None else last[WRONG[p]])
+        clean = table[table["prompt"] == p]["clean_metric"].unique()
+        assert len(clean) == 1 and clean[0] == metric.item(), (p, clean, metric)
 
 
 def test_structured_columns(model, prompts):
@@ -86,7 +113,9 @@ def test_structured_columns(model, prompts):
     h = heads[(heads["prompt"] == 1) & (heads["kind"] == "head")]
     assert list(zip(h["layer"], h["unit"], strict=True)) == [(layer, u) for layer in range(2)
                                                              for u in range(4)]
-    assert heads[heads["kind"] == "rest+bias"]["layer"].tolist()[:2] == [0, 1]
+    rest = heads[(heads["prompt"] == 1) & heads["kind"].isin(["rest", "bias"])]
+    assert list(zip(rest["component"], rest["kind"], rest["layer"], strict=True)) == [
+        ("L0 rest", "rest", 0), ("L0 bias", "bias", 0), ("L1 rest", "rest", 1), ("L1 bias", "bias", 1)]
 
 
 @pytest.mark.parametrize("rule", ["softmax", "ratio"])

@@ -144,3 +144,7 @@ def test_backward_path(arch):
         assert fwd.labels == bwd.labels
         torch.testing.assert_close(bwd.scores, fwd.scores, rtol=0, atol=F64 * fwd.scores.abs().max().item(),
                                    msg=lambda m, c=components: f"{arch} {c}: {m}")
+        assert fwd.remainder_labels == bwd.remainder_labels  # each group's rest and bias
+        torch.testing.assert_close(bwd.remainder_shares, fwd.remainder_shares, rtol=0,
+                                   atol=F64 * fwd.scores.abs().max().item(),  # the bias: 0 here
+                                   msg=lambda m, c=components: f"{arch} {c} rest and bias: {m}")

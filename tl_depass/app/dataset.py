@@ -39,9 +39,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="how MLP activations are shared; ratio uses the backward path. "
                    "Default: %(default)s")
     d.add_argument("--method", choices=("auto", "forward", "backward"), default="auto",
-                   help="auto: the backward path for --rule ratio (one forward and backward per "
-                   "batch; rest and bias as one row per group), the forward engine otherwise. "
-                   "Default: %(default)s")
+                   help="auto: the backward path for --rule ratio (two forwards and one "
+                   "backward per batch), the forward engine otherwise; both give the same rows, "
+                   "each group's rest and bias included. Default: %(default)s")
     d.add_argument("--batch-size", type=int, help="prompts per batch (default: chosen for memory)")
     d.add_argument("--layer", type=int, help="the layer whose neurons are components (--level "
                    "neurons)")

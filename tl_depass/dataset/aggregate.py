@@ -37,7 +37,7 @@ def top_components(table: pd.DataFrame, k: int = 10, by: str = "mean",
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise DepassError(f"k must be a positive int, got {k!r}")
     stats = summary(table)
-    named = stats[~stats["kind"].isin(["rest", "bias", "rest+bias"])]
+    named = stats[~stats["kind"].isin(["rest", "bias"])]
     key = named[by].abs() if absolute else named[by]
     return named.loc[key.sort_values(ascending=False, kind="stable").index[:k]].reset_index(drop=True)
 

@@ -2,14 +2,13 @@
 
 Columns: `prompt` (0-based), `component` (display label), `score` (the component's share of the
 target logit, minus the wrong one's, at the prompt's last token), `kind` ("token", "head", "attn",
-"mlp", "neuron", "rest", "bias", or "rest+bias" on the backward path), `layer`, `unit` (head,
-neuron), `position` (token components), `group` (components whose shares sum to the metric),
-`has_wrong`, `clean_metric`.
+"mlp", "neuron", "rest", "bias": the same rows on the forward and the backward path), `layer`,
+`unit` (head, neuron), `position` (token components), `group` (components whose shares sum to the
+metric), `has_wrong`, `clean_metric`.
 """
 
 import numpy as np
 import pandas as pd
-import torch
 from torch import Tensor
 
 from tl_depass.levels import Heads, Modules, Neurons, TokensAt
@@ -20,29 +19,12 @@ COLUMNS = ["prompt", "component", "score", "kind", "layer", "unit", "position", 
 LEVELS = (TokensAt, Heads, Modules, Neurons)
 
 
-def structured(result) -> list[Label]:
-    """The structured label of each component of `result` (a Decomposition or an Attribution):
-    its `component_labels`, token components named by position only ("tok 3": their strings are
-    in the prompt, and a batch of one would name them by string). The one place the table reads
-    label fields."""
+def structured(labels: list[Label]) -> list[Label]:
+    """The structured labels of a result's rows (`Attribution.with_rest_and_bias()`), token
+    components named by position only ("tok 3": their strings are in the prompt, and a batch of
+    one would name them by string). The one place the table reads label fields."""
     return [Label(f"tok {x.index}", x.kind, x.layer, x.index, x.group) if x.kind == "token" else x
-            for x in result.component_labels]
-
-
-def remainders(labels: list[Label], scores: Tensor, metric: Tensor) -> tuple[list[Label], Tensor]:
-    """On the backward path, each group's metric less its named components' shares: the bias
-    at the token level (no rest there), the rest and bias together for heads, modules, neurons."""
-    groups = list(dict.fromkeys(x.group for x in labels))
-    extra, values = [], []
-    for g in groups:
-        members = [c for c, x in enumerate(labels) if x.group == g]
-        first = labels[members[0]]
-        if first.kind == "token":
-            extra.append(Label("bias", "bias", None, None, g))
-        else:
-            extra.append(Label(f"L{first.layer} rest+bias", "rest+bias", first.layer, None, g))
-        values.append(metric - scores[members].sum(0))
-    return extra, torch.stack(values)
+            for x in labels]
 
 
 def frame(prompts: list[int], lengths: list[int], labels: list[Label], scores: Tensor,

@@ -2,8 +2,8 @@
 
 Prompts are batched with right padding and an attention mask, grouped by length (and by whether
 they have a wrong answer) so that little is padding; each batch goes through the public
-`tl_depass.attribute` (the backward path, where the rule is the linear `ratio`) or `decompose`
-(its forward path, whose rest and bias components are kept as rows). With `out=`, every batch is
+`tl_depass.attribute`: its backward path where the rule is the linear `ratio`, its forward path
+(decompose) otherwise; each group's rest and bias are rows on both. With `out=`, every batch is
 a shard on disk and a rerun resumes; under torchrun the ranks share out the batches.
 """
 
@@ -21,10 +21,9 @@ from tqdm.auto import tqdm
 
 from tl_depass.attribute import attribute
 from tl_depass.dataset import distributed
-from tl_depass.dataset.rows import COLUMNS, LEVELS, frame, remainders, structured
+from tl_depass.dataset.rows import COLUMNS, LEVELS, frame, structured
 from tl_depass.dataset.shards import Store, merged
-from tl_depass.decompose import decompose
-from tl_depass.engine.backends import Model, check_model, forward_as_recorded
+from tl_depass.engine.backends import Model, check_model
 from tl_depass.engine.validate import check_options, check_text, token_of
 from tl_depass.errors import DepassError
 from tl_depass.levels.components import as_components
@@ -62,9 +61,10 @@ def run_dataset(model: Model, prompts: Sequence[str | Tensor | Sequence[int]],
     merged table; `out` is then needed, on a filesystem every rank sees.
 
     `method="auto"` takes attribute's backward path where the rule is the linear "ratio" (one
-    forward and one backward per batch, whatever the number of components; the rest and bias of
-    a group are then one "rest+bias" row: the metric less the named shares) and decompose's
-    forward path otherwise; `method="forward"` keeps the rest and bias rows apart for "ratio" too."""
+    clean forward, one frozen forward and one backward per batch, whatever the number of
+    components) and its forward path (decompose) otherwise; `method="forward"` takes the forward
+    path for "ratio" too. Both give the same rows: the named components and each group's rest
+    and bias, as decompose has them."""
     check_model(model)
     check_options(model, mlp_rule, 0.1, None)
     spec = as_components(components, model)
@@ -238,31 +238,8 @@ def score_batch(model: Model, spec, method: str, mlp_rule: str, items: list[Item
     target = torch.tensor([p.target for p in chosen], device=device)
     has_wrong = chosen[0].wrong is not None  # batch_plan keeps batches of one kind
     wrong = torch.tensor([p.wrong for p in chosen], device=device) if has_wrong else None
-    if method == "forward":
-        dec = decompose(model, tokens, spec, mlp_rule=mlp_rule, attention_mask=mask, keep=[],
-                        logits=at)
-        scores, clean = dec.logit_attribution(target, wrong, at), dec.clean["logits"]
-        labels = structured(dec)
-    else:
-        att = attribute(model, tokens, spec, answer=target, wrong=wrong, pos=at, mlp_rule=mlp_rule,
-                        attention_mask=mask, method="backward")
-        scores, clean = att.shares, clean_logits(model, tokens, mask, at)
-        labels = structured(att)
-    rows = torch.arange(len(chosen), device=device)
-    metric = clean[rows, target] - (0 if wrong is None else clean[rows, wrong])
-    if method == "backward":
-        extra, values = remainders(labels, scores, metric)
-        labels, scores = labels + extra, torch.cat([scores, values])
-    return frame(batch, lengths, labels, scores, metric, has_wrong)
+    att = attribute(model, tokens, spec, answer=target, wrong=wrong, pos=at, mlp_rule=mlp_rule,
+                    attention_mask=mask, method=method)
+    labels, scores = att.with_rest_and_bias()  # the clean metric came with it: no other forward
+    return frame(batch, lengths, structured(labels), scores, att.metric, has_wrong)
 
-
-def clean_logits(model: Model, tokens: Tensor, mask: Tensor | None, at: Tensor) -> Tensor:
-    """The clean logits (before any softcap, as `attribute` reads them) at `at`: [batch, d_vocab]."""
-    got = {}
-
-    def keep(x, hook):
-        got["logits"] = x[torch.arange(len(at), device=x.device), at].detach().clone()
-
-    with torch.no_grad(), forward_as_recorded(model), model.hooks(fwd_hooks=[("unembed.hook_out", keep)]):
-        model(tokens, attention_mask=mask)
-    return got["logits"]

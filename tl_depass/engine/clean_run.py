@@ -78,8 +78,20 @@ def record_clean_run(
     hooks = [(name, recorder(name)) for name in dict.fromkeys(canonical_names(model).values())]
     with torch.no_grad(), forward_as_recorded(model), model.hooks(fwd_hooks=hooks):
         logits = model(tokens, attention_mask=attention_mask)
-    real = logits if attention_mask is None else logits[attention_mask.bool()]
+    real = logits if attention_mask is None else logits[attention_mask.bool().to(logits.device)]
     if not torch.isfinite(real).all():
         raise DepassError(f"the clean run is not finite: NaN or inf first appear at "
                           f"{bad[0] if bad else 'the logits'}; check the weights there (and norm eps > 0)")
-    return CleanRun(order, values, logits)
+    return CleanRun(order, place_patterns(values), logits)
+
+
+def place_patterns(values: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Each attention pattern on the device where its layer's z is computed. A HookedTransformer
+    over several devices (n_devices) with a padding mask fires hook_pattern on the mask's device
+    (the first) and only then moves the pattern to V's; the replay needs it with V. No copy where
+    it is there already."""
+    for name, value in values.items():
+        z = values.get(name.removesuffix("hook_pattern") + "hook_z")
+        if name.endswith("attn.hook_pattern") and z is not None:
+            values[name] = value.to(z.device)
+    return values

@@ -74,10 +74,17 @@ def _excluded(g: Tensor, excluded: Bool[Tensor, "slot batch pos"] | None) -> Ten
     return g == 0 if excluded is None else (g == 0) | excluded[..., None]
 
 
+def on_device(g: Tensor, index: Tensor, excluded: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """`index` and `excluded` (made with the tokens) on the device of `g`, the MLP's: a model
+    spread over devices (n_devices, device_map) runs this MLP elsewhere. No copy where they are."""
+    return index.to(g.device), None if excluded is None else excluded.to(g.device)
+
+
 def stats(
     rule: Rule, g: Float[Tensor, "slot batch pos d_mlp"],
     excluded: Bool[Tensor, "slot batch pos"] | None, index: Int[Tensor, " slot"], temperature: float,
 ) -> Stats:
+    index, excluded = on_device(g, index, excluded)
     out = _excluded(g, excluded)
     if rule == "softmax":
         scaled = (g / temperature).masked_fill_(out, -torch.inf)
@@ -109,6 +116,7 @@ def shares(
     over all components (None: the slots here are all of them)."""
     if rule == "ratio":
         return finish(g * facts.ratio, facts)
+    index, excluded = on_device(g, index, excluded)
     out_mask = _excluded(g, excluded)
     if rule == "softmax" and total is None:
         # in place (same values as torch.where, a third fewer passes over [slot, ..., d_mlp])

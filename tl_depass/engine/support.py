@@ -19,8 +19,6 @@ UNSUPPORTED: list[tuple[str, Callable, str]] = [
      "clamping v after hook_v is a nonlinearity DePass does not replay"),
     ("load_in_4bit", lambda c: bool(getattr(c, "load_in_4bit", False)),
      "4-bit quantised weights"),
-    ("n_devices > 1", lambda c: getattr(c, "n_devices", 1) > 1,
-     "models split across devices are untested"),
     ("original_architecture in (Olmo2ForCausalLM, Olmo3ForCausalLM)",
      lambda c: getattr(c, "original_architecture", None) in ("Olmo2ForCausalLM", "Olmo3ForCausalLM"),
      "OLMo 2/3 post-norm blocks are untested"),

@@ -44,7 +44,8 @@ class Heads:
         for layer in check_layers(model, self.layers, "Heads"):
             z = clean[hooks.attn_z(layer)]  # [batch pos head d_head]
             heads = range(z.shape[2])
-            per_head = {1 + h: z * (torch.arange(z.shape[2]) == h)[:, None] for h in heads}
+            per_head = {1 + h: z * (torch.arange(z.shape[2], device=z.device) == h)[:, None]
+                        for h in heads}
             out.append(Group(
                 around(layer, [Label(f"L{layer}H{h}", "head", layer, h) for h in heads]),
                 [rest_entry(clean, layer),
