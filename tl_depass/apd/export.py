@@ -48,6 +48,8 @@ def artifact_name(results: dict, full_recipe: bool = True) -> str:
     """`<experiment>-<method>_seed<s>`, plus `_steps<N>_batch<B>` for a shortened recipe or a run
     stopped early."""
     base = f"{results['experiment'].replace('/', '-')}_seed{results['seed']}"
+    if results.get("decomposition_seed", results["seed"]) != results["seed"]:
+        base += f"_dseed{results['decomposition_seed']}"
     if full_recipe and results.get("trained_steps", results["steps"]) == results["steps"]:
         return base
     return base + f"_steps{results.get('trained_steps', results['steps'])}_batch{results['batch_size']}"
@@ -91,6 +93,7 @@ def write_artifact(
         "experiment": results["experiment"],
         "method": method,
         "seed": str(results["seed"]),
+        "decomposition_seed": str(results.get("decomposition_seed", results["seed"])),
         "steps": str(results["steps"]),
         "trained_steps": str(results.get("trained_steps", results["steps"])),
         "batch_size": str(results["batch_size"]),
