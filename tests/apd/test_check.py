@@ -3,6 +3,7 @@ from the file alone and refuses malformed files; the committed artefacts give th
 docs/apd_results.md reports."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from torch.testing import assert_close
 from tl_depass.apd.apd import APD
 from tl_depass.apd.check import headline_metrics, main, read_artifact
 from tl_depass.apd.configs import TMSConfig
+from tl_depass.apd.experiments.components import feature_table
 from tl_depass.apd.experiments.presets import preset, shortened
 from tl_depass.apd.export import export_run, write_artifact
 from tl_depass.apd.metrics import alive_count, mmcs_ml2r
@@ -21,11 +23,18 @@ from tl_depass.apd.targets import make_target
 from tl_depass.commands import report_errors
 from tl_depass.errors import DepassError
 
-ARTIFACTS = Path(__file__).parents[2] / "docs" / "apd_artifacts"
-# The numbers docs/apd_results.md reports for each committed artefact:
-# MMCS, ML2R (rounded as in the docs) and alive components at the feature site W.
-DOCUMENTED = json.loads((ARTIFACTS / "documented.json").read_text()) if (
-    ARTIFACTS / "documented.json").exists() else {}
+ROOT = Path(__file__).parents[2]
+ARTIFACTS = ROOT / "docs" / "apd_artifacts"
+# docs/apd_results.md, section "Artefacts": | `file` | command | MMCS ± | ML2R ± | alive | ...
+ROW = re.compile(r"^\| `(?P<file>[^`]+\.safetensors)` \|[^|]*\| (?P<mmcs>[0-9.]+) ± [0-9.]+ \| "
+                 r"(?P<ml2r>[0-9.]+) ± [0-9.]+ \| (?P<alive>\d+) \|", re.MULTILINE)
+
+
+def documented() -> dict[str, dict]:
+    text = (ROOT / "docs" / "apd_results.md").read_text(encoding="utf-8")
+    return {m["file"]: {"mmcs": float(m["mmcs"]), "ml2r": float(m["ml2r"]),
+                        "alive": int(m["alive"]), "digits": len(m["mmcs"].split(".")[1])}
+            for m in ROW.finditer(text)}
 
 
 def exit_status(argv: list[str]) -> int:
@@ -138,14 +147,27 @@ def test_export_of_a_reproduction_run_matches_its_results(tmp_path, capsys):
 
 def test_the_committed_artefacts_give_the_documented_numbers():
     files = sorted(ARTIFACTS.glob("*.safetensors"))
-    assert {f.name for f in files} == set(DOCUMENTED), "docs/apd_artifacts/documented.json lists "\
-        "every committed artefact and nothing else"
+    docs = documented()
+    assert files, "no artefacts committed under docs/apd_artifacts"
+    assert {f.name for f in files} == set(docs), "the Artefacts table of docs/apd_results.md " \
+        "lists every committed artefact and nothing else"
     for path in files:
         assert path.stat().st_size <= 10 * 2**20
         tensors, meta = read_artifact(path)
         got = headline_metrics(tensors, meta["feature_site"])
-        want = DOCUMENTED[path.name]
-        assert got["mmcs"][0] == pytest.approx(want["mmcs"], abs=5e-5), path.name
-        assert got["ml2r"][0] == pytest.approx(want["ml2r"], abs=5e-4), path.name
-        assert got["alive"] == want["alive"], path.name
+        want = docs[path.name]
+        assert path.name.startswith(meta["experiment"].replace("/", "-") + "_seed")
+        assert got["mmcs"][0] == pytest.approx(want["mmcs"], abs=0.51 * 10 ** -want["digits"])
+        assert got["ml2r"][0] == pytest.approx(want["ml2r"], abs=0.51e-3), path.name
+        assert got["alive"][meta["feature_site"]] == want["alive"], path.name
         assert main([str(path)]) == 0
+
+
+def test_components_table_reads_an_artefact(tiny_apd, tmp_path):
+    results = {"experiment": "tms-5-2/apd", "seed": 3, "steps": 1, "batch_size": 8,
+               "config": {"target": {"n_features": 5, "n_hidden": 2}}}
+    path = tmp_path / "tiny.safetensors"
+    write_artifact(tiny_apd.state_dict(), results, path)
+    table = feature_table(path).splitlines()
+    assert len(table) == 1 + 2 + 5  # title, header, rule, one row per component
+    assert table[1] == "| component | norm | f0 | f1 | f2 | f3 | f4 |"
