@@ -26,7 +26,7 @@ from tl_depass.apd.experiments.plots import (
     plot_tms_vectors,
     save,
 )
-from tl_depass.apd.experiments.presets import preset, shortened
+from tl_depass.apd.experiments.presets import overridden, preset, shortened
 from tl_depass.apd.metrics import (
     alive_count,
     apd_top1_mse,
@@ -175,6 +175,7 @@ def run_experiment(
     progress: Literal["bar", "none"] = "bar",
     stop_at: int | None = None,
     device: str = "cpu",
+    tag: str = "",
 ) -> dict:
     """Train target, decompose, evaluate. Returns the results dictionary (also saved).
 
@@ -189,7 +190,7 @@ def run_experiment(
     slug = config.name.replace("/", "-")
     optim = config.method.optim
     seeds = f"seed{seed}" if seed == target_seed else f"seed{target_seed}_dseed{seed}"
-    name = f"{slug}_{seeds}_steps{optim.steps}_batch{optim.batch_size}"
+    name = f"{slug}_{seeds}_steps{optim.steps}_batch{optim.batch_size}{tag}"
     group = runs / slug.rsplit("-", 1)[0] if runs else None
     target_dir = (
         group / f"target_seed{target_seed}_steps{config.target.train.steps}" if group else None
@@ -259,6 +260,8 @@ def main(argv: list[str] | None = None) -> dict:
         "--stop-at", type=int, default=None, help="stop (or resume up to) this decomposition step"
     )
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="change a method setting, e.g. simplicity_coeff=0.5 or optim.lr=1e-2")
     args = parser.parse_args(argv)
     config = with_seed(preset(args.experiment, args.method), args.seed, args.decomposition_seed)
     if args.steps is not None or args.batch_size is not None:
@@ -268,9 +271,12 @@ def main(argv: list[str] | None = None) -> dict:
         config = dataclasses.replace(
             config, target=dataclasses.replace(config.target, train=train_cfg)
         )
+    config, tag = overridden(config, args.set)
     progress = "none" if args.no_progress else "bar"
     with commands.torch_settings(threads=args.threads):
-        results = run_experiment(config, args.runs, args.figures, progress, args.stop_at, args.device)
+        results = run_experiment(
+            config, args.runs, args.figures, progress, args.stop_at, args.device, tag
+        )
     summary = {
         k: results[k] for k in results if k not in ("config", "norms", "best_component_per_feature")
     }
