@@ -209,6 +209,7 @@ def run_experiment(
         "experiment": config.name,
         "seed": target_seed,
         "decomposition_seed": seed,
+        "changed_settings": tag.lstrip("_"),
         "steps": optim.steps,
         "trained_steps": trained,
         "batch_size": optim.batch_size,

@@ -38,11 +38,12 @@ def markdown_table(rows: list[dict]) -> str:
             steps = f"{r['trained_steps']} of {r['steps']} (stopped)"
         alive = ", ".join(f"{k} {v}" for k, v in r["alive"].items())
         wall = f"{r['wall_s']['target'] / 60:.1f} + {r['wall_s']['decomposition'] / 60:.1f} min"
+        changed = f" ({r['changed_settings']})" if r.get("changed_settings") else ""
         seed = str(r["seed"])
         if r.get("decomposition_seed", r["seed"]) != r["seed"]:
             seed += f" (decomposition {r['decomposition_seed']})"
         lines.append(
-            f"| {r['experiment']} | {seed} | {steps} × {r['batch_size']} | "
+            f"| {r['experiment']}{changed} | {seed} | {steps} × {r['batch_size']} | "
             f"{_pm(r.get('mmcs'), 4)} | {_pm(r.get('ml2r'), 3)} | {alive} | {extra} | "
             f"{r['target_loss']:.2e} | {wall} |"
         )
