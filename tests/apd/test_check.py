@@ -174,3 +174,18 @@ def test_components_table_reads_an_artefact(tiny_apd, tmp_path):
     table = feature_table(path).splitlines()
     assert len(table) == 1 + 2 + 5  # title, header, rule, one row per component
     assert table[1] == "| component | norm | f0 | f1 | f2 | f3 | f4 |"
+
+
+def test_changed_settings_name_the_run_and_its_artefact(tmp_path):
+    torch.set_default_dtype(torch.float32)
+    args = ["tms-5-2", "--method", "apd", "--steps", "3", "--target-steps", "3", "--batch-size",
+            "32", "--runs", str(tmp_path / "runs"), "--figures", str(tmp_path / "fig"),
+            "--no-progress", "--set", "simplicity_coeff=0.5"]
+    results = reproduce(args)
+    assert results["changed_settings"] == "simplicity_coeff0.5"
+    assert results["config"]["method"]["simplicity_coeff"] == 0.5
+    run_dir = next((tmp_path / "runs").rglob("results.json")).parent
+    assert run_dir.name == "tms-5-2-apd_seed0_steps3_batch32_simplicity_coeff0.5"
+    path = export_run(run_dir, tmp_path)
+    assert path.name == "tms-5-2-apd_seed0_steps3_batch32_simplicity_coeff0.5.safetensors"
+    assert read_artifact(path)[1]["changed_settings"] == "simplicity_coeff0.5"

@@ -50,9 +50,12 @@ def artifact_name(results: dict, full_recipe: bool = True) -> str:
     base = f"{results['experiment'].replace('/', '-')}_seed{results['seed']}"
     if results.get("decomposition_seed", results["seed"]) != results["seed"]:
         base += f"_dseed{results['decomposition_seed']}"
-    if full_recipe and results.get("trained_steps", results["steps"]) == results["steps"]:
+    changed = f"_{results['changed_settings']}" if results.get("changed_settings") else ""
+    if full_recipe and not changed and results.get("trained_steps", results["steps"]) == results[
+            "steps"]:
         return base
-    return base + f"_steps{results.get('trained_steps', results['steps'])}_batch{results['batch_size']}"
+    steps = results.get("trained_steps", results["steps"])
+    return base + f"_steps{steps}_batch{results['batch_size']}{changed}"
 
 
 def _factors(objective: dict[str, Tensor], method: str) -> dict[str, tuple[Tensor, Tensor]]:
@@ -97,6 +100,7 @@ def write_artifact(
         "steps": str(results["steps"]),
         "trained_steps": str(results.get("trained_steps", results["steps"])),
         "batch_size": str(results["batch_size"]),
+        "changed_settings": results.get("changed_settings", ""),
         "target": json.dumps(config.get("target", {})),
         "method_config": json.dumps(config.get("method", {})),
         "feature_site": "W" if is_tms else "",
@@ -123,6 +127,8 @@ def export_run(run_dir: Path, out_dir: Path, dtype: torch.dtype = torch.float32)
         raise DepassError(f"{run_dir}: checkpoint at step {state['step']} but results.json "
                           f"describes step {results.get('trained_steps')}: rerun the reproduction "
                           "to refresh results.json")
+    if "changed_settings" not in results:  # runs from before --set named it in results.json
+        results["changed_settings"] = run_dir.name.partition(f"_batch{results['batch_size']}_")[2]
     path = out_dir / f"{artifact_name(results, _is_preset(results))}.safetensors"
     metrics = write_artifact(state["objective"], results, path, dtype)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-3

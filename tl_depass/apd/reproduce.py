@@ -175,7 +175,7 @@ def run_experiment(
     progress: Literal["bar", "none"] = "bar",
     stop_at: int | None = None,
     device: str = "cpu",
-    tag: str = "",
+    changed: str = "",
 ) -> dict:
     """Train target, decompose, evaluate. Returns the results dictionary (also saved).
 
@@ -190,7 +190,7 @@ def run_experiment(
     slug = config.name.replace("/", "-")
     optim = config.method.optim
     seeds = f"seed{seed}" if seed == target_seed else f"seed{target_seed}_dseed{seed}"
-    name = f"{slug}_{seeds}_steps{optim.steps}_batch{optim.batch_size}{tag}"
+    name = f"{slug}_{seeds}_steps{optim.steps}_batch{optim.batch_size}{changed}"
     group = runs / slug.rsplit("-", 1)[0] if runs else None
     target_dir = (
         group / f"target_seed{target_seed}_steps{config.target.train.steps}" if group else None
@@ -209,7 +209,7 @@ def run_experiment(
         "experiment": config.name,
         "seed": target_seed,
         "decomposition_seed": seed,
-        "changed_settings": tag.lstrip("_"),
+        "changed_settings": changed.lstrip("_"),
         "steps": optim.steps,
         "trained_steps": trained,
         "batch_size": optim.batch_size,
@@ -272,11 +272,11 @@ def main(argv: list[str] | None = None) -> dict:
         config = dataclasses.replace(
             config, target=dataclasses.replace(config.target, train=train_cfg)
         )
-    config, tag = overridden(config, args.set)
+    config, changed = overridden(config, args.set)
     progress = "none" if args.no_progress else "bar"
     with commands.torch_settings(threads=args.threads):
         results = run_experiment(
-            config, args.runs, args.figures, progress, args.stop_at, args.device, tag
+            config, args.runs, args.figures, progress, args.stop_at, args.device, changed
         )
     summary = {
         k: results[k] for k in results if k not in ("config", "norms", "best_component_per_feature")
