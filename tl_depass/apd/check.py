@@ -138,8 +138,12 @@ def _differences(recomputed: dict, recorded: dict, tol: float, prefix: str = "")
 
 
 def _report(path: Path, meta: dict[str, str], metrics: dict) -> str:
-    lines = [f"{path.name}: {meta.get('experiment', '?')} seed {meta.get('seed', '?')}, "
-             f"{meta.get('trained_steps', '?')} steps x batch {meta.get('batch_size', '?')}"]
+    seed = meta.get("seed", "?")
+    if meta.get("decomposition_seed", seed) != seed:
+        seed += f" (decomposition seed {meta['decomposition_seed']})"
+    changed = f", changed: {meta['changed_settings']}" if meta.get("changed_settings") else ""
+    lines = [f"{path.name}: {meta.get('experiment', '?')} seed {seed}, "
+             f"{meta.get('trained_steps', '?')} steps x batch {meta.get('batch_size', '?')}{changed}"]
     if "mmcs" in metrics:
         lines.append(f"  MMCS {metrics['mmcs'][0]:.4f} ± {metrics['mmcs'][1]:.4f}   "
                      f"ML2R {metrics['ml2r'][0]:.3f} ± {metrics['ml2r'][1]:.3f}   "
