@@ -4,6 +4,8 @@ docs/apd_results.md reports."""
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -189,3 +191,16 @@ def test_changed_settings_name_the_run_and_its_artefact(tmp_path):
     path = export_run(run_dir, tmp_path)
     assert path.name == "tms-5-2-apd_seed0_steps3_batch32_simplicity_coeff0.5.safetensors"
     assert read_artifact(path)[1]["changed_settings"] == "simplicity_coeff0.5"
+
+
+def test_python_dash_m_check_exit_status_and_one_line_error(tmp_path):
+    good = tmp_path / "good.safetensors"
+    save_file(GOOD, str(good), metadata=META)
+    bad = tmp_path / "bad.safetensors"
+    save_file({"W/target": torch.ones(3, 2)}, str(bad), metadata=META)
+    done = subprocess.run([sys.executable, "-m", "tl_depass.apd.check", str(good), str(bad)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "good.safetensors" in done.stdout and "MMCS" in done.stdout
+    assert done.stderr.startswith("python -m tl_depass.apd.check: error: artefact ")
+    assert "needs W/components or both W/A and W/B" in done.stderr
