@@ -21,6 +21,7 @@ from tl_depass.apd.experiments.presets import preset, shortened
 from tl_depass.apd.export import export_run, write_artifact
 from tl_depass.apd.metrics import alive_count, mmcs_ml2r
 from tl_depass.apd.reproduce import main as reproduce
+from tl_depass.apd.spd import SPD
 from tl_depass.apd.targets import make_target
 from tl_depass.commands import report_errors
 from tl_depass.errors import DepassError
@@ -204,3 +205,16 @@ def test_python_dash_m_check_exit_status_and_one_line_error(tmp_path):
     assert "good.safetensors" in done.stdout and "MMCS" in done.stdout
     assert done.stderr.startswith("python -m tl_depass.apd.check: error: artefact ")
     assert "needs W/components or both W/A and W/B" in done.stderr
+
+
+def test_spd_runs_export_as_rank_one_factors(tmp_path):
+    target = make_target(TMSConfig(n_features=5, n_hidden=2, seed=1)).double()
+    spd = SPD(target, shortened(preset("tms-5-2", "spd"), steps=1, batch_size=8).method)
+    results = {"experiment": "tms-5-2/spd", "seed": 1, "steps": 1, "batch_size": 8,
+               "config": {"target": {"n_features": 5, "n_hidden": 2}}}
+    path = tmp_path / "spd.safetensors"
+    recorded = write_artifact(spd.state_dict(), results, path, torch.float64)
+    tensors, _ = read_artifact(path)
+    assert tensors["W/A"].shape == (20, 5, 1) and tensors["W/B"].shape == (20, 1, 2)
+    assert_close(tensors["W/A"] @ tensors["W/B"], spd.subcomponent_weights("W").detach())
+    assert recorded["alive"] == {"W": alive_count(spd, "W")}

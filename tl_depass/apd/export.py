@@ -133,6 +133,7 @@ def export_run(run_dir: Path, out_dir: Path, dtype: torch.dtype = torch.float32)
     metrics = write_artifact(state["objective"], results, path, dtype)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-3
     if "mmcs" in results and abs(metrics["mmcs"][0] - results["mmcs"][0]) > tolerance:
+        path.unlink()
         raise DepassError(f"{path}: MMCS from the file {metrics['mmcs'][0]:.6f} differs from the "
                           f"run's {results['mmcs'][0]:.6f}; the checkpoint and results.json in "
                           f"{run_dir} do not belong together")
