@@ -14,7 +14,7 @@ from tl_depass.apd.configs import (
     SPDConfig,
     TMSConfig,
 )
-from tl_depass.apd.experiments.presets import PRESETS, preset
+from tl_depass.apd.experiments.presets import PRESETS, overridden, preset
 from tl_depass.apd.targets import make_target
 
 OPTIM = OptimConfig(lr=1e-3, steps=10, batch_size=8)
@@ -80,3 +80,17 @@ def test_presets_carry_the_papers_values():
     assert preset("tms-5-2-id", "spd").target.hidden_identity == "identity"
     assert preset("resid-mlp-1", "apd").method.a_norm == "unit"
     assert all(key.split("/")[1] in ("apd", "spd") for key in PRESETS)
+
+
+def test_overridden_changes_method_settings_and_names_them():
+    base = preset("tms-5-2", "apd")
+    config, tag = overridden(base, ["simplicity_coeff=0.5", "optim.warmup_frac=0.2"])
+    assert (config.method.simplicity_coeff, config.method.optim.warmup_frac) == (0.5, 0.2)
+    assert config.method.optim.lr == base.method.optim.lr and config.target == base.target
+    assert tag == "_simplicity_coeff0.5_warmup_frac0.2"
+    assert overridden(base, []) == (base, "")
+    for bad in ["simplicity_coeff", "nonsense=1", "seed=3", "optim.nonsense=1"]:
+        with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+            overridden(base, [bad])
+    with pytest.raises(ConfigError, match="topk"):
+        overridden(base, ["topk=0"])  # the config's own validation

@@ -231,3 +231,20 @@ def test_checkpoint_of_other_settings_is_refused_and_cli_runs_get_their_own_fold
         "tms-5-2-apd_seed0_steps3_batch16",
         "tms-5-2-apd_seed0_steps3_batch32",
     ]
+
+
+def test_decomposition_seed_reuses_the_target_and_gets_its_own_run_folder(tmp_path):
+    torch.set_default_dtype(torch.float32)
+    args = ["tms-5-2", "--method", "apd", "--steps", "4", "--target-steps", "5", "--batch-size",
+            "64", "--runs", str(tmp_path), "--figures", str(tmp_path / "fig"), "--no-progress"]
+    same = main(args)
+    other = main(args + ["--decomposition-seed", "3"])
+    assert (same["seed"], same["decomposition_seed"]) == (0, 0)
+    assert (other["seed"], other["decomposition_seed"]) == (0, 3)
+    assert other["target_loss"] == same["target_loss"]  # the same trained target
+    assert other["wall_s"]["target"] < 1.0  # from the first run's checkpoint
+    assert {p.name for p in (tmp_path / "tms-5-2").iterdir()} == {
+        "target_seed0_steps5",
+        "tms-5-2-apd_seed0_steps4_batch64",
+        "tms-5-2-apd_seed0_dseed3_steps4_batch64",
+    }

@@ -26,7 +26,7 @@ from tl_depass.apd.experiments.plots import (
     plot_tms_vectors,
     save,
 )
-from tl_depass.apd.experiments.presets import preset, shortened
+from tl_depass.apd.experiments.presets import overridden, preset, shortened
 from tl_depass.apd.metrics import (
     alive_count,
     apd_top1_mse,
@@ -45,12 +45,17 @@ from tl_depass.errors import DepassError
 __all__ = ["with_seed", "run_experiment", "evaluate", "main"]
 
 
-def with_seed(config: ExperimentConfig, seed: int) -> ExperimentConfig:
-    """Same experiment, target and decomposition both seeded with `seed`."""
+def with_seed(
+    config: ExperimentConfig, seed: int, decomposition_seed: int | None = None
+) -> ExperimentConfig:
+    """Same experiment, target seeded with `seed`, decomposition (initialisation and data
+    stream) with `decomposition_seed` (default: `seed`)."""
     return dataclasses.replace(
         config,
         target=dataclasses.replace(config.target, seed=seed),
-        method=dataclasses.replace(config.method, seed=seed),
+        method=dataclasses.replace(
+            config.method, seed=seed if decomposition_seed is None else decomposition_seed
+        ),
     )
 
 
@@ -170,6 +175,7 @@ def run_experiment(
     progress: Literal["bar", "none"] = "bar",
     stop_at: int | None = None,
     device: str = "cpu",
+    changed: str = "",
 ) -> dict:
     """Train target, decompose, evaluate. Returns the results dictionary (also saved).
 
@@ -177,15 +183,18 @@ def run_experiment(
     result is evaluated and labelled with the steps actually trained. Training runs on `device`
     ("cpu", "cuda"); evaluation on the CPU."""
     t0 = time.time()
-    seed = config.method.seed
+    seed, target_seed = config.method.seed, config.target.seed
     if runs is not None:  # run folders are outputs, never committed
         runs.mkdir(parents=True, exist_ok=True)
         (runs / ".gitignore").write_text("*\n")
     slug = config.name.replace("/", "-")
     optim = config.method.optim
-    name = f"{slug}_seed{seed}_steps{optim.steps}_batch{optim.batch_size}"
+    seeds = f"seed{seed}" if seed == target_seed else f"seed{target_seed}_dseed{seed}"
+    name = f"{slug}_{seeds}_steps{optim.steps}_batch{optim.batch_size}{changed}"
     group = runs / slug.rsplit("-", 1)[0] if runs else None
-    target_dir = group / f"target_seed{seed}_steps{config.target.train.steps}" if group else None
+    target_dir = (
+        group / f"target_seed{target_seed}_steps{config.target.train.steps}" if group else None
+    )
     method_dir = group / name if group else None
     target, target_loss = train_target(config, target_dir, progress, device)
     t1 = time.time()
@@ -198,7 +207,9 @@ def run_experiment(
     tag = name if trained == optim.steps else f"{name}_stopped{trained}"
     results = {
         "experiment": config.name,
-        "seed": seed,
+        "seed": target_seed,
+        "decomposition_seed": seed,
+        "changed_settings": changed.lstrip("_"),
         "steps": optim.steps,
         "trained_steps": trained,
         "batch_size": optim.batch_size,
@@ -232,6 +243,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--method", choices=["apd", "spd"], required=True)
     commands.add_seed(parser)
     parser.add_argument(
+        "--decomposition-seed",
+        type=int,
+        default=None,
+        help="seed of the decomposition's initialisation and data (default: --seed)",
+    )
+    parser.add_argument(
         "--steps", type=int, default=None, help="shorten the decomposition (default: paper)"
     )
     parser.add_argument("--batch-size", type=int, default=None)
@@ -244,8 +261,10 @@ def main(argv: list[str] | None = None) -> dict:
         "--stop-at", type=int, default=None, help="stop (or resume up to) this decomposition step"
     )
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="change a method setting, e.g. simplicity_coeff=0.5 or optim.lr=1e-2")
     args = parser.parse_args(argv)
-    config = with_seed(preset(args.experiment, args.method), args.seed)
+    config = with_seed(preset(args.experiment, args.method), args.seed, args.decomposition_seed)
     if args.steps is not None or args.batch_size is not None:
         config = shortened(config, args.steps or config.method.optim.steps, args.batch_size)
     if args.target_steps is not None:
@@ -253,9 +272,12 @@ def main(argv: list[str] | None = None) -> dict:
         config = dataclasses.replace(
             config, target=dataclasses.replace(config.target, train=train_cfg)
         )
+    config, changed = overridden(config, args.set)
     progress = "none" if args.no_progress else "bar"
     with commands.torch_settings(threads=args.threads):
-        results = run_experiment(config, args.runs, args.figures, progress, args.stop_at, args.device)
+        results = run_experiment(
+            config, args.runs, args.figures, progress, args.stop_at, args.device, changed
+        )
     summary = {
         k: results[k] for k in results if k not in ("config", "norms", "best_component_per_feature")
     }

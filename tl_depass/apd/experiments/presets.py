@@ -4,7 +4,7 @@ Keys are "<experiment>/<method>"; `preset("tms-5-2", "spd")` looks one up. Where
 and its committed config disagree, the paper's text is used (see docs/apd_results.md).
 """
 
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import Literal
 
 from tl_depass.apd.configs import (
@@ -17,7 +17,7 @@ from tl_depass.apd.configs import (
     TMSConfig,
 )
 
-__all__ = ["PRESETS", "preset", "shortened"]
+__all__ = ["PRESETS", "preset", "shortened", "overridden"]
 
 
 _TMS_5_2 = TMSConfig(n_features=5, n_hidden=2)
@@ -56,6 +56,23 @@ PRESETS: dict[str, ExperimentConfig] = {
             ),
             minimality_coeff=10.0,
             simplicity_coeff=20.0,
+            p=0.9,
+        ),
+    ),
+    # The reference code's own 40-10 settings (design/APD.md §3, "[code: C 40, top-k 2,
+    # 1 / 10 / 15]"); everything else as the paper's preset above.
+    "tms-40-10-ref/apd": ExperimentConfig(
+        "tms-40-10-ref/apd",
+        _TMS_40_10,
+        APDConfig(
+            C=40,
+            m=11,
+            topk=2.0,
+            optim=OptimConfig(
+                lr=1e-3, steps=20_000, batch_size=2048, schedule="cosine", warmup_frac=0.05
+            ),
+            minimality_coeff=10.0,
+            simplicity_coeff=15.0,
             p=0.9,
         ),
     ),
@@ -151,3 +168,25 @@ def shortened(
         batch_size=config.method.optim.batch_size if batch_size is None else batch_size,
     )
     return replace(config, method=replace(config.method, optim=optim))
+
+
+def overridden(config: ExperimentConfig, settings: list[str]) -> tuple[ExperimentConfig, str]:
+    """The experiment with method settings changed by `KEY=VALUE` strings (`simplicity_coeff=0.5`,
+    `optim.lr=1e-2`), and a tag naming the changes for the run folder ("" if none)."""
+    method, tag = config.method, ""
+    for setting in settings:
+        key, sep, text = setting.partition("=")
+        owner = method.optim if key.startswith("optim.") else method
+        field = key.removeprefix("optim.")
+        if not sep or field not in {f.name for f in fields(owner)} or field == "seed":
+            names = sorted(f.name for f in fields(method) if f.name not in ("optim", "seed"))
+            raise ConfigError(f"--set {setting!r}: expected KEY=VALUE with KEY one of {names} or "
+                              "optim.<lr|steps|batch_size|schedule|warmup_frac>")
+        old = getattr(owner, field)
+        value = text if isinstance(old, str) else type(old if old is not None else 0)(text)
+        if owner is method.optim:
+            method = replace(method, optim=replace(method.optim, **{field: value}))
+        else:
+            method = replace(method, **{field: value})
+        tag += f"_{field}{text}"
+    return replace(config, method=method), tag

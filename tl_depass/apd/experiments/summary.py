@@ -12,7 +12,10 @@ __all__ = ["load_results", "markdown_table"]
 
 def load_results(runs: Path) -> list[dict]:
     rows = [json.loads(p.read_text()) for p in sorted(runs.rglob("results.json"))]
-    return sorted(rows, key=lambda r: (r["experiment"], r["steps"], r["seed"]))
+    return sorted(
+        rows,
+        key=lambda r: (r["experiment"], r["steps"], r["seed"], r.get("decomposition_seed", -1)),
+    )
 
 
 def _pm(pair: list[float] | None, digits: int) -> str:
@@ -35,8 +38,12 @@ def markdown_table(rows: list[dict]) -> str:
             steps = f"{r['trained_steps']} of {r['steps']} (stopped)"
         alive = ", ".join(f"{k} {v}" for k, v in r["alive"].items())
         wall = f"{r['wall_s']['target'] / 60:.1f} + {r['wall_s']['decomposition'] / 60:.1f} min"
+        changed = f" ({r['changed_settings']})" if r.get("changed_settings") else ""
+        seed = str(r["seed"])
+        if r.get("decomposition_seed", r["seed"]) != r["seed"]:
+            seed += f" (decomposition {r['decomposition_seed']})"
         lines.append(
-            f"| {r['experiment']} | {r['seed']} | {steps} × {r['batch_size']} | "
+            f"| {r['experiment']}{changed} | {seed} | {steps} × {r['batch_size']} | "
             f"{_pm(r.get('mmcs'), 4)} | {_pm(r.get('ml2r'), 3)} | {alive} | {extra} | "
             f"{r['target_loss']:.2e} | {wall} |"
         )

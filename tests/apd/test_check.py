@@ -1,0 +1,220 @@
+"""Artefacts: export writes a self-describing safetensors file, `check` recomputes its numbers
+from the file alone and refuses malformed files; the committed artefacts give the numbers that
+docs/apd_results.md reports."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch.testing import assert_close
+
+from tl_depass.apd.apd import APD
+from tl_depass.apd.check import headline_metrics, main, read_artifact
+from tl_depass.apd.configs import TMSConfig
+from tl_depass.apd.experiments.components import feature_table
+from tl_depass.apd.experiments.presets import preset, shortened
+from tl_depass.apd.export import export_run, write_artifact
+from tl_depass.apd.metrics import alive_count, mmcs_ml2r
+from tl_depass.apd.reproduce import main as reproduce
+from tl_depass.apd.spd import SPD
+from tl_depass.apd.targets import make_target
+from tl_depass.commands import report_errors
+from tl_depass.errors import DepassError
+
+ROOT = Path(__file__).parents[2]
+ARTIFACTS = ROOT / "docs" / "apd_artifacts"
+# docs/apd_results.md, section "Artefacts": | `file` | command | MMCS ± | ML2R ± | alive | ...
+ROW = re.compile(r"^\| `(?P<file>[^`]+\.safetensors)` \|[^|]*\| (?P<mmcs>[0-9.]+) ± [0-9.]+ \| "
+                 r"(?P<ml2r>[0-9.]+) ± [0-9.]+ \| (?P<alive>\d+) \|", re.MULTILINE)
+
+
+def documented() -> dict[str, dict]:
+    text = (ROOT / "docs" / "apd_results.md").read_text(encoding="utf-8")
+    return {m["file"]: {"mmcs": float(m["mmcs"]), "ml2r": float(m["ml2r"]),
+                        "alive": int(m["alive"]), "digits": len(m["mmcs"].split(".")[1])}
+            for m in ROW.finditer(text)}
+
+
+def exit_status(argv: list[str]) -> int:
+    return report_errors("check", lambda: main(argv))
+
+
+@pytest.fixture
+def tiny_apd() -> APD:
+    target = make_target(TMSConfig(n_features=5, n_hidden=2, seed=3)).double()
+    cfg = shortened(preset("tms-5-2", "apd"), steps=1, batch_size=8).method
+    return APD(target, cfg)
+
+
+@pytest.mark.parametrize(("dtype", "rel"), [(torch.float64, 1e-12), (torch.float16, 3e-3)])
+def test_write_then_check_recomputes_the_metrics_of_the_decomposition(tiny_apd, tmp_path, capsys,
+                                                                      dtype, rel):
+    results = {"experiment": "tms-5-2/apd", "seed": 3, "steps": 1, "batch_size": 8,
+               "config": {"target": {"n_features": 5, "n_hidden": 2}}}
+    path = tmp_path / "tiny.safetensors"
+    recorded = write_artifact(tiny_apd.state_dict(), results, path, dtype)
+    tensors, meta = read_artifact(path)
+    assert set(tensors) == {"W/target", "W/A", "W/B", "target/b_final"}
+    assert all(t.dtype == dtype for t in tensors.values())
+    assert tensors["W/A"].shape == (5, 5, 3) and tensors["W/B"].shape == (5, 3, 2)
+    assert meta["feature_site"] == "W" and meta["method"] == "apd"
+    weights = tiny_apd.component_weights("W").detach()
+    match = mmcs_ml2r(tiny_apd.target.W.detach(), weights)
+    assert recorded["mmcs"] == pytest.approx(list(match.mmcs), rel=rel)
+    assert recorded["ml2r"] == pytest.approx(list(match.ml2r), rel=rel)
+    assert recorded["alive"] == {"W": alive_count(tiny_apd, "W")}
+    assert recorded["faithfulness"]["W"] == pytest.approx(
+        (weights.sum(0) - tiny_apd.target.W).norm().item(), rel=rel, abs=rel)
+    assert exit_status([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "MMCS" in out and "= the numbers recorded at export" in out
+
+
+def test_components_layout_with_known_answer(tmp_path, capsys):
+    target = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 0.0]])
+    comps = torch.zeros(4, 3, 2)
+    comps[0, 0], comps[1, 1], comps[2, 2] = target[0], target[1] * 0.5, target[2]
+    comps[3, 1] = target[1] * 0.5  # feature 1 split in halves: cosine 1, norm ratio 0.5
+    path = tmp_path / "known.safetensors"
+    save_file({"W/target": target, "W/components": comps, "target/b_final": torch.zeros(3)},
+              str(path), metadata={"format": "tl_depass.apd.artifact/1", "feature_site": "W"})
+    assert exit_status([str(path), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)[str(path)]
+    assert got["alive"] == {"W": 4}
+    assert got["faithfulness"]["W"] == pytest.approx(0.0, abs=1e-12)
+    assert_close(torch.tensor(got["mmcs"]), torch.tensor([1.0, 0.0]), atol=1e-9, rtol=0)
+    ml2r = torch.tensor([1.0, 0.5, 1.0])
+    assert_close(torch.tensor(got["ml2r"]), torch.stack([ml2r.mean(), ml2r.std(unbiased=False)]),
+                 atol=1e-7, rtol=0)
+
+
+GOOD = {"W/target": torch.ones(3, 2), "W/A": torch.ones(4, 3, 1), "W/B": torch.ones(4, 1, 2)}
+META = {"format": "tl_depass.apd.artifact/1", "feature_site": "W"}
+
+
+@pytest.mark.parametrize(
+    ("tensors", "meta", "message"),
+    [
+        ({k: v for k, v in GOOD.items() if k != "W/target"}, META, "lacks W/target"),
+        ({**GOOD, "W/B": torch.ones(4, 2, 2)}, META, "not \\[C, d_in, m\\] and \\[C, m, d_out\\]"),
+        ({**GOOD, "W/components": torch.ones(4, 2, 2)}, META, "not \\[C, 3, 2\\]"),
+        ({"W/target": torch.ones(3, 2), "W/A": torch.ones(4, 3, 1)}, META, "needs W/components"),
+        ({**GOOD, "junk": torch.ones(1)}, META, "unexpected tensor 'junk'"),
+        ({**GOOD, "W/target": torch.full((3, 2), float("nan"))}, META, "NaN"),
+        ({**GOOD, "V/target": torch.ones(2, 2), "V/components": torch.ones(5, 2, 2)}, META,
+         "different numbers of components"),
+        (GOOD, {"feature_site": "W"}, "no 'format' metadata"),
+        (GOOD, {**META, "feature_site": "X"}, "feature site 'X' is not among"),
+        (GOOD, {**META, "metrics": json.dumps({"alive": {"W": 1}})}, "does not reproduce"),
+        (GOOD, {**META, "metrics": "{"}, "not JSON"),
+    ],
+)
+def test_malformed_files_exit_non_zero_with_a_clear_error(tmp_path, capsys, tensors, meta,
+                                                          message):
+    path = tmp_path / "bad.safetensors"
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(DepassError, match=message):
+        main([str(path)])
+    assert exit_status([str(path)]) == 1
+    assert "check: error: artefact" in capsys.readouterr().err
+
+
+def test_unreadable_files_exit_non_zero(tmp_path, capsys):
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a safetensors file at all")
+    assert exit_status([str(garbage)]) == 1
+    assert exit_status([str(tmp_path / "missing.safetensors")]) == 1
+    err = capsys.readouterr().err
+    assert "not a readable safetensors file" in err
+
+
+def test_export_of_a_reproduction_run_matches_its_results(tmp_path, capsys):
+    torch.set_default_dtype(torch.float32)
+    args = ["tms-5-2", "--method", "apd", "--steps", "5", "--target-steps", "5", "--batch-size",
+            "64", "--runs", str(tmp_path / "runs"), "--figures", str(tmp_path / "fig"),
+            "--no-progress"]
+    results = reproduce(args)
+    run_dir = next((tmp_path / "runs").rglob("results.json")).parent
+    path = export_run(run_dir, tmp_path / "artifacts")
+    assert path.name == "tms-5-2-apd_seed0_steps5_batch64.safetensors"  # shortened: says so
+    tensors, meta = read_artifact(path)
+    got = headline_metrics(tensors, meta["feature_site"])
+    assert got["mmcs"] == pytest.approx(list(results["mmcs"]), abs=1e-6)
+    assert got["ml2r"] == pytest.approx(list(results["ml2r"]), abs=1e-6)
+    assert got["alive"] == results["alive"]
+    assert json.loads(meta["target"])["n_features"] == 5
+    assert exit_status([str(path)]) == 0
+
+
+def test_the_committed_artefacts_give_the_documented_numbers():
+    files = sorted(ARTIFACTS.glob("*.safetensors"))
+    docs = documented()
+    assert files, "no artefacts committed under docs/apd_artifacts"
+    assert {f.name for f in files} == set(docs), "the Artefacts table of docs/apd_results.md " \
+        "lists every committed artefact and nothing else"
+    for path in files:
+        assert path.stat().st_size <= 10 * 2**20
+        tensors, meta = read_artifact(path)
+        got = headline_metrics(tensors, meta["feature_site"])
+        want = docs[path.name]
+        assert path.name.startswith(meta["experiment"].replace("/", "-") + "_seed")
+        assert got["mmcs"][0] == pytest.approx(want["mmcs"], abs=0.51 * 10 ** -want["digits"])
+        assert got["ml2r"][0] == pytest.approx(want["ml2r"], abs=0.51e-3), path.name
+        assert got["alive"][meta["feature_site"]] == want["alive"], path.name
+        assert main([str(path)]) == 0
+
+
+def test_components_table_reads_an_artefact(tiny_apd, tmp_path):
+    results = {"experiment": "tms-5-2/apd", "seed": 3, "steps": 1, "batch_size": 8,
+               "config": {"target": {"n_features": 5, "n_hidden": 2}}}
+    path = tmp_path / "tiny.safetensors"
+    write_artifact(tiny_apd.state_dict(), results, path)
+    table = feature_table(path).splitlines()
+    assert len(table) == 1 + 2 + 5  # title, header, rule, one row per component
+    assert table[1] == "| component | norm | f0 | f1 | f2 | f3 | f4 |"
+
+
+def test_changed_settings_name_the_run_and_its_artefact(tmp_path):
+    torch.set_default_dtype(torch.float32)
+    args = ["tms-5-2", "--method", "apd", "--steps", "3", "--target-steps", "3", "--batch-size",
+            "32", "--runs", str(tmp_path / "runs"), "--figures", str(tmp_path / "fig"),
+            "--no-progress", "--set", "simplicity_coeff=0.5"]
+    results = reproduce(args)
+    assert results["changed_settings"] == "simplicity_coeff0.5"
+    assert results["config"]["method"]["simplicity_coeff"] == 0.5
+    run_dir = next((tmp_path / "runs").rglob("results.json")).parent
+    assert run_dir.name == "tms-5-2-apd_seed0_steps3_batch32_simplicity_coeff0.5"
+    path = export_run(run_dir, tmp_path)
+    assert path.name == "tms-5-2-apd_seed0_steps3_batch32_simplicity_coeff0.5.safetensors"
+    assert read_artifact(path)[1]["changed_settings"] == "simplicity_coeff0.5"
+
+
+def test_python_dash_m_check_exit_status_and_one_line_error(tmp_path):
+    good = tmp_path / "good.safetensors"
+    save_file(GOOD, str(good), metadata=META)
+    bad = tmp_path / "bad.safetensors"
+    save_file({"W/target": torch.ones(3, 2)}, str(bad), metadata=META)
+    done = subprocess.run([sys.executable, "-m", "tl_depass.apd.check", str(good), str(bad)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "good.safetensors" in done.stdout and "MMCS" in done.stdout
+    assert done.stderr.startswith("python -m tl_depass.apd.check: error: artefact ")
+    assert "needs W/components or both W/A and W/B" in done.stderr
+
+
+def test_spd_runs_export_as_rank_one_factors(tmp_path):
+    target = make_target(TMSConfig(n_features=5, n_hidden=2, seed=1)).double()
+    spd = SPD(target, shortened(preset("tms-5-2", "spd"), steps=1, batch_size=8).method)
+    results = {"experiment": "tms-5-2/spd", "seed": 1, "steps": 1, "batch_size": 8,
+               "config": {"target": {"n_features": 5, "n_hidden": 2}}}
+    path = tmp_path / "spd.safetensors"
+    recorded = write_artifact(spd.state_dict(), results, path, torch.float64)
+    tensors, _ = read_artifact(path)
+    assert tensors["W/A"].shape == (20, 5, 1) and tensors["W/B"].shape == (20, 1, 2)
+    assert_close(tensors["W/A"] @ tensors["W/B"], spd.subcomponent_weights("W").detach())
+    assert recorded["alive"] == {"W": alive_count(spd, "W")}

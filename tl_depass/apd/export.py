@@ -1,0 +1,167 @@
+"""A decomposition run as one small, self-describing safetensors file that anyone can check:
+
+    python -m tl_depass.apd.export runs/apd/tms-5-2/tms-5-2-apd_seed1_steps20000_batch2048
+    python -m tl_depass.apd.check docs/apd_artifacts/tms-5-2-apd_seed1.safetensors
+
+Layout (also written into the file's metadata under "layout"; `x @ W` convention throughout, a
+"site" is one decomposed matrix, named as in the target, e.g. "W" or "layers.0.W_in"):
+
+    <site>/target   [d_in, d_out]   the target's matrix
+    <site>/A        [C, d_in, m]    first factor of each component (APD: A; SPD: Vᵀ, m = 1)
+    <site>/B        [C, m, d_out]   second factor; component c at this site is A[c] @ B[c]
+    target/<name>                   the target's other weights and buffers (biases, W_E, ...)
+
+A reader may also accept `<site>/components` [C, d_in, d_out] instead of the factors (check
+does). Metadata (all strings, JSON where structured): "format", "layout", "experiment",
+"method", "seed", "steps", "batch_size", "trained_steps", "target" (the target's config),
+"method_config", "feature_site" (the site whose rows are the features, for MMCS/ML2R; "" if
+none), "metrics" (what `check` recomputes, as computed at export from the stored tensors).
+"""
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+
+from tl_depass import commands
+from tl_depass.apd.train import CHECKPOINT_NAME, load_checkpoint
+from tl_depass.engine.files import read_json, require_keys
+from tl_depass.errors import DepassError
+
+__all__ = ["FORMAT", "LAYOUT", "artifact_name", "write_artifact", "export_run", "main"]
+
+FORMAT = "tl_depass.apd.artifact/1"
+LAYOUT = (
+    "x @ W convention; per decomposed matrix (site) <site>/target [d_in, d_out] and either "
+    "<site>/A [C, d_in, m] with <site>/B [C, m, d_out] (component c = A[c] @ B[c]) or "
+    "<site>/components [C, d_in, d_out]; the target's other weights under target/<name>. "
+    "Metadata 'feature_site' names the site whose rows are the input features (MMCS/ML2R)."
+)
+MAX_BYTES = 10 * 2**20
+
+
+def artifact_name(results: dict, full_recipe: bool = True) -> str:
+    """`<experiment>-<method>_seed<s>`, plus `_steps<N>_batch<B>` for a shortened recipe or a run
+    stopped early."""
+    base = f"{results['experiment'].replace('/', '-')}_seed{results['seed']}"
+    if results.get("decomposition_seed", results["seed"]) != results["seed"]:
+        base += f"_dseed{results['decomposition_seed']}"
+    changed = f"_{results['changed_settings']}" if results.get("changed_settings") else ""
+    if full_recipe and not changed and results.get("trained_steps", results["steps"]) == results[
+            "steps"]:
+        return base
+    steps = results.get("trained_steps", results["steps"])
+    return base + f"_steps{steps}_batch{results['batch_size']}{changed}"
+
+
+def _factors(objective: dict[str, Tensor], method: str) -> dict[str, tuple[Tensor, Tensor]]:
+    """Per matrix key (dots as "__"), the factors (first [C, d_in, m], second [C, m, d_out])."""
+    if method == "apd":
+        return {k[2:]: (v, objective[f"B.{k[2:]}"]) for k, v in objective.items()
+                if k.startswith("A.")}
+    return {k[2:]: (v.T[:, :, None], objective[f"U.{k[2:]}"][:, None, :])
+            for k, v in objective.items() if k.startswith("V.")}
+
+
+def write_artifact(
+    objective: dict[str, Tensor], results: dict, path: Path, dtype: torch.dtype = torch.float32
+) -> dict:
+    """Write the decomposition in `objective` (an APD or SPD state dict) and its target to `path`;
+    returns the metrics recorded in the file (computed from the stored, cast tensors)."""
+    from tl_depass.apd.check import headline_metrics  # the check's own code fixes the numbers
+
+    method = results["experiment"].rsplit("/", 1)[-1]
+    factors = _factors(objective, method)
+    if not factors:
+        raise DepassError(f"no {method.upper()} factors in the checkpoint of {path.name}: export "
+                          "APD or SPD runs only")
+    tensors: dict[str, Tensor] = {}
+    for key, (first, second) in factors.items():
+        site = key.replace("__", ".")
+        tensors[f"{site}/target"] = objective[f"target.{key}"]
+        tensors[f"{site}/A"], tensors[f"{site}/B"] = first, second
+    for name, value in objective.items():
+        if name.startswith("target.") and name[7:] not in factors:
+            tensors[f"target/{name[7:].replace('__', '.')}"] = value
+    tensors = {k: v.detach().to("cpu", dtype).contiguous().clone() for k, v in tensors.items()}
+    config = results.get("config", {})
+    is_tms = "n_hidden" in config.get("target", {})
+    meta = {
+        "format": FORMAT,
+        "layout": LAYOUT,
+        "experiment": results["experiment"],
+        "method": method,
+        "seed": str(results["seed"]),
+        "decomposition_seed": str(results.get("decomposition_seed", results["seed"])),
+        "steps": str(results["steps"]),
+        "trained_steps": str(results.get("trained_steps", results["steps"])),
+        "batch_size": str(results["batch_size"]),
+        "changed_settings": results.get("changed_settings", ""),
+        "target": json.dumps(config.get("target", {})),
+        "method_config": json.dumps(config.get("method", {})),
+        "feature_site": "W" if is_tms else "",
+    }
+    metrics = headline_metrics(tensors, meta["feature_site"])
+    meta["metrics"] = json.dumps(metrics)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=meta)
+    size = path.stat().st_size
+    if size > MAX_BYTES:
+        path.unlink()
+        raise DepassError(f"{path} would be {size} bytes, more than 10 MB: export with "
+                          "--dtype float16")
+    return metrics
+
+
+def export_run(run_dir: Path, out_dir: Path, dtype: torch.dtype = torch.float32) -> Path:
+    """The artefact of the finished run in `run_dir` (its checkpoint and results.json), written
+    to `out_dir`; its MMCS must match the run's own evaluation."""
+    results = read_json(run_dir / "results.json", "run results")
+    require_keys(results, ("experiment", "seed", "steps", "batch_size"), run_dir, "results.json")
+    state = load_checkpoint(run_dir / CHECKPOINT_NAME)
+    if state["step"] != results.get("trained_steps", results["steps"]):
+        raise DepassError(f"{run_dir}: checkpoint at step {state['step']} but results.json "
+                          f"describes step {results.get('trained_steps')}: rerun the reproduction "
+                          "to refresh results.json")
+    if "changed_settings" not in results:  # runs from before --set named it in results.json
+        results["changed_settings"] = run_dir.name.partition(f"_batch{results['batch_size']}_")[2]
+    path = out_dir / f"{artifact_name(results, _is_preset(results))}.safetensors"
+    metrics = write_artifact(state["objective"], results, path, dtype)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-3
+    if "mmcs" in results and abs(metrics["mmcs"][0] - results["mmcs"][0]) > tolerance:
+        path.unlink()
+        raise DepassError(f"{path}: MMCS from the file {metrics['mmcs'][0]:.6f} differs from the "
+                          f"run's {results['mmcs'][0]:.6f}; the checkpoint and results.json in "
+                          f"{run_dir} do not belong together")
+    return path
+
+
+def _is_preset(results: dict) -> bool:
+    """Whether the run used its preset's optimiser settings (steps, batch, schedule) unchanged."""
+    from tl_depass.apd.experiments.presets import PRESETS
+
+    known = PRESETS.get(results["experiment"])
+    ran = results.get("config", {}).get("method", {}).get("optim")
+    return known is not None and dataclasses.asdict(known.method.optim) == ran
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("run_dirs", nargs="+", type=Path, help="finished reproduction run folders")
+    parser.add_argument("--out", type=Path, default=Path("docs/apd_artifacts"))
+    parser.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    args = parser.parse_args(argv)
+    for run_dir in args.run_dirs:
+        path = export_run(run_dir, args.out, getattr(torch, args.dtype))
+        print(f"{path} ({path.stat().st_size / 1024:.0f} KiB)")
+    return 0
+
+
+if __name__ == "__main__":
+    commands.run_command("python -m tl_depass.apd.export", main)
