@@ -59,23 +59,6 @@ PRESETS: dict[str, ExperimentConfig] = {
             p=0.9,
         ),
     ),
-    # The reference code's own 40-10 settings (design/APD.md §3, "[code: C 40, top-k 2,
-    # 1 / 10 / 15]"); everything else as the paper's preset above.
-    "tms-40-10-ref/apd": ExperimentConfig(
-        "tms-40-10-ref/apd",
-        _TMS_40_10,
-        APDConfig(
-            C=40,
-            m=11,
-            topk=2.0,
-            optim=OptimConfig(
-                lr=1e-3, steps=20_000, batch_size=2048, schedule="cosine", warmup_frac=0.05
-            ),
-            minimality_coeff=10.0,
-            simplicity_coeff=15.0,
-            p=0.9,
-        ),
-    ),
     "resid-mlp-1/apd": ExperimentConfig(
         "resid-mlp-1/apd",
         _RESID_1,
@@ -147,6 +130,12 @@ PRESETS: dict[str, ExperimentConfig] = {
         ),
     ),
 }
+
+# The reference code's own 40-10 settings (design/APD.md §3, "[code: C 40, top-k 2, 1 / 10 / 15]");
+# everything else as the paper's preset.
+PRESETS["tms-40-10-ref/apd"] = ExperimentConfig(
+    "tms-40-10-ref/apd", _TMS_40_10,
+    replace(PRESETS["tms-40-10/apd"].method, C=40, topk=2.0, simplicity_coeff=15.0))
 
 
 def preset(experiment: str, method: Literal["apd", "spd"]) -> ExperimentConfig:
