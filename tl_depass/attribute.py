@@ -236,13 +236,11 @@ def attribute(
     batch = tokens.shape[0]
     at = readout_positions(tokens, mask, pos)
     right = answer_ids(model, answer, batch, model.cfg.d_vocab, tokens.device)
-    other = None if wrong is None else check_wrong(
-        right, answer_ids(model, wrong, batch, model.cfg.d_vocab, tokens.device))
+    if wrong is not None:  # bad answers are refused here, before any forward
+        check_wrong(right, answer_ids(model, wrong, batch, model.cfg.d_vocab, tokens.device))
 
     def readout(logits):  # [batch, d_vocab] (on the last layer's device): the read position's
-        rows, device = torch.arange(batch, device=logits.device), logits.device
-        value = logits[rows, right.to(device)]
-        return value if other is None else value - logits[rows, other.to(device)]
+        return clean_readout(model, logits, answer, wrong)
 
     memory.check_backward(model, tokens, max_memory)
     got = backward(model, tokens, mask, spec, readout, at)

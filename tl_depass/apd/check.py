@@ -22,13 +22,12 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from tl_depass import commands
-from tl_depass.apd.metrics import mmcs_ml2r
+from tl_depass.apd.metrics import ALIVE_THRESHOLD, alive, mmcs_ml2r
 from tl_depass.engine.files import read_safetensors
 from tl_depass.errors import DepassError
 
 __all__ = ["ALIVE_THRESHOLD", "read_artifact", "site_components", "headline_metrics", "main"]
 
-ALIVE_THRESHOLD = 0.1
 _SITE_KEY = re.compile(r"^(?P<site>.+)/(?P<part>target|components|A|B)$")
 
 
@@ -104,8 +103,7 @@ def headline_metrics(tensors: dict[str, Tensor], feature_site: str = "") -> dict
     sites = site_components(tensors)
     out: dict = {"alive": {}, "faithfulness": {}, "faithfulness_relative": {}}
     for site, (target, comps) in sites.items():
-        norms = comps.flatten(1).norm(dim=-1)
-        out["alive"][site] = int((norms > ALIVE_THRESHOLD).sum())
+        out["alive"][site] = alive(comps)
         residual = (comps.sum(0) - target).norm().item()
         out["faithfulness"][site] = residual
         out["faithfulness_relative"][site] = residual / max(target.norm().item(), 1e-30)

@@ -11,8 +11,13 @@ from tl_depass.apd.apd import APD
 from tl_depass.apd.spd import SPD
 from tl_depass.apd.targets import ResidualMLP, ToyTarget
 
+#: A (sub)component is alive when its weight's Frobenius norm exceeds this (the papers' 0.1).
+ALIVE_THRESHOLD = 0.1
+
 __all__ = [
+    "ALIVE_THRESHOLD",
     "FeatureMatch",
+    "alive",
     "component_weights",
     "mmcs_ml2r",
     "subcomponent_norms",
@@ -73,10 +78,15 @@ def subcomponent_norms(method: APD | SPD, matrix: str) -> Float[Tensor, " C"]:
     return component_weights(method, matrix).flatten(1).norm(dim=-1)
 
 
+def alive(weights: Float[Tensor, "C d_in d_out"], threshold: float = ALIVE_THRESHOLD) -> int:
+    """How many of these (sub)component weights have a Frobenius norm above `threshold`."""
+    return int((weights.flatten(1).norm(dim=-1) > threshold).sum())
+
+
 @torch.no_grad()
-def alive_count(method: APD | SPD, matrix: str, threshold: float = 0.1) -> int:
+def alive_count(method: APD | SPD, matrix: str, threshold: float = ALIVE_THRESHOLD) -> int:
     """Subcomponents whose weight norm exceeds `threshold`."""
-    return int((subcomponent_norms(method, matrix) > threshold).sum())
+    return alive(component_weights(method, matrix), threshold)
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ also the sum of every row of the head table (the rest of the heads, the MLPs and
 direct path included).
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import einops
 import torch
@@ -33,22 +33,17 @@ from tl_depass.engine.backends import Model
 from tl_depass.engine.clean_run import record_clean_run
 from tl_depass.engine.hooks import attn_out, attn_z, block_hook, mlp_out, resid_post, resid_pre
 from tl_depass.errors import DepassError
+from tl_depass.evaluate.metrics import Metric, metric_gradient
 from tl_depass.levels import Split, TokensAt
 from tl_depass.levels.label import Label
 from tl_depass.tolerances import completeness_rtol
-
-Metric = Callable[[Tensor], Tensor]
 
 
 def last_position_scores(model: Model, dec, metric: Metric) -> Float[Tensor, " component"]:
     """Each component's share of `metric` (which reads the last position's logits) from a
     decomposition made with logits="last": <d metric / d logits, component logits> at the clean
     logits, through any final softcap (exact for a logit difference)."""
-    pre = dec.clean_logits.detach().clone().requires_grad_(True)
-    cap = model.cfg.output_logits_soft_cap
-    with torch.enable_grad():
-        value = metric(cap * torch.tanh(pre / cap) if cap and cap > 0 else pre)
-        (grad,) = torch.autograd.grad(value, pre)
+    grad = metric_gradient(model, dec.clean_logits, metric)
     return einops.einsum(dec.logits, grad[:, -1].to(dec.logits), "c b v, b v -> c")
 
 

@@ -29,7 +29,7 @@ from tl_depass.engine.guard import serialised
 from tl_depass.engine.validate import check_options, public
 from tl_depass.errors import DepassError
 from tl_depass.evaluate import patch
-from tl_depass.evaluate.metrics import Metric, correlation
+from tl_depass.evaluate.metrics import Metric, correlation, metric_gradient
 from tl_depass.levels import Heads, MLPByPosition, TokensAt
 
 Level = Literal["heads", "positions", "mlp"]
@@ -61,11 +61,7 @@ def metric_scores(model: Model, dec: Decomposition, metric: Metric) -> Float[Ten
     if dec.logit_positions is not None or "logits" not in dec.results:
         raise DepassError("metric_scores reads the logits at every position: decompose with "
                           "logits='all'")
-    pre = dec.clean["logits"].detach().clone().requires_grad_(True)
-    cap = model.cfg.output_logits_soft_cap
-    with torch.enable_grad():
-        value = metric(cap * torch.tanh(pre / cap) if cap and cap > 0 else pre)
-        (grad,) = torch.autograd.grad(value, pre)
+    grad = metric_gradient(model, dec.clean["logits"], metric)
     return einops.einsum(dec.logits, grad, "c b p v, b p v -> c")
 
 

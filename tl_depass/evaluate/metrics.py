@@ -9,6 +9,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from tl_depass.engine.backends import Model
 from tl_depass.errors import DepassError
 
 Metric = Callable[[Tensor], Tensor]  # logits [batch pos d_vocab] -> a scalar
@@ -17,6 +18,18 @@ Answers = int | Tensor  # one token id for every prompt, or one per prompt ([bat
 
 def _ids(ids: Answers, like: Tensor) -> Tensor:
     return torch.as_tensor(ids, device=like.device)
+
+
+def metric_gradient(model: Model, logits: Float[Tensor, "batch pos d_vocab"], metric: Metric
+                    ) -> Float[Tensor, "batch pos d_vocab"]:
+    """d metric / d logits at `logits` (the model's pre-softcap logits), through the model's final
+    softcap if it has one: what turns per-component logits into per-component metric shares."""
+    pre = logits.detach().clone().requires_grad_(True)
+    cap = model.cfg.output_logits_soft_cap
+    with torch.enable_grad():
+        value = metric(cap * torch.tanh(pre / cap) if cap and cap > 0 else pre)
+        (grad,) = torch.autograd.grad(value, pre)
+    return grad
 
 
 def logit_diff_rows(logits: Float[Tensor, "batch pos d_vocab"], answers: Answers,
