@@ -16,7 +16,6 @@ import json
 import math
 import os
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -27,6 +26,7 @@ from torch import Tensor
 from tl_depass import commands
 from tl_depass.engine.backends import Model
 from tl_depass.models import corpus
+from tl_depass.models.train import hooked
 
 HERE = Path(__file__).parent
 NAME = "pystdlib"
@@ -102,14 +102,6 @@ def unigram_loss(train_stream: Tensor, targets: Tensor, vocab: int) -> float:
     return -(counts / counts.sum()).log()[targets].mean().item()
 
 
-def build(config: dict) -> Model:
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    with warnings.catch_warnings():  # TL 3.x announces HookedTransformer's removal in 4.0
-        warnings.filterwarnings("ignore", "HookedTransformer is deprecated", DeprecationWarning)
-        return HookedTransformer(HookedTransformerConfig(**config))
-
-
 def lr_at(step: int, steps: int) -> float:
     """Linear warm-up, then cosine decay to a tenth."""
     if step < WARMUP:
@@ -144,7 +136,7 @@ def train(out: Path = HERE, steps: int = STEPS, max_minutes: float = 35.0, log_e
           f"{time.time() - start:.0f} s", flush=True)
     config = dict(CONFIG, d_vocab=tok.get_vocab_size())
     torch.manual_seed(config["seed"])
-    model = build(config)
+    model = hooked(config)
     n_ctx = config["n_ctx"]
     h_tokens, h_targets = held_out_windows(held_stream, n_ctx, bos)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1, betas=(0.9, 0.95))

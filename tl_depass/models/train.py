@@ -150,13 +150,18 @@ def accuracy(model: Model, name: str, n: int, seed: int) -> float:
     return (model(batch.tokens)[:, -1].argmax(-1) == batch.answers).float().mean().item()
 
 
-def build(name: str) -> tuple[Model, dict]:
+def hooked(cfg: dict) -> Model:
+    """A fresh HookedTransformer of config `cfg` (what the bundled models are trained as)."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    cfg = dict(SPECS[name]["config"], d_vocab=len(tasks.VOCAB[name]))
     with warnings.catch_warnings():  # TL 3.x announces HookedTransformer's removal in 4.0
         warnings.filterwarnings("ignore", "HookedTransformer is deprecated", DeprecationWarning)
-        return HookedTransformer(HookedTransformerConfig(**cfg)), cfg
+        return HookedTransformer(HookedTransformerConfig(**cfg))
+
+
+def build(name: str) -> tuple[Model, dict]:
+    cfg = dict(SPECS[name]["config"], d_vocab=len(tasks.VOCAB[name]))
+    return hooked(cfg), cfg
 
 
 def train(name: str, out: Path = HERE, log_every: int = 500) -> dict:
