@@ -19,6 +19,7 @@ from tl_depass.apd.configs import TMSConfig
 from tl_depass.apd.experiments.components import feature_table
 from tl_depass.apd.experiments.presets import preset, shortened
 from tl_depass.apd.export import export_run, write_artifact
+from tl_depass.apd.export import main as export_main
 from tl_depass.apd.metrics import alive_count, mmcs_ml2r
 from tl_depass.apd.reproduce import main as reproduce
 from tl_depass.apd.spd import SPD
@@ -218,3 +219,46 @@ def test_spd_runs_export_as_rank_one_factors(tmp_path):
     assert tensors["W/A"].shape == (20, 5, 1) and tensors["W/B"].shape == (20, 1, 2)
     assert_close(tensors["W/A"] @ tensors["W/B"], spd.subcomponent_weights("W").detach())
     assert recorded["alive"] == {"W": alive_count(spd, "W")}
+
+
+def test_reduced_rank_export_keeps_each_component_at_its_numerical_rank(tiny_apd, tmp_path, capsys):
+    """Known answer: components of rank 1 (plus noise at 1e-7 of their size) and one zero
+    component come back at rank 1 and 0, within the noise, and check reproduces the file."""
+    gen = torch.Generator().manual_seed(0)
+    state = tiny_apd.state_dict()
+    u, v = torch.randn(5, 5, 1, generator=gen).double(), torch.randn(5, 1, 2, generator=gen).double()
+    a = torch.cat([u, 1e-7 * torch.randn(5, 5, 2, generator=gen).double()], -1)
+    a[3] = 0  # component 3 is dead (MMCS is scale-free: a tiny one would still count)
+    b = torch.cat([v, torch.randn(5, 2, 2, generator=gen).double()], 1)
+    state["A.W"], state["B.W"] = a, b
+    results = {"experiment": "tms-5-2/apd", "seed": 3, "steps": 1, "batch_size": 8,
+               "config": {"target": {"n_features": 5, "n_hidden": 2}}}
+    path = tmp_path / "reduced.safetensors"
+    recorded = write_artifact(state, results, path, torch.float64, rank_tol=1e-4)
+    tensors, meta = read_artifact(path)
+    assert tensors["W/A"].shape == (5, 5, 1) and tensors["W/B"].shape == (5, 1, 2)
+    reduction = json.loads(meta["reduced_rank"])
+    assert reduction["tol"] == 1e-4
+    assert reduction["sites"]["W"]["ranks"] == [1, 1, 1, 0, 1]
+    assert 0 < reduction["sites"]["W"]["largest_dropped"] < 1e-5
+    assert_close(tensors["W/A"] @ tensors["W/B"], a @ b, atol=1e-5, rtol=0)
+    assert recorded["alive"]["W"] == 4
+    full = reduction["full_rank_metrics"]
+    assert full["mmcs"] == pytest.approx(recorded["mmcs"], abs=1e-5)
+    assert full["faithfulness"]["W"] == pytest.approx(recorded["faithfulness"]["W"], abs=1e-5)
+    assert exit_status([str(path)]) == 0
+    assert "= the numbers recorded at export" in capsys.readouterr().out
+
+
+def test_reduced_rank_export_of_a_run_and_bad_tolerance(tmp_path, capsys):
+    torch.set_default_dtype(torch.float32)
+    args = ["tms-5-2", "--method", "apd", "--steps", "5", "--target-steps", "5", "--batch-size",
+            "64", "--runs", str(tmp_path / "runs"), "--figures", str(tmp_path / "fig"),
+            "--no-progress"]
+    reproduce(args)
+    run_dir = next((tmp_path / "runs").rglob("results.json")).parent
+    path = export_run(run_dir, tmp_path / "artifacts", rank_tol=0.0)  # drops exact zeros only
+    assert exit_status([str(path)]) == 0
+    capsys.readouterr()
+    assert report_errors("export", lambda: export_main([str(run_dir), "--rank-tol", "2"])) == 1
+    assert "--rank-tol 2.0 is not in [0, 1)" in capsys.readouterr().err

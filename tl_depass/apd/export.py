@@ -12,10 +12,15 @@ Layout (also written into the file's metadata under "layout"; `x @ W` convention
     target/<name>                   the target's other weights and buffers (biases, W_E, ...)
 
 A reader may also accept `<site>/components` [C, d_in, d_out] instead of the factors (check
-does). Metadata (all strings, JSON where structured): "format", "layout", "experiment",
-"method", "seed", "steps", "batch_size", "trained_steps", "target" (the target's config),
-"method_config", "feature_site" (the site whose rows are the features, for MMCS/ML2R; "" if
-none), "metrics" (what `check` recomputes, as computed at export from the stored tensors).
+does). With `--rank-tol TOL` each component is stored at its numerical rank: an SVD per component
+keeps the singular values above TOL times the site's largest (so dead components keep none), and m
+is the site's largest kept rank (smaller ranks are padded with zeros); what was dropped is recorded
+under the metadata key "reduced_rank", with the full-rank metrics beside it.
+
+Metadata (all strings, JSON where structured): "format", "layout", "experiment", "method",
+"seed", "steps", "batch_size", "trained_steps", "target" (the target's config), "method_config",
+"feature_site" (the site whose rows are the features, for MMCS/ML2R; "" if none), "metrics"
+(what `check` recomputes, as computed at export from the stored tensors), "reduced_rank".
 """
 
 import argparse
@@ -24,6 +29,7 @@ import json
 from pathlib import Path
 
 import torch
+from jaxtyping import Float
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -32,7 +38,7 @@ from tl_depass.apd.train import CHECKPOINT_NAME, load_checkpoint
 from tl_depass.engine.files import read_json, require_keys
 from tl_depass.errors import DepassError
 
-__all__ = ["FORMAT", "LAYOUT", "artifact_name", "write_artifact", "export_run", "main"]
+__all__ = ["FORMAT", "LAYOUT", "artifact_name", "reduced_rank", "write_artifact", "export_run", "main"]
 
 FORMAT = "tl_depass.apd.artifact/1"
 LAYOUT = (
@@ -42,6 +48,8 @@ LAYOUT = (
     "Metadata 'feature_site' names the site whose rows are the input features (MMCS/ML2R)."
 )
 MAX_BYTES = 10 * 2**20
+#: how far a reduced-rank file's MMCS may move from the run's before export refuses it
+REDUCED_MMCS_TOLERANCE = 1e-3
 
 
 def artifact_name(results: dict, full_recipe: bool = True) -> str:
@@ -67,11 +75,30 @@ def _factors(objective: dict[str, Tensor], method: str) -> dict[str, tuple[Tenso
             for k, v in objective.items() if k.startswith("V.")}
 
 
+def reduced_rank(
+    first: Float[Tensor, "C d_in m"], second: Float[Tensor, "C m d_out"], tol: float
+) -> tuple[Float[Tensor, "C d_in r"], Float[Tensor, "C r d_out"], dict]:
+    """The components `first[c] @ second[c]` refactored at their numerical rank: singular values
+    at most `tol` times the largest of any component here are dropped; r is the largest kept rank
+    (smaller ranks padded with zeros). Also returns what was kept and dropped."""
+    u, s, vh = torch.linalg.svd(first.double() @ second.double(), full_matrices=False)
+    keep = s > tol * s.max()
+    ranks = keep.sum(-1)
+    r = max(int(ranks.max()), 1)
+    s_kept = (s * keep)[:, :r]
+    dropped = s * ~keep
+    info = {"rank": r, "ranks": ranks.tolist(), "largest_dropped": dropped.max().item(),
+            "dropped_norm": dropped.norm().item(), "largest_kept": s.max().item()}
+    return u[:, :, :r] * s_kept[:, None, :], vh[:, :r, :], info
+
+
 def write_artifact(
-    objective: dict[str, Tensor], results: dict, path: Path, dtype: torch.dtype = torch.float32
+    objective: dict[str, Tensor], results: dict, path: Path, dtype: torch.dtype = torch.float32,
+    rank_tol: float | None = None,
 ) -> dict:
     """Write the decomposition in `objective` (an APD or SPD state dict) and its target to `path`;
-    returns the metrics recorded in the file (computed from the stored, cast tensors)."""
+    returns the metrics recorded in the file (computed from the stored, cast tensors). With
+    `rank_tol`, components are stored at their numerical rank (`reduced_rank`)."""
     from tl_depass.apd.check import headline_metrics  # the check's own code fixes the numbers
 
     method = results["experiment"].rsplit("/", 1)[-1]
@@ -80,10 +107,16 @@ def write_artifact(
         raise DepassError(f"no {method.upper()} factors in the checkpoint of {path.name}: export "
                           "APD or SPD runs only")
     tensors: dict[str, Tensor] = {}
+    full_rank: dict[str, Tensor] = {}
+    reductions = {}
     for key, (first, second) in factors.items():
         site = key.replace("__", ".")
         tensors[f"{site}/target"] = objective[f"target.{key}"]
         tensors[f"{site}/A"], tensors[f"{site}/B"] = first, second
+        if rank_tol is not None:
+            full_rank[f"{site}/A"], full_rank[f"{site}/B"] = first, second
+            tensors[f"{site}/A"], tensors[f"{site}/B"], reductions[site] = reduced_rank(
+                first, second, rank_tol)
     for name, value in objective.items():
         if name.startswith("target.") and name[7:] not in factors:
             tensors[f"target/{name[7:].replace('__', '.')}"] = value
@@ -107,19 +140,27 @@ def write_artifact(
     }
     metrics = headline_metrics(tensors, meta["feature_site"])
     meta["metrics"] = json.dumps(metrics)
+    if rank_tol is not None:
+        full = {k: v.detach().to("cpu", dtype) for k, v in full_rank.items()}
+        meta["reduced_rank"] = json.dumps({
+            "tol": rank_tol, "sites": reductions,
+            "full_rank_metrics": headline_metrics(tensors | full, meta["feature_site"])})
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata=meta)
     size = path.stat().st_size
     if size > MAX_BYTES:
         path.unlink()
         raise DepassError(f"{path} would be {size} bytes, more than 10 MB: export with "
-                          "--dtype float16")
+                          "--dtype float16, or store components at their numerical rank with "
+                          "--rank-tol (e.g. 1e-3)")
     return metrics
 
 
-def export_run(run_dir: Path, out_dir: Path, dtype: torch.dtype = torch.float32) -> Path:
+def export_run(run_dir: Path, out_dir: Path, dtype: torch.dtype = torch.float32,
+               rank_tol: float | None = None) -> Path:
     """The artefact of the finished run in `run_dir` (its checkpoint and results.json), written
-    to `out_dir`; its MMCS must match the run's own evaluation."""
+    to `out_dir`; its MMCS must match the run's own evaluation (within REDUCED_MMCS_TOLERANCE
+    when `rank_tol` drops small singular values)."""
     results = read_json(run_dir / "results.json", "run results")
     require_keys(results, ("experiment", "seed", "steps", "batch_size"), run_dir, "results.json")
     state = load_checkpoint(run_dir / CHECKPOINT_NAME)
@@ -130,13 +171,17 @@ def export_run(run_dir: Path, out_dir: Path, dtype: torch.dtype = torch.float32)
     if "changed_settings" not in results:  # runs from before --set named it in results.json
         results["changed_settings"] = run_dir.name.partition(f"_batch{results['batch_size']}_")[2]
     path = out_dir / f"{artifact_name(results, _is_preset(results))}.safetensors"
-    metrics = write_artifact(state["objective"], results, path, dtype)
+    metrics = write_artifact(state["objective"], results, path, dtype, rank_tol)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-3
+    if rank_tol is not None:
+        tolerance += REDUCED_MMCS_TOLERANCE
     if "mmcs" in results and abs(metrics["mmcs"][0] - results["mmcs"][0]) > tolerance:
         path.unlink()
+        why = (f"--rank-tol {rank_tol} dropped too much: use a smaller one, or" if rank_tol
+               is not None else "")
         raise DepassError(f"{path}: MMCS from the file {metrics['mmcs'][0]:.6f} differs from the "
-                          f"run's {results['mmcs'][0]:.6f}; the checkpoint and results.json in "
-                          f"{run_dir} do not belong together")
+                          f"run's {results['mmcs'][0]:.6f}; {why} the checkpoint and results.json "
+                          f"in {run_dir} do not belong together")
     return path
 
 
@@ -156,9 +201,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dirs", nargs="+", type=Path, help="finished reproduction run folders")
     parser.add_argument("--out", type=Path, default=Path("docs/apd_artifacts"))
     parser.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    parser.add_argument("--rank-tol", type=float, default=None,
+                        help="store each component at its numerical rank: drop singular values "
+                             "at most this times the site's largest (e.g. 1e-3)")
     args = parser.parse_args(argv)
+    if args.rank_tol is not None and not 0 <= args.rank_tol < 1:
+        raise DepassError(f"--rank-tol {args.rank_tol} is not in [0, 1): give a relative "
+                          "tolerance such as 1e-3")
     for run_dir in args.run_dirs:
-        path = export_run(run_dir, args.out, getattr(torch, args.dtype))
+        path = export_run(run_dir, args.out, getattr(torch, args.dtype), args.rank_tol)
         print(f"{path} ({path.stat().st_size / 1024:.0f} KiB)")
     return 0
 
