@@ -3,6 +3,8 @@
 A task batch has `tokens [batch pos]` (BOS first), `answers [batch]` and `wrong [batch]` (the
 answer and a competitor at the last position), `corrupted [batch pos]` and `key_positions
 [batch pos]` (the positions that truly matter), as `tl_depass.models.tasks.generate` returns them.
+Real text (`tl_depass.evaluate.completions.make`) has no ground truth: `key_positions` is None,
+and the hit rate and its chance level are NaN ("not defined").
 """
 
 import time
@@ -44,7 +46,7 @@ class Result:
     model: str
     tokens: pd.DataFrame | None = None  # method, disrupt_aopc, recover_aopc, area_between, hit_rate, seconds
     curves: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # method -> disrupt/recover
-    chance_hit_rate: float = float("nan")
+    chance_hit_rate: float = float("nan")  # NaN: no key positions (real text), not defined
     clean: dict[str, float] = field(default_factory=dict)  # accuracy, logit_diff
     heads: dict[str, pd.DataFrame] = field(default_factory=dict)  # ablation, correlation, seconds
     neurons: dict[int, dict[str, pd.DataFrame]] = field(default_factory=dict)  # per layer, as heads
@@ -81,15 +83,17 @@ def token_methods(model: Model, batch, seed: int = 0) -> dict[str, Callable[[], 
 
 def evaluate_tokens(model: Model, batch, result: Result, seed: int = 0) -> None:
     rows = []
+    key = getattr(batch, "key_positions", None)  # None on real text: hit rate not defined
     methods = token_methods(model, batch, seed)
     for name, fn in tqdm(methods.items(), desc=f"{result.model}: tokens", leave=False):
         scores, seconds = timed(fn)
         curves = T.deletion_curves(model, batch.tokens, batch.answers, scores.to(batch.tokens.device))
         result.curves[name] = {k: v.mean(1).cpu() for k, v in curves.items()}
         rows.append({"method": name, **T.summarise(curves),
-                     "hit_rate": T.hit_rate(scores, batch.key_positions.cpu()), "seconds": seconds})
+                     "hit_rate": float("nan") if key is None else T.hit_rate(scores, key.cpu()),
+                     "seconds": seconds})
     result.tokens = pd.DataFrame(rows)
-    result.chance_hit_rate = T.chance_hit_rate(batch.key_positions)
+    result.chance_hit_rate = float("nan") if key is None else T.chance_hit_rate(key)
 
 
 def unit_methods(model: Model, batch, level: UnitLevel, seed: int = 0

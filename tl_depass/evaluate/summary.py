@@ -66,7 +66,8 @@ def headline(results: list[Result]) -> pd.DataFrame:
     for r in results:
         add(r.model, "tokens: Disrupt-top AOPC ↑", r.tokens, "disrupt_aopc", True)
         add(r.model, "tokens: Recover-top AOPC ↓", r.tokens, "recover_aopc", False)
-        add(r.model, "tokens: hit rate ↑", r.tokens, "hit_rate", True)
+        if not math.isnan(r.chance_hit_rate):  # real text: no key positions, no hit rate
+            add(r.model, "tokens: hit rate ↑", r.tokens, "hit_rate", True)
         for what, frames in [("heads", r.heads), *[(f"L{lay} neurons", f) for lay, f in r.neurons.items()]]:
             ab = frames["ablation"]
             k = C.n_units(0.1, r.scores[what]["random"].numel())  # the top 10%, at least one
@@ -86,8 +87,12 @@ def token_table(r: Result) -> str:
     frame = pd.DataFrame({"method": t.method, **{
         title: [f"{m:.1f} ± {se:.1f}" for m, se in zip(t[key], t[f"{key}_se"], strict=True)]
         for key, title in columns.items()}, "hit rate ↑": t.hit_rate, "seconds": t.seconds})
-    chance = (f"Mean ± standard error over prompts. Chance hit rate (a uniformly random "
-              f"processable position): {r.chance_hit_rate:.2f}.")
+    if math.isnan(r.chance_hit_rate):
+        chance = ("Mean ± standard error over prompts. Hit rate: not defined (n/a), real text has "
+                  "no ground-truth key positions.")
+    else:
+        chance = (f"Mean ± standard error over prompts. Chance hit rate (a uniformly random "
+                  f"processable position): {r.chance_hit_rate:.2f}.")
     return md_table(frame) + "\n\n" + chance
 
 
