@@ -200,7 +200,7 @@ def main(device: str = "cpu") -> None:
     print("| what | vs | ratio (DePass time / baseline time) |")
     print("|---|---|---|")
     for what, vs, ratio in tables(args):
-        print(f"| {what} | {vs} | {ratio:.2f} |", flush=True)
+        print(f"| {what} | {vs} | {ratio:.3f} |", flush=True)
 
 
 if __name__ == "__main__":
