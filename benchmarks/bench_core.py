@@ -8,7 +8,8 @@ over rounds (CPU: process time, `torch.set_num_threads(1)`; CUDA: wall time afte
 
 - token level (softmax and ratio rules, `logits="last"`) vs one plain forward at batch M
   (M = N + 1 components: N tokens and the bias);
-- every head of every layer (softmax, forward mode) vs `transformer_lens.patching` of every head
+- every head of every layer (softmax, forward mode; and the ratio rule through `attribute`'s
+  backward path, reading the same logit) vs `transformer_lens.patching` of every head
   (`get_act_patch_attn_head_out_all_pos`, one forward per head);
 - every neuron of layer L/2 (softmax) vs zero-ablating each neuron (batched full forwards).
 
@@ -110,8 +111,12 @@ def head_rows(args, model, tokens, other):
     t = interleaved({
         "patch": lambda: patching.get_act_patch_attn_head_out_all_pos(model, other, cache, metric),
         "depass": lambda: tl_depass.decompose(model, tokens, Heads(), logits="last"),
+        "backward": lambda: tl_depass.attribute(model, tokens, Heads(), answer=answer,
+                                                mlp_rule="ratio", method="backward"),
     }, args.rounds, args.device)
-    return [("all heads, softmax", "TL patching of every head", t["depass"] / t["patch"])]
+    return [("all heads, softmax", "TL patching of every head", t["depass"] / t["patch"]),
+            ("all heads, ratio, `attribute` backward path", "TL patching of every head",
+             t["backward"] / t["patch"])]
 
 
 def neuron_rows(args, model, tokens):
@@ -195,7 +200,7 @@ def main(device: str = "cpu") -> None:
     print("| what | vs | ratio (DePass time / baseline time) |")
     print("|---|---|---|")
     for what, vs, ratio in tables(args):
-        print(f"| {what} | {vs} | {ratio:.2f} |", flush=True)
+        print(f"| {what} | {vs} | {ratio:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_depass.engine.backends import Model, canonical_names, clean_hook_value, forward_as_recorded
+from tl_depass.engine.validate import all_finite
 from tl_depass.errors import DepassError
 
 #: Hook-name endings whose values hold -inf by design (causal masks), not a broken model.
@@ -68,7 +69,7 @@ def record_clean_run(
                 seen.add(name)
                 order.append(name)
             if not bad and x.is_floating_point() and not name.endswith(MASKED) \
-                    and not torch.isfinite(x).all():
+                    and not all_finite(x):
                 bad.append(name)
             if record(name):
                 values[name] = unflatten_rows(x.detach().clone(), *tokens.shape)
@@ -79,7 +80,7 @@ def record_clean_run(
     with torch.no_grad(), forward_as_recorded(model), model.hooks(fwd_hooks=hooks):
         logits = model(tokens, attention_mask=attention_mask)
     real = logits if attention_mask is None else logits[attention_mask.bool().to(logits.device)]
-    if not torch.isfinite(real).all():
+    if not all_finite(real):
         raise DepassError(f"the clean run is not finite: NaN or inf first appear at "
                           f"{bad[0] if bad else 'the logits'}; check the weights there (and norm eps > 0)")
     return CleanRun(order, place_patterns(values), logits)
