@@ -7,13 +7,17 @@ The terms (rows = the slots of one folded forward x batch):
   d_vocab] (at the kept positions only: decompose's `logits=`);
 - clean: what the clean run records (frozen patterns, MLP facts, residuals, logits), held
   through the call;
-- transient: the peak of the folded forward(s) on top, which comes in phases: one forward's kept
-  values next to the larger of its working set (one layer's temporaries, or the raw logits) and
-  their copy into the results; chunked, the results next to a forward and two chunks' kept values.
+- transient: the peak of the folded forward(s) on top. One forward of one part: its kept values
+  are the results (no copy), next to its working set (one layer's temporaries). Several parts:
+  one forward's kept values next to the larger of its working set (or the raw logits) and their
+  copy into the results. Chunked: the results next to a forward and two chunks' kept values.
 The constants were fitted to the peak resident memory (VmHWM) of calls on CPU, float32 and
-float64: the estimate was 0.7x-1.4x of it (docs/benchmarks.md, "Memory"); with the fast HookedTransformer
-replay (no activation function, no attention scores for folded rows, FAST_MLP_TEMPS) 1.0x-1.8x,
-re-measured after it (tests/test_memory.py keeps every case within 0.5x-2x).
+float64: the estimate was 0.7x-1.4x of it (docs/benchmarks.md, "Memory"); with the fast
+HookedTransformer replay (no activation function, no attention scores for folded rows) 1.0x-1.8x
+with FAST_MLP_TEMPS = 8, and 2.1x at N = 512, where the softmax rule's working set at an MLP was
+measured at ~3.8 [rows, pos, d_mlp] tensors (the corrected pre-activation, its scaled copy, the
+mask, the softmax, and the residual-wide norm output): with 5, 0.84x-1.37x on the small cases and
+1.22x at N = 512 (tests/test_memory.py keeps every case within 0.5x-2x).
 """
 
 from collections.abc import Callable
@@ -30,7 +34,8 @@ from tl_depass.levels import Heads, Modules, Neurons
 # the raw logits (before and after b_U) next to the corrected ones.
 MLP_TEMPS, ATTN_TEMPS, RESID_TEMPS = 10, 4, 6
 # A HookedTransformer's replay (engine/fast.py) never evaluates the activation function nor
-# computes attention scores for the folded rows: two d_mlp temporaries fewer, no scores.
+# computes attention scores for the folded rows: no scores, and (measured at N = 512, d_mlp 1024:
+# ~3.3 d_mlp-wide tensors at the softmax rule's peak; small models more) five d_mlp temporaries.
 FAST_MLP_TEMPS = 5
 # What autograd keeps per layer and position on attribute's backward path (model's dtype).
 GRAPH_RESID, GRAPH_MLP = 12, 4
