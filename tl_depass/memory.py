@@ -214,9 +214,11 @@ def estimate_memory(model: Model, tokens: Tokens, components: object = "tokens",
                     **options) -> MemoryEstimate:
     """The bytes `decompose(model, tokens, components, **options)` needs, without running the
     model, for the chunk size decompose would run with (given, or the largest that fits in the
-    available memory or `max_memory`). For SAEFeatures(features=None) and levels of your own,
-    whose counts only the clean run knows, the fewest components they can have. `tokens` as
-    decompose takes them: ids [batch, pos] (or [pos]), or text."""
+    available memory or `max_memory`, and without `max_memory` keeps a forward's transient
+    memory within the results' size or `TRANSIENT_SHARE` of the free memory). For
+    SAEFeatures(features=None) and levels of your own, whose counts only the clean run knows,
+    the fewest components they can have. `tokens` as decompose takes them: ids [batch, pos]
+    (or [pos]), or text."""
     names = set(inspect.signature(check_call).parameters) - {"model", "tokens", "components"}
     unknown = sorted(set(options) - names - {"max_memory"})
     if unknown:
