@@ -3,6 +3,8 @@ fit is refused.
 
     python benchmarks/bench_memory.py           # ~8 min and ~7 GB of RAM on 2 cores
     python benchmarks/bench_memory.py --quick   # N = 64 only
+    python benchmarks/bench_memory.py --case defaults --save a.pt   # one N = 512 row (fresh process)
+    python benchmarks/bench_memory.py --compare a.pt b.pt           # two rows' logit shares
 
 1. A random 4-layer model (d_model 256, d_mlp 1024, 8 heads) with GPT-2's vocabulary (50257):
    decompose at the token level (softmax, keep=[]) at N = 64 and 128, the estimate against the
@@ -88,6 +90,28 @@ def small(sizes: list[int]) -> list[str]:
     return rows
 
 
+LONG_CASES = {"defaults": {}, "keep=[], chunk_size=32": dict(keep=[], chunk_size=32),
+              "max_memory=2**62 (one forward)": dict(max_memory=2**62)}
+
+
+def long_case(name: str, n: int = 512, save: str | None = None) -> str:
+    """One of issue 15's N = 512 rows (`LONG_CASES`), for a fresh process per case: its table
+    row (wall and process seconds: the machine is shared); the logit shares saved to `save`
+    (torch.save) to compare runs."""
+    model = random_model(4, 256, 8, n)
+    toks = tokens(n)
+    options = LONG_CASES[name]
+    est = tl_depass.estimate_memory(model, toks, **options)
+    with PeakMemory() as mem:
+        start, cpu = time.perf_counter(), time.process_time()
+        dec = tl_depass.decompose(model, toks, **options)
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    if save:
+        torch.save(dec.logits, save)
+    return (f"| {n} | {name} (chunk {est.chunk_size}) | {est.total / GiB:.2f} GiB | "
+            f"{mem.mib / 1024:.2f} GiB | {seconds:.0f} | {cpu:.0f} |")
+
+
 def long_prompt(n: int = 512) -> list[str]:
     """Issue 15's row: N = 512, GPT-2's vocabulary, the defaults (softmax, the residual stream
     kept, logits at the last token) and keep=[], chunk_size=32; the two runs' logit shares."""
@@ -128,8 +152,22 @@ def gpt2_small_refused(n: int = 1024) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="N = 64 only")
+    parser.add_argument("--case", choices=sorted(LONG_CASES),
+                        help="only this N = 512 row (run each in a fresh process)")
+    parser.add_argument("--n", type=int, default=512, help="positions for --case")
+    parser.add_argument("--save", help="with --case: torch.save the logit shares here")
+    parser.add_argument("--compare", nargs=2, metavar="FILE",
+                        help="max |difference| and max |share| of two --save files")
     args = parser.parse_args()
     torch.set_num_threads(2)
+    if args.compare:
+        a, b = (torch.load(f) for f in args.compare)
+        print(f"max |difference| {(a - b).abs().max().item():.2e}, "
+              f"max |share| {a.abs().max().item():.2e}")
+        return
+    if args.case:
+        print(long_case(args.case, args.n, args.save), flush=True)
+        return
     start = time.perf_counter()
     table = small([64] if args.quick else [64, 128])
     table += [""] + ([] if args.quick else long_prompt())

@@ -175,3 +175,31 @@ def test_attribute_backward_path_checks_too(model, monkeypatch):
         tl_depass.attribute(model, tokens, answer=1, mlp_rule="ratio", method="backward",
                             max_memory=10**6)
     assert user_hooks(model) == {}
+
+
+def test_defaults_bound_a_forward_by_the_results_or_a_share_of_free_memory(model, monkeypatch):
+    """With neither chunk_size nor max_memory, one forward runs while its transient memory is
+    within the results' size or TRANSIENT_SHARE of the free memory; beyond, the largest chunk
+    within it (the same results). A max_memory given is the only bound."""
+    memory = importlib.import_module("tl_depass.memory")
+    tokens = tokens_for(model, 24)
+    whole = tl_depass.decompose(model, tokens, max_memory=HUGE)
+    one = tl_depass.estimate_memory(model, tokens, max_memory=HUGE)
+    assert one.chunk_size is None and one.transient > one.results
+    free = int(one.transient / memory.TRANSIENT_SHARE)  # one forward just within its share
+    monkeypatch.setattr(memory, "available_memory", lambda device: free)
+    assert tl_depass.estimate_memory(model, tokens).chunk_size is None
+    free = int(one.transient / memory.TRANSIENT_SHARE / 2)
+    monkeypatch.setattr(memory, "available_memory", lambda device: free)
+    chosen = tl_depass.estimate_memory(model, tokens)
+    assert chosen.chunk_size is not None and chosen.transient <= max(free * memory.TRANSIENT_SHARE,
+                                                                    chosen.results)
+    assert tl_depass.estimate_memory(model, tokens, max_memory=free).chunk_size is None
+    ran, run_chunks = [], ENGINE.run_chunks
+    monkeypatch.setattr(ENGINE, "run_chunks", lambda *a: ran.append(a[-1]) or run_chunks(*a))
+    part = tl_depass.decompose(model, tokens)
+    assert ran == [chosen.chunk_size]
+    for name in whole.results:
+        atol = tl_depass.completeness_rtol(torch.float64) * whole[name].abs().max().item()
+        torch.testing.assert_close(part[name], whole[name], rtol=0, atol=atol,
+                                   msg=lambda m, name=name: f"{name}: {m}")

@@ -81,8 +81,11 @@ def decompose(
     and MLP activations frozen at their clean values. See docs/rules.md for the rules.
     Before anything is allocated, the memory the call needs (`estimate_memory`) is checked
     against what is free (or `max_memory` bytes); `chunk_size=None` runs the largest chunk of
-    components per forward that fits (the ratio rule at the token level: chunks of at least 16
-    positions, each skipping the positions before its first component, where that is smaller).
+    components per forward that fits and, without `max_memory`, whose transient memory stays
+    within the results' size or 1/8 of the free memory (one forward unless it is large; the
+    softmax and max rules then add a statistics sweep: more time, same results) (the ratio rule
+    at the token level: chunks of at least 16 positions, each skipping the positions before its
+    first component, where that is smaller).
     `logits`: whose logits are decomposed: "last" (the default since 0.2.0: each row's last
     unpadded token), a position (int) or one per row (tensor [batch]) (`dec.logits`
     [component, batch, d_vocab], positions in `dec.logit_positions`), "all" (`dec.logits`

@@ -7,19 +7,23 @@ The terms (rows = the slots of one folded forward x batch):
   d_vocab] (at the kept positions only: decompose's `logits=`);
 - clean: what the clean run records (frozen patterns, MLP facts, residuals, logits), held
   through the call;
-- transient: the peak of the folded forward(s) on top, which comes in phases: one forward's kept
-  values next to the larger of its working set (one layer's temporaries, or the raw logits) and
-  their copy into the results; chunked, the results next to a forward and two chunks' kept values.
+- transient: the peak of the folded forward(s) on top. One forward of one part: its kept values
+  are the results (no copy), next to its working set (one layer's temporaries). Several parts:
+  one forward's kept values next to the larger of its working set (or the raw logits) and their
+  copy into the results. Chunked: the results next to a forward and two chunks' kept values.
 The constants were fitted to the peak resident memory (VmHWM) of calls on CPU, float32 and
-float64: the estimate was 0.7x-1.4x of it (docs/benchmarks.md, "Memory"); with the fast HookedTransformer
-replay (no activation function, no attention scores for folded rows, FAST_MLP_TEMPS) 1.0x-1.8x,
-re-measured after it (tests/test_memory.py keeps every case within 0.5x-2x).
+float64: the estimate was 0.7x-1.4x of it (docs/benchmarks.md, "Memory"); with the fast
+HookedTransformer replay (no activation function, no attention scores for folded rows) 1.0x-1.8x
+with FAST_MLP_TEMPS = 8, and 2.1x at N = 512, where the softmax rule's working set at an MLP was
+measured at ~3.8 [rows, pos, d_mlp] tensors (the corrected pre-activation, its scaled copy, the
+mask, the softmax, and the residual-wide norm output): with 5, 0.84x-1.37x on the small cases and
+1.22x at N = 512 (tests/test_memory.py keeps every case within 0.5x-2x).
 """
 
 from collections.abc import Callable
 from typing import NamedTuple
 
-from tl_depass.engine.backends import Model
+from tl_depass.engine.backends import Model, is_bridge
 from tl_depass.engine.hooks import resid_pre
 from tl_depass.engine.validate import NOT_DECOMPOSABLE, RESIDUAL
 from tl_depass.levels import Heads, Modules, Neurons
@@ -30,8 +34,9 @@ from tl_depass.levels import Heads, Modules, Neurons
 # the raw logits (before and after b_U) next to the corrected ones.
 MLP_TEMPS, ATTN_TEMPS, RESID_TEMPS = 10, 4, 6
 # A HookedTransformer's replay (engine/fast.py) never evaluates the activation function nor
-# computes attention scores for the folded rows: two d_mlp temporaries fewer, no scores.
-FAST_MLP_TEMPS = 8
+# computes attention scores for the folded rows: no scores, and (measured at N = 512, d_mlp 1024:
+# ~3.3 d_mlp-wide tensors at the softmax rule's peak; small models more) five d_mlp temporaries.
+FAST_MLP_TEMPS = 5
 # What autograd keeps per layer and position on attribute's backward path (model's dtype).
 GRAPH_RESID, GRAPH_MLP = 12, 4
 
@@ -80,6 +85,25 @@ def kept_hooks(names: list[str], spec, keep: list[str] | Callable[[str], bool]) 
     return [n for n in names if keep(n) and not n.endswith(NOT_DECOMPOSABLE)]
 
 
+def one_part(model: Model, spec) -> bool:
+    """Whether every group enters in one block, so that `engine.sweep.run_chunks` runs one part
+    (a Bridge always does); levels of your own: not known, False."""
+    layers = getattr(spec, "layers", ())
+    layers = range(model.cfg.n_layers) if layers is None else layers
+    return is_bridge(model) or (type(spec).__module__.startswith("tl_depass.") and len(set(layers)) <= 1)
+
+
+def distinct_hooks(model: Model, spec, kept: list[str]) -> list[str]:
+    """`kept` less the hooks whose results share another's tensor: in a HookedTransformer
+    `blocks.L.hook_resid_post` is the tensor `blocks.{L+1}.hook_resid_pre` receives, and when
+    every group enters in one block (one part of `engine.sweep.run_chunks`) the two results are
+    one tensor. Levels of your own and Bridges: every hook counted."""
+    if is_bridge(model) or not one_part(model, spec):
+        return kept
+    return [n for n in kept if not (n.endswith("hook_resid_post") and resid_pre(
+        residual_key(n)[0] + 1) in kept)]
+
+
 def hook_width(cfg, name: str) -> int:
     """Values per (batch, pos) at hook `name`; unknown hooks get the widest."""
     heads, kv = cfg.n_heads * cfg.d_head, (getattr(cfg, "n_key_value_heads", None)
@@ -115,10 +139,11 @@ def clean_run(cfg, batch: int, pos: int) -> int:
 
 def terms(cfg, batch: int, pos: int, groups: int, per_group: int, kept: list[str],
           chunk_size: int | None, padded: bool, n_logits: int | None = None,
-          full_replay: bool = True) -> Terms:
+          full_replay: bool = True, one_part: bool = False) -> Terms:
     """The terms for `groups` groups of `per_group` components (and a bias each), with the
     logits of `n_logits` positions per row (None: all). `full_replay`: the folded rows run every
-    op of the model (a TransformerBridge); False: a HookedTransformer's replay (engine/fast.py)."""
+    op of the model (a TransformerBridge); False: a HookedTransformer's replay (engine/fast.py).
+    `one_part`: every group enters in one block (`engine.sweep.run_chunks` runs one part)."""
     d_mlp, d_vocab = mlp_and_vocab(cfg)
     n_logits = pos if n_logits is None else n_logits
     # per component and batch row: every position's kept hooks, the kept positions' logits
@@ -134,6 +159,8 @@ def terms(cfg, batch: int, pos: int, groups: int, per_group: int, kept: list[str
     if k < per_group:  # the results exist during later chunks, next to the previous chunk's
         # kept values and the allocator's freed chunk-sized blocks (measured: about one more)
         transient = 3 * kept_rows + rows * working + facts
+    elif one_part:  # the forward's kept values become the results (no copy): only the probes
+        transient = kept_rows - results + rows * working + facts
     else:  # the working set is gone before the results are allocated and copied into
         transient = kept_rows + max(rows * working, results) + facts - results
     if padded:  # padded positions are zeroed into a copy of every result

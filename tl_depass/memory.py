@@ -49,36 +49,50 @@ def size(n: int) -> str:
 
 def estimate(model: Model, batch: int, pos: int, groups: int, per_group: int, kept: list[str],
              chunk_size: int | None, itemsize: int, padded: bool,
-             n_logits: int | None = None) -> MemoryEstimate:
+             n_logits: int | None = None, one_part: bool = False) -> MemoryEstimate:
     """The estimate for `groups` groups of `per_group` components (and a bias each), with the
-    logits of `n_logits` positions per row (None: all)."""
+    logits of `n_logits` positions per row (None: all); `one_part`: every group enters in one
+    block (`footprint.one_part`)."""
     t = footprint.terms(model.cfg, batch, pos, groups, per_group, kept, chunk_size, padded, n_logits,
-                        full_replay=is_bridge(model))
+                        full_replay=is_bridge(model), one_part=one_part)
     return MemoryEstimate(itemsize * (t.results + t.clean + t.transient), itemsize * t.results,
                           itemsize * t.clean, itemsize * t.transient, t.components, t.chunk_size)
 
 
+#: With neither `chunk_size` nor `max_memory`, a forward's transient memory is kept within the
+#: results' size or this fraction of the free memory, whichever is larger (docs/benchmarks.md,
+#: "Memory"): one forward over every component is fastest only until its working set (the MLP's
+#: [component, pos, d_mlp] temporaries) dwarfs what it returns.
+TRANSIENT_SHARE = 1 / 8
+
+
 def plan(model: Model, batch: int, pos: int, counts: tuple[int, int], kept: list[str],
          chunk_size: int | None, available: int | None, padded: bool,
-         n_logits: int | None = None) -> MemoryEstimate:
-    """The estimate for `chunk_size`; when None and one forward would not fit in `available`,
-    for the largest chunk that does (the results are the same for every chunk size), or for
-    the smallest one if none does."""
+         n_logits: int | None = None, transient: int | None = None,
+         one_part: bool = False) -> MemoryEstimate:
+    """The estimate for `chunk_size`; when None and one forward would not fit in `available`
+    or its transient memory exceed `transient` bytes (None: no bound), for the largest chunk
+    within both (the results are the same for every chunk size), or for the smallest one if
+    none is."""
     itemsize = next(model.parameters()).element_size()
 
     def at(chunk):
-        e = estimate(model, batch, pos, *counts, kept, chunk, itemsize, padded, n_logits)
+        e = estimate(model, batch, pos, *counts, kept, chunk, itemsize, padded, n_logits, one_part)
         return MemoryEstimate(**{**e.__dict__, "available": available})
 
+    def within(e: MemoryEstimate) -> bool:
+        return ((available is None or e.total <= available)
+                and (transient is None or e.transient <= max(transient, e.results)))
+
     full = at(chunk_size)
-    if chunk_size is not None or available is None or full.total <= available:
+    if chunk_size is not None or within(full):
         return full
     groups, per_group = counts
-    lo, hi, best = 1, per_group - 1, at(groups)  # the largest k per group that fits
+    lo, hi, best = 1, per_group - 1, at(groups)  # the largest k per group within both
     while lo <= hi:
         mid = (lo + hi) // 2
         e = at(mid * groups)
-        if e.total <= available:
+        if within(e):
             best, lo = e, mid + 1
         else:
             hi = mid - 1
@@ -173,10 +187,13 @@ def planned(model: Model, tokens: Integer[Tensor, "batch pos"], mask: Integer[Te
     if max_memory is not None and max_memory < 1:
         raise DepassError(f"max_memory must be a positive number of bytes, got {max_memory}")
     counts = counts or count_components(spec, model, tokens.shape[1])[:2]
-    kept = footprint.kept_hooks(list(dict.fromkeys(canonical_names(model).values())), spec, keep)
+    kept = footprint.distinct_hooks(model, spec, footprint.kept_hooks(
+        list(dict.fromkeys(canonical_names(model).values())), spec, keep))
     available = max_memory if max_memory is not None else available_memory(tokens.device)
+    # a budget given is the bound; otherwise a forward's transient within TRANSIENT_SHARE of it
+    transient = None if max_memory is not None or available is None else int(available * TRANSIENT_SHARE)
     return plan(model, *tokens.shape, counts, kept, chunk_size, available, mask is not None,
-                n_logits)
+                n_logits, transient, footprint.one_part(model, spec))
 
 
 def fitted(model: Model, tokens: Integer[Tensor, "batch pos"], mask: Integer[Tensor, "batch pos"] | None,
@@ -197,9 +214,11 @@ def estimate_memory(model: Model, tokens: Tokens, components: object = "tokens",
                     **options) -> MemoryEstimate:
     """The bytes `decompose(model, tokens, components, **options)` needs, without running the
     model, for the chunk size decompose would run with (given, or the largest that fits in the
-    available memory or `max_memory`). For SAEFeatures(features=None) and levels of your own,
-    whose counts only the clean run knows, the fewest components they can have. `tokens` as
-    decompose takes them: ids [batch, pos] (or [pos]), or text."""
+    available memory or `max_memory`, and without `max_memory` keeps a forward's transient
+    memory within the results' size or `TRANSIENT_SHARE` of the free memory). For
+    SAEFeatures(features=None) and levels of your own, whose counts only the clean run knows,
+    the fewest components they can have. `tokens` as decompose takes them: ids [batch, pos]
+    (or [pos]), or text."""
     names = set(inspect.signature(check_call).parameters) - {"model", "tokens", "components"}
     unknown = sorted(set(options) - names - {"max_memory"})
     if unknown:

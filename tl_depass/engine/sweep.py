@@ -79,25 +79,80 @@ def run_chunks(model: Model, tokens: Int[Tensor, "batch pos"], mask: Tensor | No
                ) -> dict[str, Tensor]:
     """Every kept value, [group*(components+1), batch, ...] by hook (each group's bias last).
     Groups run from the block where they enter (`by_entry_layer`); a kept hook before a part's
-    entry is left zero for that part's groups (`decompose` fills it from the clean run)."""
+    entry is left zero for that part's groups (`decompose` fills it from the clean run).
+    With one part, hooks whose values a forward keeps as one tensor (a HookedTransformer's
+    `blocks.L.hook_resid_post` and `blocks.{L+1}.hook_resid_pre`) share one result tensor."""
     total, out = plan.total, {}
     with torch.no_grad():
-        for ids, part in by_entry_layer(model, clean, plan):
+        parts = by_entry_layer(model, clean, plan)
+        if len(parts) == 1 and len(chunks_of(plan, chunk_size)) == 1:
+            kept = FoldedForward(model, clean, plan, setup, 0, total, {}).kept(tokens, mask)
+            return keep_zeros(own_results(kept), clean, plan)
+        for ids, part in parts:
             chunks = chunks_of(part, chunk_size)
             stats: Mapping[str, rules.Stats] = statistics(model, tokens, mask, clean, part, setup, chunks)
             for offset, k in chunks:
                 start = window(model, part, offset, k)
                 kept = FoldedForward(model, clean, part, setup, offset, k, stats, start).kept(tokens, mask)
+                first = {}  # the first hook keeping each tensor
                 for name, value in kept.items():  # [group, slot, batch, pos from `start`, ...]
                     per_pos = name != "unembed.hook_out" or part.logit_positions is None
-                    if name not in out:
+                    alias = first.setdefault(view_key(value), name) if len(parts) == 1 else name
+                    if name not in out and alias != name:
+                        out[name] = out[alias]
+                    elif name not in out:
                         shape = list(value.shape[2:])
                         shape[1] += start if per_pos else 0
                         out[name] = value.new_zeros((len(plan.groups), total + 1, *shape))
                     out[name][ids, offset:offset + k, :, start if per_pos else 0:] = value[:, :k]
                     if offset == 0:  # the bias slot needs every position: window 0 here
                         out[name][ids, total] = value[:, -1]
-        for name in plan.keep:  # kept before every part's entry
-            if name not in out:
-                out[name] = clean[name].new_zeros((len(plan.groups), total + 1, *clean[name].shape))
-    return {name: value.flatten(0, 1) for name, value in out.items()}
+    return keep_zeros({name: value.flatten(0, 1) for name, value in out.items()}, clean, plan)
+
+
+def keep_zeros(out: dict[str, Tensor], clean: CleanRun, plan: Plan) -> dict[str, Tensor]:
+    """`out` with zeros for the kept hooks before every part's entry."""
+    rows = len(plan.groups) * (plan.total + 1)
+    return out | {name: clean[name].new_zeros((rows, *clean[name].shape))
+                  for name in plan.keep if name not in out}
+
+
+def view_key(value: Tensor) -> tuple:
+    """Equal for two views of the same values."""
+    return (value.untyped_storage().data_ptr(), value.storage_offset(), value.stride(), value.shape)
+
+
+def own_results(kept: dict[str, Tensor]) -> dict[str, Tensor]:
+    """One forward's kept values ([group, slot, batch, ...]) as the results, without a copy
+    (`without_probes`); hooks that kept the same tensor share the result. A tensor that only
+    overlaps another hook's is copied first, so that no move corrupts the other."""
+    views: dict[int, set] = {}
+    for value in kept.values():
+        views.setdefault(value.untyped_storage().data_ptr(), set()).add(view_key(value))
+    done: dict[tuple, Tensor] = {}
+    out = {}
+    for name, value in kept.items():
+        key = view_key(value)
+        if key not in done:
+            if len(views[key[0]]) > 1 or not value.is_contiguous():
+                value = value.clone(memory_format=torch.contiguous_format)
+            done[key] = without_probes(value)
+        out[name] = done[key]
+    return out
+
+
+def without_probes(value: Tensor) -> Tensor:
+    """[group, k + 2, batch, ...] (each group's components, probe, bias) as [group * (k + 1),
+    batch, ...] (components, bias) in place: every row moves down over the probes (in pieces no
+    longer than the distance moved, so no piece overlaps its source) and the result is a view of
+    the first rows. Contiguous `value` only."""
+    groups, width = value.shape[:2]
+    k = width - 2
+    flat = value.flatten(0, 1)  # a view: the slot axes of one folded batch axis
+    for g in range(groups):
+        for dest, src, n in ((g * (k + 1), g * width, k), (g * (k + 1) + k, g * width + k + 1, 1)):
+            step = src - dest
+            for i in range(0, n if step else 0, step or 1):
+                m = min(step, n - i)
+                flat[dest + i:dest + i + m] = flat[src + i:src + i + m]
+    return flat[:groups * (k + 1)]
