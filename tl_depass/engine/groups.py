@@ -46,12 +46,17 @@ class Entry:
     `first(offset, k)`, where given: the first position at which those components can be
     non-zero. Before it their rows are exactly zero, and stay so at every later hook of a causal
     model (the frozen patterns carry nothing backwards; the rules give an exact zero nothing), so a
-    chunk's forward may skip those positions (the token level: component p starts at p)."""
+    chunk's forward may skip those positions (the token level: component p starts at p).
+
+    `rest`: only the group's first component (its rest) is non-zero here and the bias slot is
+    zero (`levels.base.rest_entry`). A group whose other entry is an MLP's output then carries
+    exact zeros in its other components until that output (`plan.mlp_output_entry`)."""
 
     hook: str
     rows: Callable[[int, int], Tensor]
     bias: Tensor | None = None
     first: Callable[[int, int], int] | None = None
+    rest: bool = False
 
 
 @dataclass
