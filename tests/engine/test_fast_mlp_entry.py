@@ -98,6 +98,13 @@ def test_neuron_slots_are_exact(arch):
     tiny.close(dec["blocks.1.mlp.hook_post"][1:-1], one_hot, "one-hot rows")
     tol = completeness_rtol(torch.float64)
     assert dec.completeness_error()["blocks.1.hook_resid_post"] <= tol
+    # hook_post not kept: the rows are never built, each neuron's output is a_i W_out[i] itself
+    quick = tl_depass.decompose(model, tokens, Neurons(1), keep=keep[-2:])
+    if not model.cfg.gated_mlp:
+        assert torch.equal(quick["blocks.1.hook_mlp_out"][1:-1], out)
+    tiny.close(quick["blocks.1.hook_mlp_out"][1:-1], out, "neuron outputs, rows not built")
+    for name in keep[-2:]:
+        tiny.close(quick[name], dec[name], name)
 
 
 def test_falls_back_where_it_does_not_apply():

@@ -244,19 +244,30 @@ class FoldedForward:
                 out[:, 0] = x[:, 0]
             return out
         kept = {name: widen(value) for name, value in head.items()}
-        post = []
-        for group in self.groups:
-            entry = next(e for e in group.entries if not e.rest)
-            rows = entry.rows(self.offset, self.k)[:, :, w:]
-            bias = rows.new_zeros(rows.shape[1:]) if entry.bias is None else entry.bias[:, w:]
-            post.append(torch.cat([rows, rows.new_zeros((1, *rows.shape[1:])), bias[None]]))
-        post = torch.stack(post)  # [group, slot, batch, pos, d_mlp]
-        out = correct(self.view(mlp_output(self.model.get_submodule(p.through.prefix), fold(post))))
+        module = self.model.get_submodule(p.through.prefix)
+        entries = [next(e for e in g.entries if not e.rest) for g in self.groups]
+        bias = [None if e.bias is None else e.bias[:, w:] for e in entries]
+        if p.through.act_hook in p.keep or any(e.written is None for e in entries):
+            post = torch.stack([self.slots_of(e.rows(self.offset, self.k)[:, :, w:], b)
+                                for e, b in zip(entries, bias, strict=True)])
+            out = correct(self.view(mlp_output(module, fold(post))))  # as the folded forward
+            kept[p.through.act_hook] = post
+        else:  # the rows only feed W_out: a_i W_out[i] (without b_out added and taken off)
+            out = torch.stack([self.slots_of(
+                e.written(self.offset, self.k, module.W_out)[:, :, w:],
+                None if b is None else mlp_output(module, b)) for e, b in zip(entries, bias, strict=True)])
         layer = p.through.layer
         resid = kept[block_hook(layer, "hook_resid_mid")] + out
-        kept |= {p.through.act_hook: post, block_hook(layer, "hook_mlp_out"): out,
-                 block_hook(layer, "hook_resid_post"): resid}
+        kept |= {block_hook(layer, "hook_mlp_out"): out, block_hook(layer, "hook_resid_post"): resid}
         return fold(resid), {name: value for name, value in kept.items() if name in p.keep}
+
+    @staticmethod
+    def slots_of(rows: Tensor, bias: Tensor | None) -> Tensor:
+        """One group's slots from its components' `rows`: a zero probe, the bias (None: zero)."""
+        ends = rows.new_zeros((2, *rows.shape[1:]))
+        if bias is not None:
+            ends[1] = bias
+        return torch.cat([rows, ends])
 
     def run(self, tokens: Int[Tensor, "batch pos"], attention_mask: Tensor | None,
             collect: MLPSite | None = None, stop: int | None = None) -> dict:
