@@ -114,6 +114,16 @@ def attention_forward(module: nn.Module, attend: Callable[[Tensor], Tensor]) -> 
     return forward
 
 
+def mlp_output(module: nn.Module, post: Tensor) -> Tensor:
+    """W_out and b_out on the activations `post`, as the MLP's own forward (and `mlp_forward`)."""
+    from transformer_lens.components.mlps.gated_mlp import GatedMLP
+    from transformer_lens.utilities.addmm import batch_addmm
+
+    if isinstance(module, GatedMLP):
+        return F.linear(post, module.W_out.T.contiguous(), module.b_out)
+    return batch_addmm(module.b_out, module.W_out, post)
+
+
 def mlp_forward(module: nn.Module) -> Callable:
     """W_in -> hook_pre -> the activation hook (overridden) -> W_out; no activation function."""
     from transformer_lens.components.mlps.gated_mlp import GatedMLP
@@ -123,12 +133,11 @@ def mlp_forward(module: nn.Module) -> Callable:
         def gated(x):
             x = x.to(module.W_gate.device)
             post = module.hook_post(module.hook_pre(F.linear(x, module.W_gate.T.contiguous())))
-            return F.linear(post, module.W_out.T.contiguous(), module.b_out)
+            return mlp_output(module, post)
         return gated
 
     def forward(x):
-        post = module.hook_post(module.hook_pre(batch_addmm(module.b_in, module.W_in, x)))
-        return batch_addmm(module.b_out, module.W_out, post)
+        return mlp_output(module, module.hook_post(module.hook_pre(batch_addmm(module.b_in, module.W_in, x))))
     return forward
 
 

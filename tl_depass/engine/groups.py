@@ -46,12 +46,22 @@ class Entry:
     `first(offset, k)`, where given: the first position at which those components can be
     non-zero. Before it their rows are exactly zero, and stay so at every later hook of a causal
     model (the frozen patterns carry nothing backwards; the rules give an exact zero nothing), so a
-    chunk's forward may skip those positions (the token level: component p starts at p)."""
+    chunk's forward may skip those positions (the token level: component p starts at p).
+
+    `rest`: only the group's first component (its rest) is non-zero here and the bias slot is
+    zero (`levels.base.rest_entry`). A group whose other entry is an MLP's output then carries
+    exact zeros in its other components until that output (`plan.mlp_output_entry`).
+
+    `written(offset, k, weight)`, where given: `rows(offset, k) @ weight` ([k, batch, pos,
+    d_out]) without building the rows, for a group entering at an MLP's activation whose rows
+    feed only its output (a neuron's row is one-hot: its activation times the weight's row)."""
 
     hook: str
     rows: Callable[[int, int], Tensor]
     bias: Tensor | None = None
     first: Callable[[int, int], int] | None = None
+    rest: bool = False
+    written: Callable[[int, int, Tensor], Tensor] | None = None
 
 
 @dataclass

@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # levels build on the engine; the engine only reads their gro
 # adapter that delegates attention to HF has no `hook_attn_out`; correcting twice is a no-op).
 BIASED = ("hook_attn_out", "hook_mlp_out", "unembed.hook_out", "attn.o.hook_out", "mlp.out.hook_out")
 MLP_PRE = re.compile(r"blocks\.(\d+)\.mlp\.hook_pre")
+MLP_POST = re.compile(r"blocks\.(\d+)\.mlp\.hook_post")
 BLOCK = re.compile(r"blocks\.(\d+)\.")
 
 
@@ -66,6 +67,12 @@ class Plan:
     # HookedTransformer: the forward starts at this block (`start_at_layer`) from the clean
     # residual, the components entering in it or later; 0: from the tokens.
     start_layer: int = 0
+    # Groups entering at the output of MLP `through.layer` = L (`mlp_output_entry`): the forward
+    # starts at block L + 1 (`start_layer`) from each slot's resid_post at L, which
+    # `replay.FoldedForward.after_mlp` builds from `block` (this plan's groups through block L,
+    # run for the rest, probe and bias alone) and the components' rows at the MLP's activation.
+    through: MLPSite | None = None
+    block: "Plan | None" = None
 
     @property
     def total(self) -> int:
@@ -80,7 +87,8 @@ class Plan:
         mlps = [dataclasses.replace(s, facts=rules.NeuronFacts(
             *(t[:, start:] for t in (s.facts.act, s.facts.extra, s.facts.ratio)))) for s in self.mlps]
         pos = None if self.logit_positions is None else self.logit_positions - start
-        return dataclasses.replace(self, mlps=mlps, logit_positions=pos)
+        block = None if self.block is None else self.block.window(start)
+        return dataclasses.replace(self, mlps=mlps, logit_positions=pos, block=block)
 
 
 def make_plan(model: Model, clean: CleanRun, groups: "list[Group]", keep: list[str] | Callable,
@@ -128,16 +136,71 @@ def by_entry_layer(model: Model, clean: CleanRun, plan: Plan) -> list[tuple[list
         return None if match is None else int(match.group(1))
 
     layers = [layer(g) for g in plan.groups]
-    if (is_bridge(model) or model.cfg.positional_embedding_type == "shortformer"
-            or None in layers or set(layers) == {0}):
+    if is_bridge(model) or model.cfg.positional_embedding_type == "shortformer" or None in layers:
         return [(list(range(len(plan.groups))), plan)]
     parts = []
     for start in sorted(set(layers)):
         ids = [i for i, x in enumerate(layers) if x == start]
         groups = [plan.groups[i] for i in ids]
+        site = mlp_output_entry(model, clean, groups)
+        if set(layers) == {0} and site is None:
+            return [(ids, plan)]
         entry = min((e.hook for g in groups for e in g.entries), key=clean.order.index)
         keep = [n for n in plan.keep if n != "unembed.hook_out"
                 and clean.order.index(n) >= clean.order.index(entry)]
-        sub = make_plan(model, clean, groups, keep, plan.logit_positions, plan.logits)
-        parts.append((ids, dataclasses.replace(sub, start_layer=start)))
+        sub = dataclasses.replace(make_plan(model, clean, groups, keep, plan.logit_positions,
+                                            plan.logits), start_layer=start)
+        parts.append((ids, sub if site is None else after_mlp(model, clean, sub, site)))
     return parts
+
+
+def mlp_output_entry(model: Model, clean: CleanRun, groups: "list[Group]") -> MLPSite | None:
+    """The MLP of block L where every group enters, when each has just its rest at resid_pre L
+    (`Entry.rest`) and its components at the MLP's activation (`Neurons`, `MLPByPosition`):
+    the components are exactly zero through block L's attention and MLP input, so they need
+    only the MLP's output half. None where this does not apply: a Bridge, a block other than
+    TransformerLens's sequential one (parallel attention and MLP, norms after the MLP), an MLP
+    other than the plain or gated one, or a hook anywhere in block L."""
+    if is_bridge(model):
+        return None
+    layers = set()
+    for group in groups:
+        rest = [e for e in group.entries if e.rest]
+        other = [e for e in group.entries if not e.rest]
+        match = MLP_POST.fullmatch(other[0].hook) if len(rest) == len(other) == 1 else None
+        if match is None or rest[0].hook != hooks.resid_pre(int(match.group(1))):
+            return None
+        layers.add(int(match.group(1)))
+    if len(layers) != 1:
+        return None
+    layer = layers.pop()
+    from transformer_lens.components.mlps.gated_mlp import GatedMLP
+    from transformer_lens.components.mlps.mlp import MLP
+
+    block, act = model.blocks[layer], f"blocks.{layer}.mlp.hook_post"
+    names = [n for n in clean.order if n.startswith(f"blocks.{layer}.")]
+    if (act not in names or hooks.block_hook(layer, "hook_resid_mid") not in names
+            or names[names.index(act):] != [act, hooks.block_hook(layer, "hook_mlp_out"),
+                                            hooks.block_hook(layer, "hook_resid_post")]
+            or type(block.mlp) not in (MLP, GatedMLP) or block.mlp.cfg.is_layer_norm_activation()
+            or any(m._forward_hooks or m._forward_pre_hooks for m in block.modules())):
+        return None
+    return mlp_site(model, clean, layer)
+
+
+def after_mlp(model: Model, clean: CleanRun, sub: Plan, site: MLPSite) -> Plan:
+    """`sub` (groups entering at block `site.layer` = L) started at block L + 1 from each slot's
+    resid_post at L (`Plan.through`); `block` keeps block L's kept values before the MLP's
+    activation, and resid_mid, for the rest, probe and bias."""
+    prefix, act = f"blocks.{site.layer}.", clean.order.index(site.act_hook)
+    inside = [n for n in sub.keep if n.startswith(prefix) and clean.order.index(n) < act]
+    block = make_plan(model, clean, sub.groups,
+                      list(dict.fromkeys([*inside, hooks.block_hook(site.layer, "hook_resid_mid")])),
+                      sub.logit_positions, logits=False)
+    return dataclasses.replace(
+        sub, start_layer=site.layer + 1, through=site,
+        block=dataclasses.replace(block, start_layer=sub.start_layer),
+        norms=[n for n in sub.norms if not n.startswith(prefix)],
+        attn=[n for n in sub.attn if not n.startswith(prefix)],
+        mlps=[s for s in sub.mlps if s.layer > site.layer],
+        correct=[n for n in sub.correct if not n.startswith(prefix)])

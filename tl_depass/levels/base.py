@@ -60,7 +60,8 @@ def one_hot_rows(n: int, offset: int, k: int, fill: dict[int, Tensor], like: Ten
 def rest_entry(clean: CleanRun, layer: int) -> Entry:
     """Before layer `layer`, the group's first component ("rest") is the whole clean residual."""
     resid = clean[hooks.resid_pre(layer)]
-    return Entry(hooks.resid_pre(layer), lambda offset, k: one_hot_rows(0, offset, k, {0: resid}, resid))
+    return Entry(hooks.resid_pre(layer), lambda offset, k: one_hot_rows(0, offset, k, {0: resid}, resid),
+                 rest=True)
 
 
 def around(layer: int, parts: list[Label]) -> list[Label]:

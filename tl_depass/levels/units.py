@@ -6,6 +6,7 @@
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import einops
 import torch
 from jaxtyping import Int
 from torch import Tensor
@@ -123,18 +124,24 @@ class Neurons:
         chosen = torch.tensor(neurons, device=act.device)
         rest = act.index_fill(-1, chosen, 0)
 
-        def rows(offset, k):
+        def rows(offset, k):  # component 0 the rest, component r neuron r - 1 (one-hot rows)
             out = act.new_zeros((k, *act.shape))
-            for r in range(offset, offset + k):
-                if r == 0:
-                    out[0] = rest
-                else:
-                    i = neurons[r - 1]
-                    out[r - offset, ..., i] = act[..., i]
+            if offset == 0:
+                out[0] = rest
+            ids = chosen[max(offset, 1) - 1:offset + k - 1]
+            part = out[len(out) - len(ids):]
+            index = ids.reshape(-1, 1, 1, 1).expand(*part.shape[:-1], 1)
+            part.scatter_(-1, index, einops.rearrange(act[..., ids], "b p k -> k b p 1"))
             return out
 
+        def written(offset, k, weight):  # rows(offset, k) @ weight: a_i weight[i] for neuron i
+            ids = chosen[max(offset, 1) - 1:offset + k - 1]
+            out = einops.rearrange(act[..., ids], "b p k -> k b p 1") * weight[ids, None, None]
+            return torch.cat([(rest @ weight)[None], out]) if offset == 0 else out
+
         labels = around(layer, [Label(f"L{layer}N{i}", "neuron", layer, i) for i in neurons])
-        return [Group(labels, [rest_entry(clean, layer), Entry(site.act_hook, rows, bias=site.facts.extra)])]
+        return [Group(labels, [rest_entry(clean, layer),
+                               Entry(site.act_hook, rows, bias=site.facts.extra, written=written)])]
 
 
 @dataclass(frozen=True)
