@@ -73,3 +73,19 @@ def test_hooks_that_kept_one_tensor_share_the_result():
         post, pre = dec["blocks.0.hook_resid_post"], dec["blocks.1.hook_resid_pre"]
         assert post.untyped_storage().data_ptr() == pre.untyped_storage().data_ptr(), chunk_size
         torch.testing.assert_close(post.sum(0), dec.clean["blocks.0.hook_resid_post"])
+
+
+def test_one_forward_starts_at_the_entry_block(monkeypatch):
+    """One forward of a group entering at block 1 (one layer's heads) still starts there."""
+    from tl_depass.levels import Heads
+
+    starts = []
+    real = sweep.FoldedForward.__init__
+
+    def spy(self, model, clean, plan, *args, **kwargs):
+        starts.append(plan.start_layer)
+        real(self, model, clean, plan, *args, **kwargs)
+    monkeypatch.setattr(sweep.FoldedForward, "__init__", spy)
+    model = tiny.make_model()
+    tl_depass.decompose(model, tiny.random_tokens(model, 1, 5), Heads(layers=[1]))
+    assert starts == [1]

@@ -86,7 +86,7 @@ def run_chunks(model: Model, tokens: Int[Tensor, "batch pos"], mask: Tensor | No
     with torch.no_grad():
         parts = by_entry_layer(model, clean, plan)
         if len(parts) == 1 and len(chunks_of(plan, chunk_size)) == 1:
-            kept = FoldedForward(model, clean, plan, setup, 0, total, {}).kept(tokens, mask)
+            kept = FoldedForward(model, clean, parts[0][1], setup, 0, total, {}).kept(tokens, mask)
             return keep_zeros(own_results(kept), clean, plan)
         for ids, part in parts:
             chunks = chunks_of(part, chunk_size)
