@@ -1,0 +1,103 @@
+"""The TransformerBridge's fast path (engine/fast_bridge.py) equals the full replay: groups that
+start at their entry block, on tiny float64 Bridges with every parameter randomised."""
+
+import pytest
+import torch
+from bridges import make_bridge
+
+import tl_depass
+from tl_depass import completeness_rtol
+from tl_depass.engine import fast_bridge
+from tl_depass.engine.backends import bridge_class
+
+if bridge_class() is None:
+    pytest.skip("this transformer_lens has no TransformerBridge", allow_module_level=True)
+
+F64 = completeness_rtol(torch.float64)
+TOKENS = torch.randint(0, 61, (2, 7), generator=torch.Generator().manual_seed(1))
+
+
+def full_replay(monkeypatch, model, *args, **kwargs):
+    """decompose with every group run from the tokens (no entry-layer starts)."""
+    with monkeypatch.context() as m:
+        m.setattr(fast_bridge, "can_start", lambda model: False)
+        return tl_depass.decompose(model, *args, **kwargs)
+
+
+def assert_same(fast, full, what):
+    assert fast.labels == full.labels and set(fast.results) == set(full.results)
+    for name, value in full.results.items():
+        torch.testing.assert_close(fast[name], value, rtol=0, atol=F64 * value.abs().max().item(),
+                                   msg=lambda m, n=name: f"{what} {n}: {m}")
+
+
+def hook_count(model) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def forwards_restored(model) -> bool:
+    return all("forward" not in m.__dict__ for m in model.modules())
+
+
+@pytest.mark.parametrize("arch", sorted(fast_bridge.STARTS - {"MistralForCausalLM"}))
+def test_entry_layer_starts_equal_full_replay(arch, monkeypatch):
+    bridge, _ = make_bridge(arch)
+    assert fast_bridge.can_start(bridge)
+    with torch.no_grad():
+        before = bridge(TOKENS)
+    hooks = hook_count(bridge)  # after the Bridge's first forward, which adds its own
+    cases = [(tl_depass.Heads(), "softmax", None), (tl_depass.Heads(), "max", 3),
+             (tl_depass.Modules(), "ratio", None), (tl_depass.Neurons(1), "softmax", 16)]
+    for components, rule, chunk in cases:
+        options = dict(mlp_rule=rule, logits="all", keep=lambda name: name.endswith("hook_resid_post"))
+        fast = tl_depass.decompose(bridge, TOKENS, components, chunk_size=chunk, **options)
+        full = full_replay(monkeypatch, bridge, TOKENS, components, **options)
+        assert_same(fast, full, f"{arch} {components} {rule} chunk {chunk}")
+        for hook, err in fast.completeness_error().items():
+            assert err <= F64, f"{arch} {components} {rule}: {hook} off by {err:.1e}"
+    assert hook_count(bridge) == hooks, "DePass left hooks on the Bridge"
+    assert forwards_restored(bridge)
+    with torch.no_grad():
+        torch.testing.assert_close(bridge(TOKENS), before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch", ["GPT2LMHeadModel", "LlamaForCausalLM"])
+def test_chunked_padded_and_compat(arch, monkeypatch):
+    """Right padding, chunks and compatibility mode: the same as the full replay."""
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 4:] = 0
+    for compat in (False, True):
+        bridge, _ = make_bridge(arch, compat=compat)
+        for rule in ("softmax", "ratio"):
+            options = dict(attention_mask=mask, mlp_rule=rule, logits="last")
+            one = tl_depass.decompose(bridge, TOKENS, tl_depass.Heads(), **options)
+            chunked = tl_depass.decompose(bridge, TOKENS, tl_depass.Heads(), chunk_size=2, **options)
+            full = full_replay(monkeypatch, bridge, TOKENS, tl_depass.Heads(), **options)
+            assert_same(one, full, f"{arch} compat={compat} {rule}")
+            assert_same(chunked, full, f"{arch} compat={compat} {rule} chunked")
+
+
+def test_blocks_before_the_entry_never_run():
+    bridge, hf = make_bridge("GPT2LMHeadModel")
+    calls = []
+    handle = bridge.blocks[0].original_component.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        tl_depass.decompose(bridge, TOKENS, tl_depass.Neurons(1))
+    finally:
+        handle.remove()
+    assert len(calls) == 1, "block 0 ran in the folded forward of a group entering at block 1"
+
+
+def test_forwards_restored_after_an_exception():
+    bridge, _ = make_bridge("LlamaForCausalLM")
+    residual = torch.zeros(2, 7, 32, dtype=torch.float64)
+
+    def fail(x, hook):
+        raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), fast_bridge.starting_at(bridge, 1, residual):
+        bridge.run_with_hooks(TOKENS, fwd_hooks=[("blocks.1.hook_resid_pre", fail)])
+    assert forwards_restored(bridge)
+    with fast_bridge.starting_at(bridge, 1, residual), torch.no_grad():
+        _, cache = bridge.run_with_cache(TOKENS, names_filter="blocks.1.hook_resid_pre")
+    assert torch.equal(cache["blocks.1.hook_resid_pre"], residual)
+    assert forwards_restored(bridge)
