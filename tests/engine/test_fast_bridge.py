@@ -101,3 +101,50 @@ def test_forwards_restored_after_an_exception():
         _, cache = bridge.run_with_cache(TOKENS, names_filter="blocks.1.hook_resid_pre")
     assert torch.equal(cache["blocks.1.hook_resid_pre"], residual)
     assert forwards_restored(bridge)
+
+
+def without_skipping(monkeypatch, model, *args, **kwargs):
+    """decompose with every activation function and norm statistic evaluated."""
+    with monkeypatch.context() as m:
+        m.setattr(fast_bridge, "frozen_activations", lambda model, mlps: [])
+        m.setattr(fast_bridge, "frozen_norms", lambda model, norms: [])
+        return tl_depass.decompose(model, *args, **kwargs)
+
+
+@pytest.mark.parametrize("arch", ["GPT2LMHeadModel", "GPTJForCausalLM", "GPTNeoXForCausalLM",
+                                  "PhiForCausalLM", "LlamaForCausalLM", "Qwen2ForCausalLM",
+                                  "Qwen3ForCausalLM", "Gemma2ForCausalLM"])
+def test_skipped_activations_and_norms_are_bit_identical(arch, monkeypatch):
+    bridge, _ = make_bridge(arch)
+    mlps = [(f"blocks.{i}.mlp", f"blocks.{i}.mlp.hook_post") for i in range(2)]
+    assert len(fast_bridge.frozen_activations(bridge, mlps)) == 2
+    norms = [n for n, _ in bridge.named_modules() if n.endswith(("ln1", "ln2", "ln_final"))]
+    assert fast_bridge.frozen_norms(bridge, norms) == [bridge.get_submodule(n) for n in norms]
+    cases = [("tokens", "softmax", None), ("tokens", "max", 3), ("tokens", "ratio", None),
+             (tl_depass.Neurons(0), "softmax", 16), (tl_depass.Heads(), "softmax", None)]
+    for components, rule, chunk in cases:
+        options = dict(mlp_rule=rule, chunk_size=chunk, logits="all",
+                       keep=lambda name: name.endswith(("hook_post", "hook_resid_post")))
+        fast = tl_depass.decompose(bridge, TOKENS, components, **options)
+        slow = without_skipping(monkeypatch, bridge, TOKENS, components, **options)
+        assert fast.labels == slow.labels and set(fast.results) == set(slow.results)
+        for name, value in slow.results.items():
+            assert torch.equal(fast[name], value), f"{arch} {components} {rule} {name}"
+    assert forwards_restored(bridge)
+
+
+def test_a_hooked_hook_post_keeps_its_activation():
+    bridge, _ = make_bridge("GPT2LMHeadModel")
+    seen = []
+    bridge.blocks[1].mlp.out.hook_in.add_hook(lambda x, hook: seen.append(x.clone()))
+    try:
+        mlps = [(f"blocks.{i}.mlp", f"blocks.{i}.mlp.hook_post") for i in range(2)]
+        assert fast_bridge.frozen_activations(bridge, mlps) == [
+            bridge.blocks[0].mlp.original_component.act]
+        dec = tl_depass.decompose(bridge, TOKENS, logits="all")
+    finally:
+        bridge.reset_hooks()
+    for hook, err in dec.completeness_error().items():
+        assert err <= F64, f"{hook} off by {err:.1e}"
+    # every value the user's hook saw is a real activation (the clean run's, or a folded slot's)
+    assert all(torch.isfinite(x).all() for x in seen) and len(seen) >= 2

@@ -12,11 +12,27 @@ after an exception.
 
 Only where Hugging Face's decoder loop takes each layer's output as a bare tensor
 (`hidden_states = layer(hidden_states, ...)`, transformers 5): `STARTS`.
+
+`skipping_frozen_bridge`: the MLP's activation function is frozen (the pass overrides
+`hook_post`, the input of the MLP's out projection, with the rule's shares), so inside one folded
+forward Hugging Face's activation module passes its input through instead: `hook_post` fires with
+the pre-activation (gated: gate * up) as a placeholder the pass replaces. Only for the MLP classes
+in `ACTIVATED` (one activation call, just before the out projection), where `hook_post` is the out
+projection's `hook_in`, nothing else is hooked there, and the activation module is the MLP's own.
+Everything else is computed by the model's own kernels: the results are bit-identical.
+
+and the pass replays every norm's `hook_scale` from the clean run, so a
+`NormalizationBridge` (TransformerLens's own norm path, which the pass takes) need not compute its
+statistics: it centres (LayerNorm), fires `hook_scale` with a placeholder that the pass replaces,
+divides, and applies its weight and bias with its own `_apply_weight_and_bias`, the operations of
+its own forward in the same order (bit-identical). Not where `hook_scale` or `hook_normalized`
+has a user's hook, the norm wraps no norm (Identity), or the model is not float32/float64.
 """
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
+import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
@@ -29,6 +45,13 @@ STARTS = frozenset({
     "LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma2ForCausalLM",
     "MistralForCausalLM",
 })
+
+
+#: Hugging Face MLPs that call their activation module once, on the (gate) projection, and feed
+#: the result (times the up projection, gated) straight to the out projection.
+ACTIVATED = {"GPT2MLP": "act", "GPTJMLP": "act", "GPTNeoXMLP": "act", "PhiMLP": "activation_fn",
+             "LlamaMLP": "act_fn", "MistralMLP": "act_fn", "Qwen2MLP": "act_fn", "Qwen3MLP": "act_fn",
+             "Gemma2MLP": "act_fn"}
 
 
 def can_start(model: Model) -> bool:
@@ -71,3 +94,82 @@ def instance_forwards(forwards: list[tuple[nn.Module, Callable]]) -> Iterator[No
                 del module.__dict__["forward"]
             else:
                 module.__dict__["forward"] = before
+
+
+def _activation(bridge_mlp: nn.Module) -> nn.Module | None:
+    hf = bridge_mlp._modules.get("_original_component")
+    name = ACTIVATED.get(type(hf).__name__)
+    act = None if name is None else hf._modules.get(name)
+    return act if act is not None and not list(act.parameters()) and not act._modules else None
+
+
+def _unhooked(point: nn.Module) -> bool:
+    return not (point._forward_hooks or point._forward_pre_hooks)
+
+
+def frozen_activations(model: Model, mlps: list[tuple[str, str]]) -> list[nn.Module]:
+    """The activation modules of the MLPs `mlps` ((prefix, act_hook)) that a folded forward may
+    skip. Call it before the pass adds its hooks: a hook found on `hook_post` is the user's."""
+    if not is_bridge(model) or not hasattr(model, "blocks"):
+        return []
+    every = [id(a) for a in (_activation(m) for m in model.modules() if "_original_component"
+                             in m._modules) if a is not None]
+    acts = []
+    for prefix, act_hook in mlps:
+        bridge_mlp = model.get_submodule(prefix)
+        out, act = bridge_mlp._modules.get("out"), _activation(bridge_mlp)
+        point = model.hook_dict.get(act_hook)
+        if (act is not None and out is not None and point is getattr(out, "hook_in", None)
+                and _unhooked(point) and every.count(id(act)) == 1):
+            acts.append(act)
+    return acts
+
+
+def _identity(x, *args, **kwargs):
+    return x
+
+
+
+
+NORM_METHODS = ("forward", "_python_norm_forward", "_hf_autograd_forward_with_hooks",
+                "_apply_weight_and_bias")
+
+
+def _norm_ok(module: nn.Module) -> bool:
+    from transformer_lens.model_bridge.generalized_components.normalization import NormalizationBridge
+
+    original = module._modules.get("_original_component")
+    return (isinstance(module, NormalizationBridge)
+            and all(getattr(type(module), m) is getattr(NormalizationBridge, m) for m in NORM_METHODS)
+            and original is not None and not isinstance(original, nn.Identity)
+            and all(_unhooked(p) and not p.bwd_hooks for p in (module.hook_scale, module.hook_normalized)))
+
+
+def frozen_norms(model: Model, norms: list[str]) -> list[nn.Module]:
+    """The norm modules (names under `model`, whose `hook_scale` the pass replays) that may skip
+    their statistics. Call it before the pass adds its hooks."""
+    if not is_bridge(model) or model.cfg.dtype not in (torch.float32, torch.float64):
+        return []
+    return [m for m in map(model.get_submodule, norms) if _norm_ok(m)]
+
+
+def norm_forward(module: nn.Module) -> Callable:
+    """A NormalizationBridge whose hook_scale is replayed: no statistics."""
+    def forward(hidden_states, **kwargs):
+        x = module.hook_in(hidden_states)
+        dtype = x.dtype
+        if not module.uses_rms_norm:
+            x = x - x.mean(-1, keepdim=True)
+        scale = module.hook_scale(x[..., :1])  # a placeholder: the pass replays the clean scale
+        x = module.hook_normalized(x / scale)
+        return module.hook_out(module._apply_weight_and_bias(x, dtype))
+    return forward
+
+
+def skipping_frozen_bridge(model: Model, mlps: list[tuple[str, str]], norms: list[str]
+                           ) -> AbstractContextManager:
+    """Inside: the activation modules of `mlps` ((prefix, act_hook), whose `act_hook` the pass
+    overrides) pass their input through, the `norms` skip their statistics, where they may
+    (`frozen_activations`, `frozen_norms`; decided now, so call it before the pass's hooks)."""
+    forwards = [(act, _identity) for act in frozen_activations(model, mlps)]
+    return instance_forwards(forwards + [(m, norm_forward(m)) for m in frozen_norms(model, norms)])
