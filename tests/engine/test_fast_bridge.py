@@ -7,7 +7,7 @@ from bridges import make_bridge
 
 import tl_depass
 from tl_depass import completeness_rtol
-from tl_depass.engine import fast_bridge
+from tl_depass.engine import fast_bridge, replay
 from tl_depass.engine.backends import bridge_class
 
 if bridge_class() is None:
@@ -108,6 +108,7 @@ def without_skipping(monkeypatch, model, *args, **kwargs):
     with monkeypatch.context() as m:
         m.setattr(fast_bridge, "frozen_activations", lambda model, mlps: [])
         m.setattr(fast_bridge, "frozen_norms", lambda model, norms: [])
+        m.setattr(replay, "frozen_attention", lambda model, attn, keep: set())
         return tl_depass.decompose(model, *args, **kwargs)
 
 
@@ -119,6 +120,9 @@ def test_skipped_activations_and_norms_are_bit_identical(arch, monkeypatch):
     mlps = [(f"blocks.{i}.mlp", f"blocks.{i}.mlp.hook_post") for i in range(2)]
     assert len(fast_bridge.frozen_activations(bridge, mlps)) == 2
     norms = [n for n, _ in bridge.named_modules() if n.endswith(("ln1", "ln2", "ln_final"))]
+    if arch == "GPT2LMHeadModel":
+        assert fast_bridge.frozen_attention(bridge, ["blocks.0.attn", "blocks.1.attn"], []) == {
+            "blocks.0.attn", "blocks.1.attn"}
     assert fast_bridge.frozen_norms(bridge, norms) == [bridge.get_submodule(n) for n in norms]
     cases = [("tokens", "softmax", None), ("tokens", "max", 3), ("tokens", "ratio", None),
              (tl_depass.Neurons(0), "softmax", 16), (tl_depass.Heads(), "softmax", None)]
@@ -148,3 +152,35 @@ def test_a_hooked_hook_post_keeps_its_activation():
         assert err <= F64, f"{hook} off by {err:.1e}"
     # every value the user's hook saw is a real activation (the clean run's, or a folded slot's)
     assert all(torch.isfinite(x).all() for x in seen) and len(seen) >= 2
+
+
+def test_a_hooked_pattern_keeps_its_attention():
+    bridge, _ = make_bridge("GPT2LMHeadModel")
+    attn = ["blocks.0.attn", "blocks.1.attn"]
+    assert fast_bridge.frozen_attention(bridge, attn, ["blocks.1.attn.hook_pattern"]) == {"blocks.0.attn"}
+    seen = []
+    bridge.blocks[0].attn.hook_pattern.add_hook(lambda x, hook: seen.append(x.shape))
+    try:
+        assert fast_bridge.frozen_attention(bridge, attn, []) == {"blocks.1.attn"}
+        dec = tl_depass.decompose(bridge, TOKENS, tl_depass.Heads(), logits="all")
+    finally:
+        bridge.reset_hooks()
+    for hook, err in dec.completeness_error().items():
+        assert err <= F64, f"{hook} off by {err:.1e}"
+    assert len(seen) >= 2  # the clean run and the folded forward computed block 0's pattern
+
+
+def test_fast_attention_never_computes_the_pattern(monkeypatch):
+    from transformer_lens.model_bridge.generalized_components.joint_qkv_attention import (
+        JointQKVAttentionBridge,
+    )
+
+    bridge, _ = make_bridge("GPT2LMHeadModel")
+    calls, reconstruct = [], JointQKVAttentionBridge._reconstruct_attention
+
+    def counted(self, *args, **kwargs):
+        calls.append(self)
+        return reconstruct(self, *args, **kwargs)
+    monkeypatch.setattr(JointQKVAttentionBridge, "_reconstruct_attention", counted)
+    tl_depass.decompose(bridge, TOKENS, mlp_rule="ratio")
+    assert len(calls) == 2, "the folded forward computed an attention pattern"  # the clean run's

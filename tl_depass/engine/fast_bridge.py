@@ -166,10 +166,60 @@ def norm_forward(module: nn.Module) -> Callable:
     return forward
 
 
-def skipping_frozen_bridge(model: Model, mlps: list[tuple[str, str]], norms: list[str]
+#: What the fast attention never computes (a hook there, or a kept value, keeps the module's own).
+SKIPPED_ATTN = ("hook_q", "hook_k", "hook_rot_q", "hook_rot_k", "hook_attn_scores", "hook_pattern",
+                "q.hook_in", "q.hook_out", "k.hook_in", "k.hook_out", "qkv.hook_in", "qkv.hook_out")
+
+
+def _attention_ok(model: Model, name: str, kept: set[str]) -> bool:
+    from transformer_lens.model_bridge.generalized_components.joint_qkv_attention import (
+        JointQKVAttentionBridge,
+    )
+
+    module = model.get_submodule(name)
+    cfg = module.config
+    if type(module) is not JointQKVAttentionBridge or cfg is None:
+        return False
+    points = [getattr(module._modules.get(p.split(".")[0]), p.split(".")[1], None) if "." in p
+              else getattr(module, p, None) for p in SKIPPED_ATTN]
+    return (not (module._is_split_qkv_fork_active() or getattr(cfg, "use_attn_result", False))
+            and module._modules.get("o") is not None
+            and all(p is None or (_unhooked(p) and not p.bwd_hooks) for p in points)
+            and not kept & {f"{name}.{p}" for p in SKIPPED_ATTN})
+
+
+def frozen_attention(model: Model, attn: list[str], keep: list[str]) -> set[str]:
+    """The attention modules (names) that compute only V, the frozen pattern and the output
+    projection: GPT-2-like (`JointQKVAttentionBridge`) without hooks on what it skips."""
+    if not is_bridge(model):
+        return set()
+    return {a for a in attn if _attention_ok(model, a, set(keep))}
+
+
+def attention_forward(module: nn.Module, attend: Callable[[Tensor], Tensor]) -> Callable:
+    """Input hook -> V (hook_v fires) -> `attend` (the frozen pattern) -> the output projection
+    (hook_z fires with its input) -> hook_out, as `JointQKVAttentionBridge` does."""
+    heads = module.config.n_heads
+    kv_heads = getattr(module.config, "n_key_value_heads", None) or heads
+
+    def forward(*args, **kwargs):
+        x = module._apply_attention_input_hook(*args, **kwargs)
+        v = module.v(x)
+        z = attend(v.unflatten(-1, (kv_heads, -1)))  # [batch, query_pos, head_index, d_head]
+        z = z.reshape(z.shape[0], z.shape[1], -1)
+        return module._process_output((module._apply_output_projection(z), None))
+    return forward
+
+
+def skipping_frozen_bridge(model: Model, mlps: list[tuple[str, str]], norms: list[str],
+                           attn: set[str] = frozenset(), attend: Callable | None = None
                            ) -> AbstractContextManager:
     """Inside: the activation modules of `mlps` ((prefix, act_hook), whose `act_hook` the pass
     overrides) pass their input through, the `norms` skip their statistics, where they may
-    (`frozen_activations`, `frozen_norms`; decided now, so call it before the pass's hooks)."""
+    (`frozen_activations`, `frozen_norms`; decided now, so call it before the pass's hooks), and
+    the attention modules `attn` (`frozen_attention`) compute z from V with `attend(name)`."""
     forwards = [(act, _identity) for act in frozen_activations(model, mlps)]
-    return instance_forwards(forwards + [(m, norm_forward(m)) for m in frozen_norms(model, norms)])
+    forwards += [(m, norm_forward(m)) for m in frozen_norms(model, norms)]
+    forwards += [(model.get_submodule(a), attention_forward(model.get_submodule(a), attend(a)))
+                 for a in attn]
+    return instance_forwards(forwards)

@@ -20,7 +20,7 @@ from tl_depass.engine import rules
 from tl_depass.engine.backends import Model, forward_as_recorded, is_bridge
 from tl_depass.engine.clean_run import CleanRun
 from tl_depass.engine.fast import FastPaths, fast_paths, skipping_frozen
-from tl_depass.engine.fast_bridge import skipping_frozen_bridge, starting_at
+from tl_depass.engine.fast_bridge import frozen_attention, skipping_frozen_bridge, starting_at
 from tl_depass.engine.groups import Entry
 from tl_depass.engine.hooks import resid_pre
 from tl_depass.engine.plan import MLPSite, Plan, mlp_site
@@ -246,11 +246,13 @@ class FoldedForward:
             folded = tokens.repeat(self.slots, 1)
         fast = fast_paths(model, p.attn, [(s.prefix, s.act_hook) for s in p.mlps], p.norms, p.keep)
         replaced = p.mlps if collect is None else p.mlps[:p.mlps.index(collect)]  # hook_post overridden
-        bridge_fast = skipping_frozen_bridge(model, [(s.prefix, s.act_hook) for s in replaced], p.norms)
+        bridge_attn = frozen_attention(model, p.attn, p.keep)  # engine/fast_bridge.py (Bridges only)
+        bridge_fast = skipping_frozen_bridge(model, [(s.prefix, s.act_hook) for s in replaced], p.norms,
+                                             bridge_attn, self.attend)
         handles = [model.get_submodule(n).register_forward_hook(self.norm_hook) for n in p.norms]
         try:
             with forward_as_recorded(model), start, bridge_fast, skipping_frozen(model, fast, self.attend), \
-                    model.hooks(fwd_hooks=self.hooks(out, collect, fast)):
+                    model.hooks(fwd_hooks=self.hooks(out, collect, FastPaths(fast.attn | bridge_attn))):
                 model(folded, attention_mask=mask, **options)
         finally:
             for h in handles:
