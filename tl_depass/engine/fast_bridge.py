@@ -168,21 +168,36 @@ def norm_forward(module: nn.Module) -> Callable:
 
 #: What the fast attention never computes (a hook there, or a kept value, keeps the module's own).
 SKIPPED_ATTN = ("hook_q", "hook_k", "hook_rot_q", "hook_rot_k", "hook_attn_scores", "hook_pattern",
-                "q.hook_in", "q.hook_out", "k.hook_in", "k.hook_out", "qkv.hook_in", "qkv.hook_out")
+                "q.hook_in", "q.hook_out", "k.hook_in", "k.hook_out", "qkv.hook_in", "qkv.hook_out",
+                "hook_q_normed", "hook_k_normed", "q_norm.hook_in", "q_norm.hook_out", "k_norm.hook_in",
+                "k_norm.hook_out", "q_norm.hook_scale", "k_norm.hook_scale")
 
 
 def _attention_ok(model: Model, name: str, kept: set[str]) -> bool:
     from transformer_lens.model_bridge.generalized_components.joint_qkv_attention import (
         JointQKVAttentionBridge,
     )
+    from transformer_lens.model_bridge.generalized_components.position_embeddings_attention import (
+        PositionEmbeddingsAttentionBridge as Rotary,
+    )
 
     module = model.get_submodule(name)
     cfg = module.config
-    if type(module) is not JointQKVAttentionBridge or cfg is None:
+    if type(module) not in (JointQKVAttentionBridge, Rotary) or cfg is None:
         return False
+    if type(module) is Rotary:  # nothing between V and the pattern, nor between z and O
+        hf = module.original_component
+        if (getattr(cfg, "gated_q_proj", False) or module._modules.get("gate") is not None
+                or getattr(hf, "key_multiplier", None) is not None or getattr(hf, "sinks", None) is not None
+                or getattr(getattr(hf, "config", None), "clip_qkv", None) is not None
+                or getattr(cfg, "use_split_qkv_input", False) or getattr(cfg, "use_attn_in", False)
+                or type(module)._pre_output_projection is not Rotary._pre_output_projection
+                or not isinstance(getattr(hf, "head_dim", None), int)):
+            return False
     points = [getattr(module._modules.get(p.split(".")[0]), p.split(".")[1], None) if "." in p
               else getattr(module, p, None) for p in SKIPPED_ATTN]
-    return (not (module._is_split_qkv_fork_active() or getattr(cfg, "use_attn_result", False))
+    split = getattr(module, "_is_split_qkv_fork_active", lambda: False)()
+    return (not (split or getattr(cfg, "use_attn_result", False))
             and module._modules.get("o") is not None
             and all(p is None or (_unhooked(p) and not p.bwd_hooks) for p in points)
             and not kept & {f"{name}.{p}" for p in SKIPPED_ATTN})
@@ -190,7 +205,9 @@ def _attention_ok(model: Model, name: str, kept: set[str]) -> bool:
 
 def frozen_attention(model: Model, attn: list[str], keep: list[str]) -> set[str]:
     """The attention modules (names) that compute only V, the frozen pattern and the output
-    projection: GPT-2-like (`JointQKVAttentionBridge`) without hooks on what it skips."""
+    projection: GPT-2-like (`JointQKVAttentionBridge`) and Llama-like
+    (`PositionEmbeddingsAttentionBridge` without gates, sinks, clipping or a K multiplier),
+    without hooks on what they skip."""
     if not is_bridge(model):
         return set()
     return {a for a in attn if _attention_ok(model, a, set(keep))}
@@ -198,9 +215,12 @@ def frozen_attention(model: Model, attn: list[str], keep: list[str]) -> set[str]
 
 def attention_forward(module: nn.Module, attend: Callable[[Tensor], Tensor]) -> Callable:
     """Input hook -> V (hook_v fires) -> `attend` (the frozen pattern) -> the output projection
-    (hook_z fires with its input) -> hook_out, as `JointQKVAttentionBridge` does."""
+    (hook_z fires with its input) -> hook_out, as `JointQKVAttentionBridge` and
+    `PositionEmbeddingsAttentionBridge` (Llama-like) do."""
     heads = module.config.n_heads
     kv_heads = getattr(module.config, "n_key_value_heads", None) or heads
+    if type(module).__name__ == "PositionEmbeddingsAttentionBridge":
+        return rotary_attention_forward(module, attend)
 
     def forward(*args, **kwargs):
         x = module._apply_attention_input_hook(*args, **kwargs)
@@ -208,6 +228,22 @@ def attention_forward(module: nn.Module, attend: Callable[[Tensor], Tensor]) -> 
         z = attend(v.unflatten(-1, (kv_heads, -1)))  # [batch, query_pos, head_index, d_head]
         z = z.reshape(z.shape[0], z.shape[1], -1)
         return module._process_output((module._apply_output_projection(z), None))
+    return forward
+
+
+def rotary_attention_forward(module: nn.Module, attend: Callable[[Tensor], Tensor]) -> Callable:
+    """`PositionEmbeddingsAttentionBridge.forward` without Q, K, RoPE, the scores and softmax."""
+    head_dim = module.original_component.head_dim
+
+    def forward(*args, **kwargs):
+        x = module.hook_in(kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])
+        v = module.v(x)
+        z = attend(v.unflatten(-1, (-1, head_dim)))  # [batch, query_pos, head_index, d_head]
+        z = z.reshape(*x.shape[:-1], -1)
+        weight = getattr(getattr(module.o, "original_component", None), "weight", None)
+        if isinstance(weight, Tensor) and weight.dtype.is_floating_point and z.dtype != weight.dtype:
+            z = z.to(weight.dtype)
+        return module.hook_out(module.o(z)), None
     return forward
 
 
