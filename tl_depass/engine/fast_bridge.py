@@ -1,4 +1,6 @@
-"""The TransformerBridge's fast path: groups start at their entry block.
+"""The TransformerBridge's fast path (engine/fast.py's for the HookedTransformer): groups start
+at their entry block; the attention, MLP activation and norm statistics that the pass freezes are
+not computed.
 
 A HookedTransformer starts a group's folded forward at the block where the group enters
 (`start_at_layer`, from the clean residual). A Bridge's forward wraps Hugging Face's, whose decoder
@@ -13,20 +15,24 @@ after an exception.
 Only where Hugging Face's decoder loop takes each layer's output as a bare tensor
 (`hidden_states = layer(hidden_states, ...)`, transformers 5): `STARTS`.
 
-`skipping_frozen_bridge`: the MLP's activation function is frozen (the pass overrides
+`skipping_frozen_bridge`, for one folded forward: (1) attention (`frozen_attention`: GPT-2's
+`JointQKVAttentionBridge`, the Llama-like `PositionEmbeddingsAttentionBridge`) computes V (hook_v
+fires, the pass corrects it), z from the clean pattern (the pass's `attend`), and the output
+projection (hook_z fires with its input): never Q, K, RoPE, the scores or the softmax. (2) The
+MLP's activation function is frozen (the pass overrides
 `hook_post`, the input of the MLP's out projection, with the rule's shares), so inside one folded
 forward Hugging Face's activation module passes its input through instead: `hook_post` fires with
 the pre-activation (gated: gate * up) as a placeholder the pass replaces. Only for the MLP classes
 in `ACTIVATED` (one activation call, just before the out projection), where `hook_post` is the out
 projection's `hook_in`, nothing else is hooked there, and the activation module is the MLP's own.
 Everything else is computed by the model's own kernels: the results are bit-identical.
-
-and the pass replays every norm's `hook_scale` from the clean run, so a
+(3) The pass replays every norm's `hook_scale` from the clean run, so a
 `NormalizationBridge` (TransformerLens's own norm path, which the pass takes) need not compute its
 statistics: it centres (LayerNorm), fires `hook_scale` with a placeholder that the pass replaces,
 divides, and applies its weight and bias with its own `_apply_weight_and_bias`, the operations of
 its own forward in the same order (bit-identical). Not where `hook_scale` or `hook_normalized`
 has a user's hook, the norm wraps no norm (Identity), or the model is not float32/float64.
+Each keeps the module's own forward where what it skips is hooked by the user or kept.
 """
 
 from collections.abc import Callable, Iterator
