@@ -14,6 +14,8 @@ over rounds (CPU: process time, `torch.set_num_threads(1)`; CUDA: wall time afte
 - every neuron of layer L/2 (softmax) vs zero-ablating each neuron (batched full forwards).
 
 Random HookedTransformer (gelu_new, LayerNorm), float32. `benchmarks/gpu.py` runs the same on CUDA.
+`--bridge`: the same tables for a TransformerBridge over a random Hugging Face GPT-2 of the same
+shape (`--bridge llama`: a Llama, RMSNorm, SwiGLU, rotary, GQA 2:1), built offline (TL 3.9 and 4.x).
 
     python benchmarks/bench_core.py --memory        # the README's table: seconds and peak memory
 
@@ -27,17 +29,43 @@ import resource
 import time
 
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig, patching
+from transformer_lens import patching
 
 import tl_depass
 from tl_depass.levels.units import Heads, Neurons
 
 
-def make_model(layers: int, d_model: int, d_vocab: int, n_ctx: int, device: str) -> HookedTransformer:
+def make_model(layers: int, d_model: int, d_vocab: int, n_ctx: int, device: str):
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
     cfg = HookedTransformerConfig(n_layers=layers, d_model=d_model, n_heads=d_model // 32, d_head=32,
                                   d_mlp=4 * d_model, d_vocab=d_vocab, n_ctx=n_ctx, act_fn="gelu_new",
                                   normalization_type="LN", seed=0, device=device)
     return HookedTransformer(cfg).eval()
+
+
+def make_bridge(kind: str, layers: int, d_model: int, d_vocab: int, n_ctx: int, device: str):
+    """A TransformerBridge over a random Hugging Face GPT-2 or Llama (float32) of this shape."""
+    import warnings
+
+    import transformers
+    from transformer_lens.model_bridge.sources import build_bridge_from_module
+
+    torch.manual_seed(0)
+    heads = d_model // 32
+    if kind == "gpt2":
+        arch, cfg = "GPT2LMHeadModel", transformers.GPT2Config(
+            n_layer=layers, n_embd=d_model, n_head=heads, n_inner=4 * d_model, vocab_size=d_vocab,
+            n_positions=n_ctx, activation_function="gelu_new", architectures=["GPT2LMHeadModel"])
+    else:
+        arch, cfg = "LlamaForCausalLM", transformers.LlamaConfig(
+            num_hidden_layers=layers, hidden_size=d_model, num_attention_heads=heads,
+            num_key_value_heads=heads // 2, intermediate_size=4 * d_model, vocab_size=d_vocab,
+            max_position_embeddings=n_ctx, architectures=["LlamaForCausalLM"])
+    hf = getattr(transformers, arch)(cfg).eval().to(device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return build_bridge_from_module(hf, arch, hf_config=hf.config)
 
 
 def clock(device: str):
@@ -62,7 +90,7 @@ def interleaved(cases: dict, rounds: int, device: str) -> dict[str, float]:
     return best
 
 
-def ablate_neurons(model: HookedTransformer, tokens: torch.Tensor, layer: int, batch: int) -> None:
+def ablate_neurons(model, tokens: torch.Tensor, layer: int, batch: int) -> None:
     d_mlp = model.cfg.d_mlp
     for lo in range(0, d_mlp, batch):
         ids = torch.arange(lo, min(lo + batch, d_mlp), device=tokens.device)
@@ -78,7 +106,8 @@ def ablate_neurons(model: HookedTransformer, tokens: torch.Tensor, layer: int, b
 def tables(args) -> list[tuple[str, str, float]]:
     torch.manual_seed(0)
     dev, rows = args.device, []
-    model = make_model(args.layers, args.d_model, args.d_vocab, max(args.n, 8), dev)
+    shape = (args.layers, args.d_model, args.d_vocab, max(args.n, 8), dev)
+    model = make_bridge(args.bridge, *shape) if args.bridge else make_model(*shape)
     tokens = torch.randint(0, args.d_vocab, (1, args.n), device=dev)
     other = torch.randint(0, args.d_vocab, (1, args.n), device=dev)
     only = set(args.only.split(","))
@@ -185,6 +214,8 @@ def parser(device: str) -> argparse.ArgumentParser:
     p.add_argument("--ablate-batch", type=int, default=256, help="neurons per ablation forward")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--only", default="tokens,heads,neurons", help="which tables (comma-separated)")
+    p.add_argument("--bridge", nargs="?", const="gpt2", choices=("gpt2", "llama"),
+                   help="a TransformerBridge over a random Hugging Face GPT-2 (or Llama)")
     p.add_argument("--memory", action="store_true", help="the seconds / peak memory table instead")
     return p
 
@@ -194,7 +225,8 @@ def main(device: str = "cpu") -> None:
     if args.memory:
         return memory_table()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} thread(s); "
+    what = f"TransformerBridge ({args.bridge})" if args.bridge else "HookedTransformer"
+    print(f"{what}, torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} thread(s); "
           f"{args.layers} layers, d_model {args.d_model}, d_vocab {args.d_vocab}, N = {args.n}; "
           f"min over {args.rounds} interleaved rounds\n")
     print("| what | vs | ratio (DePass time / baseline time) |")

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor
 
-from tl_depass.engine import hooks, rules
+from tl_depass.engine import fast_bridge, hooks, rules
 from tl_depass.engine.backends import Model, act_fn, is_bridge
 from tl_depass.engine.clean_run import CleanRun
 from tl_depass.engine.validate import NOT_DECOMPOSABLE, RESIDUAL
@@ -136,7 +136,8 @@ def by_entry_layer(model: Model, clean: CleanRun, plan: Plan) -> list[tuple[list
         return None if match is None else int(match.group(1))
 
     layers = [layer(g) for g in plan.groups]
-    if is_bridge(model) or model.cfg.positional_embedding_type == "shortformer" or None in layers:
+    if ((is_bridge(model) and not fast_bridge.can_start(model))  # a Bridge: fast_bridge.starting_at
+            or model.cfg.positional_embedding_type == "shortformer" or None in layers):
         return [(list(range(len(plan.groups))), plan)]
     parts = []
     for start in sorted(set(layers)):

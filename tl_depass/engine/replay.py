@@ -7,6 +7,7 @@ probe, which started at zero, holds exactly what was added, so subtracting it le
 component its pure share and the bias slot the whole bias path. Exact zeros stay exact zeros.
 """
 
+import contextlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -16,9 +17,10 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from tl_depass.engine import rules
-from tl_depass.engine.backends import Model, forward_as_recorded
+from tl_depass.engine.backends import Model, forward_as_recorded, is_bridge
 from tl_depass.engine.clean_run import CleanRun
 from tl_depass.engine.fast import FastPaths, fast_paths, mlp_output, skipping_frozen
+from tl_depass.engine.fast_bridge import frozen_attention, skipping_frozen_bridge, starting_at
 from tl_depass.engine.groups import Entry
 from tl_depass.engine.hooks import block_hook, resid_pre
 from tl_depass.engine.plan import MLPSite, Plan, mlp_site
@@ -278,20 +280,28 @@ class FoldedForward:
         if stop is not None:
             options["stop_at_layer"] = stop
         block: dict[str, Tensor] = {}
+        start = contextlib.nullcontext()
         if p.through is not None:  # HookedTransformer: block L only for the rest, probe and bias
             folded, block = self.after_mlp(
                 tokens, None if attention_mask is None else attention_mask[:, w:])
             options["start_at_layer"] = p.start_layer
-        elif p.start_layer:  # HookedTransformer: the blocks before the entry are never run
-            options["start_at_layer"] = p.start_layer
+        elif p.start_layer:  # the blocks before the entry are never run
             folded = self.clean[resid_pre(p.start_layer)].repeat(self.slots, 1, 1)
+            if is_bridge(model):  # engine/fast_bridge.py
+                start, folded = starting_at(model, p.start_layer, folded), tokens.repeat(self.slots, 1)
+            else:
+                options["start_at_layer"] = p.start_layer
         else:
             folded = tokens.repeat(self.slots, 1)
         fast = fast_paths(model, p.attn, [(s.prefix, s.act_hook) for s in p.mlps], p.norms, p.keep)
+        replaced = p.mlps if collect is None else p.mlps[:p.mlps.index(collect)]  # hook_post overridden
+        bridge_attn = frozen_attention(model, p.attn, p.keep)  # engine/fast_bridge.py (Bridges only)
+        bridge_fast = skipping_frozen_bridge(model, [(s.prefix, s.act_hook) for s in replaced], p.norms,
+                                             bridge_attn, self.attend)
         handles = [model.get_submodule(n).register_forward_hook(self.norm_hook) for n in p.norms]
         try:
-            with forward_as_recorded(model), skipping_frozen(model, fast, self.attend), \
-                    model.hooks(fwd_hooks=self.hooks(out, collect, fast)):
+            with forward_as_recorded(model), start, bridge_fast, skipping_frozen(model, fast, self.attend), \
+                    model.hooks(fwd_hooks=self.hooks(out, collect, FastPaths(fast.attn | bridge_attn))):
                 model(folded, attention_mask=mask, **options)
         finally:
             for h in handles:
