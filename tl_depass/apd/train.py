@@ -173,7 +173,7 @@ def train(
             objective.load_state_dict(state["objective"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
-            generator.set_state(state["generator"])
+            generator.set_state(state["generator"].cpu())  # a CPU ByteTensor, also for CUDA
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
             raise DepassError(f"{checkpoint} does not fit this model ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else e!r}): it was written by "
