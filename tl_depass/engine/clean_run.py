@@ -8,7 +8,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_depass.engine.backends import Model, canonical_names, clean_hook_value, forward_as_recorded
-from tl_depass.engine.validate import all_finite
+from tl_depass.engine.validate import all_finite, finite_flag
 from tl_depass.errors import DepassError
 
 #: Hook-name endings whose values hold -inf by design (causal masks), not a broken model.
@@ -61,16 +61,15 @@ def record_clean_run(
     order: list[str] = []
     seen: set[str] = set()
     values: dict[str, Tensor] = {}
-    bad: list[str] = []  # hooks with NaN or inf values, in forward order
+    finite: list[tuple[str, Tensor]] = []  # per hook call, in forward order: all values finite?
 
     def recorder(name: str):
         def hook(x: Tensor, hook) -> Tensor | None:
             if name not in seen:
                 seen.add(name)
                 order.append(name)
-            if not bad and x.is_floating_point() and not name.endswith(MASKED) \
-                    and not all_finite(x):
-                bad.append(name)
+            if x.is_floating_point() and not name.endswith(MASKED):
+                finite.append((name, finite_flag(x)))  # read only if the logits are not finite
             if record(name):
                 values[name] = unflatten_rows(x.detach().clone(), *tokens.shape)
             return clean_hook_value(name, x)
@@ -79,8 +78,10 @@ def record_clean_run(
     hooks = [(name, recorder(name)) for name in dict.fromkeys(canonical_names(model).values())]
     with torch.no_grad(), forward_as_recorded(model), model.hooks(fwd_hooks=hooks):
         logits = model(tokens, attention_mask=attention_mask)
-    real = logits if attention_mask is None else logits[attention_mask.bool().to(logits.device)]
+    real = logits if attention_mask is None else torch.where(  # padding counts as finite
+        attention_mask.bool().to(logits.device)[..., None], logits, 0)
     if not all_finite(real):
+        bad = [name for name, flag in finite if not flag]
         raise DepassError(f"the clean run is not finite: NaN or inf first appear at "
                           f"{bad[0] if bad else 'the logits'}; check the weights there (and norm eps > 0)")
     return CleanRun(order, place_patterns(values), logits)

@@ -81,11 +81,11 @@ class FoldedForward:
         self.slots = len(self.groups) * self.width
         # Contributors to MLP shares: the components, the probe (g == 0, so never counted), bias.
         device = setup.excluded.device  # the tokens' (and the model's) device
-        self.index = torch.cat([torch.arange(offset, offset + k, device=device),
-                                torch.tensor([-1, plan.total], device=device)])
-        excluded = torch.cat([setup.excluded[offset:offset + k],
-                              torch.tensor([True, False], device=device).reshape(2, 1, 1).expand(
-                                  2, *setup.excluded.shape[1:])])
+        self.index = torch.arange(offset, offset + k + 2, device=device)
+        self.index[k:k + 1].fill_(-1), self.index[k + 1:].fill_(plan.total)  # probe, bias (fill_:
+        flags = setup.excluded.new_zeros((2, *setup.excluded.shape[1:]))  # no host sync on CUDA)
+        flags[0].fill_(True)  # the probe is excluded everywhere, the bias nowhere
+        excluded = torch.cat([setup.excluded[offset:offset + k], flags])
         # None where no component is excluded (the probe's g is exactly zero, so never counted)
         self.excluded = einops.repeat(excluded, "w b p -> w (g b) p", g=len(self.groups)) \
             if bool(setup.excluded[offset:offset + k].any()) else None

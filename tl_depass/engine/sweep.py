@@ -89,6 +89,8 @@ def run_chunks(model: Model, tokens: Int[Tensor, "batch pos"], mask: Tensor | No
             kept = FoldedForward(model, clean, parts[0][1], setup, 0, total, {}).kept(tokens, mask)
             return keep_zeros(own_results(kept), clean, plan)
         for ids, part in parts:
+            if ids == list(range(ids[0], ids[-1] + 1)):  # a slice: no index copied to the device
+                ids = slice(ids[0], ids[-1] + 1)
             chunks = chunks_of(part, chunk_size)
             stats: Mapping[str, rules.Stats] = statistics(model, tokens, mask, clean, part, setup, chunks)
             for offset, k in chunks:

@@ -185,12 +185,17 @@ def all_finite(x: Tensor) -> bool:
     """Whether every value of a floating-point `x` is finite: its minimum and maximum are (min
     and max propagate NaN). One pass, 10-20x faster than `torch.isfinite(x).all()` on CPU
     (torch 2.13: ~10 against ~200 us for [1, 48, 1024]), which the clean run does at every hook."""
+    return bool(finite_flag(x))
+
+
+def finite_flag(x: Tensor) -> Tensor:
+    """`all_finite` as a 0-d bool tensor on `x`'s device: no host sync until it is read."""
     if not x.numel():
-        return True
+        return torch.ones((), dtype=torch.bool, device=x.device)
     if x.dtype not in (torch.float32, torch.float64):
-        return bool(torch.isfinite(x).all())
+        return torch.isfinite(x).all()
     low, high = torch.aminmax(x)
-    return bool(torch.isfinite(low) & torch.isfinite(high))
+    return torch.isfinite(low) & torch.isfinite(high)
 
 
 def check_finite(x: Tensor, what: str) -> None:

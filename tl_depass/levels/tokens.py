@@ -24,7 +24,7 @@ def token_labels(model: Model, tokens: Int[Tensor, "batch pos"], prefix: str = "
     if tokens.shape[0] > 1:
         return [f"{prefix}tok {p}" for p in range(tokens.shape[1])]
     if model.tokenizer is None:
-        return [f"{prefix}tok {p} [{int(t)}]" for p, t in enumerate(tokens[0])]
+        return [f"{prefix}tok {p} [{t}]" for p, t in enumerate(tokens[0].tolist())]
     strs = model.to_str_tokens(tokens[0])
     return [f"{prefix}tok {p} {s!r}" for p, s in enumerate(strs)]
 
