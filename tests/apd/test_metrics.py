@@ -72,3 +72,60 @@ def test_report_table_lists_every_run(tmp_path):
         len(lines) == 4 and "| tms-5-2/spd | 0 |" in lines[2] and "| tms-5-2/spd | 1 |" in lines[3]
     )
     assert "0.9900 ± 0.0100" in lines[2] and "0.1 + 1.0 min" in lines[2]
+
+
+def oracle_apd(n_layers: int, topk: float):
+    """An APD of a residual MLP whose component 0 is the whole target (every matrix) and whose
+    other components are zero: every mask that keeps component 0 reproduces the target exactly."""
+    from tl_depass.apd.apd import APD
+    from tl_depass.apd.configs import APDConfig, OptimConfig
+
+    target = make_target(ResidualMLPConfig(n_features=6, d_embed=9, d_mlp=4, n_layers=n_layers,
+                                           seed=3))
+    apd = APD(target, APDConfig(C=3, m=None, topk=topk, optim=OptimConfig(lr=1e-3, steps=1,
+                                                                            batch_size=48)))
+    with torch.no_grad():
+        for name, weight in target.matrices().items():
+            key = name.replace(".", "__")
+            apd.A[key].zero_()
+            apd.B[key].zero_()
+            d_in, d_out = weight.shape  # m = min(d_in, d_out): weight = weight @ I or I @ weight
+            apd.A[key][0] = weight if d_in >= d_out else torch.eye(d_in)
+            apd.B[key][0] = torch.eye(d_out) if d_in >= d_out else weight
+    return target, apd
+
+
+def test_feature_losses_of_an_exact_decomposition_equal_the_targets():
+    from tl_depass.apd.metrics import feature_losses
+
+    for n_layers in (1, 2):
+        target, apd = oracle_apd(n_layers, topk=1.0)
+        losses = feature_losses(apd, samples=7, chunk=5)
+        assert set(losses) == {"target", "apd_topk", "apd_top1"}
+        assert losses["target"].shape == (6,) and (losses["target"] > 0).all()
+        assert_close(losses["apd_top1"], losses["target"], rtol=1e-5, atol=1e-7)
+        assert_close(losses["apd_topk"], losses["target"], rtol=1e-5, atol=1e-7)
+        # the target's column, by hand for feature 2: inputs where feature 2 alone is active
+        g = torch.Generator().manual_seed(0)
+        values = (torch.rand(6 * 7, generator=g) * 2 - 1)[2 * 7:3 * 7]
+        x = torch.zeros(7, 6)
+        x[:, 2] = values
+        by_hand = (target(x) - (x + torch.relu(x))).pow(2).mean()
+        assert_close(losses["target"][2], by_hand)
+
+
+def test_feature_losses_apply_the_batch_top_k_mask():
+    """topk = 1 / 48 keeps one component for the whole batch of 6 x 8 inputs: every other input
+    runs without component 0, so through the embedding alone (x W_E W_U), and its feature's
+    loss is that path's; top-1 still keeps component 0 everywhere."""
+    from tl_depass.apd.metrics import feature_losses
+
+    target, apd = oracle_apd(1, topk=1 / 48)
+    losses = feature_losses(apd, samples=8, chunk=16)
+    g = torch.Generator().manual_seed(0)
+    values = (torch.rand(48, generator=g) * 2 - 1).reshape(6, 8)
+    x = torch.diag_embed(values.T).transpose(0, 1)  # [feature, sample, n_features]
+    embedding_only = (x @ target.W_E @ target.W_U - (x + torch.relu(x))).pow(2).mean((-1, -2))
+    same = torch.isclose(losses["apd_topk"], embedding_only, rtol=1e-5, atol=1e-8)
+    assert same.sum() >= 5 and not torch.allclose(embedding_only, losses["target"])
+    assert_close(losses["apd_top1"], losses["target"], rtol=1e-5, atol=1e-7)

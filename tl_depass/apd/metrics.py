@@ -7,7 +7,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tl_depass.apd.apd import APD
+from tl_depass.apd.apd import APD, batch_topk
 from tl_depass.apd.spd import SPD
 from tl_depass.apd.targets import ResidualMLP, ToyTarget
 
@@ -27,6 +27,7 @@ __all__ = [
     "one_hot_causal_importance",
     "permute_to_diagonal",
     "apd_top1_mse",
+    "feature_losses",
     "neuron_contributions",
 ]
 
@@ -129,6 +130,31 @@ def apd_top1_mse(apd: APD, value: float) -> Float[Tensor, " n_features"]:
     mask = torch.zeros_like(attributions)
     mask[torch.arange(x.shape[0]), attributions.argmax(-1)] = 1.0
     return (apd(x, mask) - apd.target(x)).pow(2).mean(-1)
+
+
+def feature_losses(
+    apd: APD, samples: int = 50, chunk: int = 500, seed: int = 0
+) -> dict[str, Float[Tensor, " n_features"]]:
+    """Per feature, the mean squared error to the labels on inputs where it alone is active (value
+    ~ U(-1, 1), `samples` per feature, all features in one batch): of the target ("target"), of the
+    APD model with the batch top-k mask of the training loss ("apd_topk"), and with each input's
+    single most attributed component ("apd_top1"). The residual-MLP test: top-k within 10% of the
+    target's loss. Attributions are computed `chunk` inputs at a time (memory), the mask over all."""
+    target, n = apd.target, apd.target.n_features
+    g = torch.Generator().manual_seed(seed)
+    values = torch.rand(n * samples, generator=g) * 2 - 1
+    x = torch.zeros(n * samples, n)
+    x[torch.arange(n * samples), torch.arange(n).repeat_interleave(samples)] = values
+    x = x.to(target.device)
+    attributions = torch.cat([apd.attributions(part).detach() for part in x.split(chunk)])
+    top1 = torch.zeros_like(attributions)
+    top1[torch.arange(len(x)), attributions.argmax(-1)] = 1.0
+    labels = target.labels(x)
+    with torch.no_grad():
+        outputs = {"target": target(x), "apd_topk": apd(x, batch_topk(attributions, apd.cfg.topk)),
+                   "apd_top1": apd(x, top1)}
+    return {k: (v - labels).pow(2).mean(-1).reshape(n, samples).mean(-1).cpu()
+            for k, v in outputs.items()}
 
 
 @torch.no_grad()

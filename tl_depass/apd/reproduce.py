@@ -32,6 +32,7 @@ from tl_depass.apd.metrics import (
     apd_top1_mse,
     ci_l0,
     component_weights,
+    feature_losses,
     mmcs_ml2r,
     neuron_contributions,
     one_hot_causal_importance,
@@ -152,6 +153,11 @@ def evaluate(method: APD | SPD, figures: Path | None, tag: str) -> dict:
         attributions = method.attributions(torch.eye(target.n_features) * value)
         best = attributions.argmax(-1)
         out["distinct_top1_components"] = len(set(best.tolist()))
+        if isinstance(target, ResidualMLP):  # the paper's per-feature loss comparison
+            losses = feature_losses(method)
+            out["feature_losses"] = {k: v.tolist() for k, v in losses.items()}
+            out["topk_loss_over_target"] = (losses["apd_topk"].mean() / losses["target"].mean()).item()
+            out["features_topk_within_10pct"] = int((losses["apd_topk"] <= 1.1 * losses["target"]).sum())
         if isinstance(target, ResidualMLP) and target.cfg.n_layers == 1 and figures is not None:
             w_in = component_weights(method, "layers.0.W_in")
             w_out = component_weights(method, "layers.0.W_out")
