@@ -1,6 +1,7 @@
 """The backward path of `attribute`: gradient x activation through the frozen model, exact for
-the linear rule (mlp_rule="ratio"): one recorded clean run, one forward with the frozen hooks, one
-backward, for every component of a level at once, each group's rest and bias included.
+the linear rule (mlp_rule="ratio"): one forward that freezes the model at its own values as it
+computes them (no separate clean run), one backward, for every component of a level at once,
+each group's rest and bias included.
 
 A group's components enter at its entries in forward order (the rest at `resid_pre`, heads at
 `hook_z`, the MLP at its activation); the folded forward overwrites a later entry for every
@@ -18,12 +19,13 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tl_depass.engine.backends import Model, forward_as_recorded
-from tl_depass.engine.clean_run import CleanRun, record_clean_run
-from tl_depass.engine.frozen import FROZEN_INPUTS, frozen_hooks
+from tl_depass.engine.backends import Model, canonical_names, forward_as_recorded
+from tl_depass.engine.clean_run import CleanRun, Recorder, record_clean_run, unflatten_rows
+from tl_depass.engine.frozen import freeze_own
 from tl_depass.engine.hooks import attn_z, block_hook, resid_pre
 from tl_depass.engine.replay import mlp_site
 from tl_depass.engine.validate import check_layers
+from tl_depass.errors import DepassError
 from tl_depass.levels import Heads, Label, Modules, Neurons, TokensAt
 
 Score = Callable[[Tensor], Tensor]  # own gradient at an entry -> [batch, component]
@@ -105,9 +107,24 @@ def groups(spec, model: Model, clean: CleanRun, tokens: Int[Tensor, "batch pos"]
     return out
 
 
+def entry_hooks(spec, model: Model, layers: list[int], known: dict[str, str]
+                ) -> tuple[list[str], list[str]]:
+    """The hooks where `groups(spec, ...)` takes gradients (entries; hook_mid and hook_post both
+    for an MLP: the first to fire is the activation) and the MLP hooks whose clean values it reads."""
+    if isinstance(spec, TokensAt):
+        return [spec.hook], []
+    attn = [] if isinstance(spec, Neurons) else [attn_z(layer) for layer in layers]
+    mlp = [] if isinstance(spec, Heads) or model.cfg.attn_only else [
+        f"{block_hook(layer, 'mlp')}.{n}" for layer in layers
+        for n in ("hook_pre", "hook_pre_linear", "hook_mid", "hook_post")]
+    sites = [resid_pre(layer) for layer in layers] + attn + [n for n in mlp if n.endswith(
+        ("hook_mid", "hook_post"))]
+    return [n for n in sites if n in known], [n for n in mlp if n in known]
+
+
 def read_rows(at: Int[Tensor, " batch"]) -> Callable:
-    """At `unembed.hook_in`: only the read position of each batch row goes on to the unembedding
-    ([batch, 1, d_model]), so the logits of no other position are computed (nor differentiated)."""
+    """The unembedding's input (a hook's value) at the read position of each batch row
+    ([batch, 1, d_model]): the logits of no other position are differentiated."""
     def hook(x, hook):
         rows, where = torch.arange(at.shape[0], device=x.device), at.to(x.device)
         if x.ndim == 2:  # a model that flattens the token axes: [batch*pos, d_model]
@@ -138,14 +155,17 @@ def own_gradients(parts: list[Group], captured: dict[str, Tensor], grads: dict[s
 def backward(model: Model, tokens: Int[Tensor, "batch pos"], mask: Int[Tensor, "batch pos"] | None,
              spec, readout: Callable[[Tensor], Tensor], at: Int[Tensor, " batch"]) -> Shares:
     """Gradient x activation through the frozen model for the readout of the logits at `at`
-    (`readout`: [batch, d_vocab] -> [batch]): the clean run is recorded once, then one forward
-    with the frozen hooks and one backward. The shares are on the tokens' device."""
-    entries = {spec.hook} if isinstance(spec, TokensAt) else {resid_pre(layer) for layer in (
-        [spec.layer] if isinstance(spec, Neurons) else check_layers(model, spec.layers, "layers"))}
-    clean = record_clean_run(model, tokens, mask, lambda n: n.endswith(FROZEN_INPUTS) or n in entries)
-    parts = groups(spec, model, clean, tokens, mask)
+    (`readout`: [batch, d_vocab] -> [batch]): one forward that freezes the model at its own values
+    as it computes them (`freeze_own`, recording what the clean run would), then the read rows'
+    unembedding and one backward. The shares are on the tokens' device."""
+    layers = [] if isinstance(spec, TokensAt) else [spec.layer] if isinstance(spec, Neurons) else \
+        check_layers(model, spec.layers, "layers")
+    known = canonical_names(model)
+    sites, mlp = entry_hooks(spec, model, layers, known)
+    # What `groups` reads: the entries' values (their captures, below) and the MLP's
+    # pre-activations (recorded here).
+    recorder = Recorder(tuple(tokens.shape), lambda name: True, check=False)
     captured: dict[str, Tensor] = {}
-    names = list(dict.fromkeys(s.hook for part in parts for s in part.sites))
     first = resid_pre(0)  # the graph starts here: every later hook is differentiable
 
     def capture(name):
@@ -154,20 +174,37 @@ def backward(model: Model, tokens: Int[Tensor, "batch pos"], mask: Int[Tensor, "
             return y
         return hook
 
-    # Captured after the frozen hooks: what they replace (hook_z, the MLP activation) is captured
-    # as replaced; nothing captured here is an input the frozen hooks stash.
-    hooks = ([(first, capture(first))] + frozen_hooks(model, clean)
-             + [(n, capture(n)) for n in names if n != first]
-             + [("unembed.hook_in", read_rows(at)), ("unembed.hook_out", capture("logits"))])
-    with torch.enable_grad(), forward_as_recorded(model), model.hooks(fwd_hooks=hooks):
-        model(tokens, attention_mask=mask)
-        value = readout(captured.pop("logits").reshape(tokens.shape[0], -1)).sum()
+    # The entries at hook_z and the MLP activation are what the freezing hooks return (the
+    # model's own value, the frozen model's gradient); the others are captured here.
+    hooks = ([(first, capture(first))]
+             + [(n, recorder.hook(n)) for n in mlp if n.endswith(("hook_pre", "hook_pre_linear"))]
+             + freeze_own(model, tuple(tokens.shape), known, captured)
+             + [(n, capture(n)) for n in sites if n != first and n.endswith("resid_pre")]
+             + [("unembed.hook_in", lambda x, hook: captured.update(final=x)),
+                ("unembed.hook_out", lambda x, hook: captured.update(logits=x.detach()))])
+    with torch.enable_grad(), forward_as_recorded(model):
+        with model.hooks(fwd_hooks=hooks):
+            logits = model(tokens, attention_mask=mask)
+        try:  # the clean run's check; only if it fails is the clean run recorded, to name the hook
+            clean = recorder.finish(logits.detach(), mask)
+        except DepassError:
+            record_clean_run(model, tokens, mask, lambda name: False)
+            raise
+        clean.order += [n for n in sites if n in captured]  # which fired (hook_mid: SoLU)
+        clean.values |= {n: unflatten_rows(captured[n].detach(), *tokens.shape)
+                         for n in [*sites, "logits"] if n in captured}
+        # the read rows' logits again, differentiably: the frozen forward unembedded every
+        # position, as the clean run does, so its logits (the metric) are the clean run's
+        read = model.unembed(read_rows(at)(captured.pop("final"), None))
+        value = readout(read.reshape(tokens.shape[0], -1)).sum()
+        parts = groups(spec, model, clean, tokens, mask)
+        names = list(dict.fromkeys(s.hook for part in parts for s in part.sites))
         grads = dict(zip(names, torch.autograd.grad(value, [captured[n] for n in names],
                                                     retain_graph=True, materialize_grads=True),
                          strict=True))
         own = own_gradients(parts, captured, grads)
     home = tokens.device
-    clean_logits = clean["unembed.hook_out"]  # pre-softcap, as the readout reads them
+    clean_logits = clean["logits"]  # unembed.hook_out: pre-softcap, as the readout reads them
     metric = readout(clean_logits[torch.arange(len(at), device=clean_logits.device),
                                   at.to(clean_logits.device)]).detach().to(home)
     named, remainder, rest_labels = [], [], []

@@ -79,8 +79,9 @@ def test_backward_and_forward_tables_have_the_same_rows(model, prompts, componen
 
 
 def test_one_forward_fewer(model, prompts):
-    """The backward path's clean metric comes from the clean run attribute records: two forwards
-    per batch (clean, frozen), not a third clean one, and the metric is bit for bit the one the
+    """The backward path's clean metric comes from the forward attribute runs: one forward per
+    batch (the frozen forward computes the clean values; no separate clean run, no third one for
+    the metric), and the metric is bit for bit the one the
     runner's own clean forward used to read (`unembed.hook_out` at the last token)."""
     calls = []
     handle = model.register_forward_hook(lambda module, args, out: calls.append(1))
@@ -88,7 +89,7 @@ def test_one_forward_fewer(model, prompts):
         table = run(model, prompts, Heads(), "ratio", batch_size=1)  # no padding: the same input
     finally:
         handle.remove()
-    assert len(calls) == 2 * len(prompts)  # one batch per prompt
+    assert len(calls) == len(prompts)  # one batch per prompt, one forward per batch
     got = {}
 
     def keep(x, hook):

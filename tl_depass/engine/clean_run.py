@@ -53,38 +53,56 @@ def unflatten_rows(x: Tensor, batch: int, pos: int) -> Tensor:
     return x
 
 
+class Recorder:
+    """The clean run's recording hooks, for any forward that computes the clean values (the
+    clean run itself, or the backward path's frozen forward, `frozen.FreezeOwn`): the order in
+    which hook points fire, the first non-finite one, and the values `record` names."""
+
+    def __init__(self, shape: tuple[int, int], record: Callable[[str], bool],
+                 check: bool = True) -> None:
+        self.shape, self.record, self.check = shape, record, check  # check: each hook's finiteness
+        self.order: list[str] = []
+        self.values: dict[str, Tensor] = {}
+        self.fired: set[str] = set()
+        self.finite: list[tuple[str, Tensor]] = []  # per hook call, in order: all values finite?
+
+    def hook(self, name: str) -> Callable:
+        def hook(x: Tensor, hook) -> Tensor | None:
+            if name not in self.fired:
+                self.fired.add(name)
+                self.order.append(name)
+            if self.check and x.is_floating_point() and not name.endswith(MASKED):
+                self.finite.append((name, finite_flag(x)))  # read in finish(), if needed
+            if self.record(name):
+                self.values[name] = unflatten_rows(x.detach().clone(), *self.shape)
+            return clean_hook_value(name, x)
+        return hook
+
+    def hooks(self, model: Model) -> list[tuple[str, Callable]]:
+        """A recording hook at every hook point of `model`."""
+        return [(name, self.hook(name)) for name in dict.fromkeys(canonical_names(model).values())]
+
+    def finish(self, logits: Tensor, attention_mask: Tensor | None) -> CleanRun:
+        """The clean run, once the forward has returned `logits`; a `DepassError` naming the
+        first non-finite hook if the logits of a real (unpadded) position are not finite."""
+        real = logits if attention_mask is None else torch.where(  # padding counts as finite
+            attention_mask.bool().to(logits.device)[..., None], logits, 0)
+        if not all_finite(real):  # (one host sync; the hooks' flags are read only now)
+            first = next((name for name, flag in self.finite if not flag), "the logits")
+            raise DepassError(f"the clean run is not finite: NaN or inf first appear at {first}; "
+                              "check the weights there (and norm eps > 0)")
+        return CleanRun(self.order, place_patterns(self.values), logits)
+
+
 def record_clean_run(
     model: Model, tokens: Int[Tensor, "batch pos"], attention_mask: Tensor | None,
     record: Callable[[str], bool],
 ) -> CleanRun:
     """Run `model` once, unchanged (recording hooks change no value), keeping what `record` names."""
-    order: list[str] = []
-    seen: set[str] = set()
-    values: dict[str, Tensor] = {}
-    finite: list[tuple[str, Tensor]] = []  # per hook call, in forward order: all values finite?
-
-    def recorder(name: str):
-        def hook(x: Tensor, hook) -> Tensor | None:
-            if name not in seen:
-                seen.add(name)
-                order.append(name)
-            if x.is_floating_point() and not name.endswith(MASKED):
-                finite.append((name, finite_flag(x)))  # read only if the logits are not finite
-            if record(name):
-                values[name] = unflatten_rows(x.detach().clone(), *tokens.shape)
-            return clean_hook_value(name, x)
-        return hook
-
-    hooks = [(name, recorder(name)) for name in dict.fromkeys(canonical_names(model).values())]
-    with torch.no_grad(), forward_as_recorded(model), model.hooks(fwd_hooks=hooks):
+    recorder = Recorder(tuple(tokens.shape), record)
+    with torch.no_grad(), forward_as_recorded(model), model.hooks(fwd_hooks=recorder.hooks(model)):
         logits = model(tokens, attention_mask=attention_mask)
-    real = logits if attention_mask is None else torch.where(  # padding counts as finite
-        attention_mask.bool().to(logits.device)[..., None], logits, 0)
-    if not all_finite(real):
-        bad = [name for name, flag in finite if not flag]
-        raise DepassError(f"the clean run is not finite: NaN or inf first appear at "
-                          f"{bad[0] if bad else 'the logits'}; check the weights there (and norm eps > 0)")
-    return CleanRun(order, place_patterns(values), logits)
+    return recorder.finish(logits, attention_mask)
 
 
 def place_patterns(values: dict[str, Tensor]) -> dict[str, Tensor]:
