@@ -73,3 +73,16 @@ def test_memory_check_on_cuda_refuses_before_allocating():
     assert estimate.total > 0
     with pytest.raises(DepassError, match="max_memory|chunk_size"):
         tl_depass.decompose(gpu, tokens, "tokens", max_memory=1)
+
+
+def test_ratio_token_level_runs_one_forward_on_cuda(monkeypatch):
+    """On a GPU the ratio rule keeps one forward (its CPU default is 2-8 windowed chunks)."""
+    from tl_depass.engine import sweep
+
+    _, gpu = pair(n_ctx=64)
+    tokens = random_tokens(gpu, batch=1, pos=64).cuda()
+    built = []
+    original = sweep.FoldedForward
+    monkeypatch.setattr(sweep, "FoldedForward", lambda *a, **k: built.append(1) or original(*a, **k))
+    tl_depass.decompose(gpu, tokens, "tokens", mlp_rule="ratio")
+    assert len(built) == 1

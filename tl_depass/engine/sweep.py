@@ -48,9 +48,12 @@ def fastest_chunk(model: Model, plan: Plan, rule: rules.Rule, chunk: int | None,
     """`chunk` (the largest that fits; None: all in one forward), or a smaller one where that
     is faster: with the linear rule (no statistics sweep) chunks of token components skip the
     positions before their first (`window`), so c chunks do about (1 + 1/c)/2 of one forward's
-    work, against a fixed cost per forward."""
+    work, against a fixed cost per forward. Not on a GPU, where the fixed cost wins (an H200,
+    docs/benchmarks.md "GPU (H200)": the ratio rule in 2-8 windows cost 1.4-2.1x the softmax rule's
+    one forward)."""
     c = min(MAX_WINDOWS, pos // WINDOW_POSITIONS)
-    if rule != "ratio" or c < 2 or len(plan.groups) > 1 or not window(model, plan, 1, 1):
+    on_cpu = next(iter(model.parameters())).device.type == "cpu"
+    if rule != "ratio" or c < 2 or len(plan.groups) > 1 or not on_cpu or not window(model, plan, 1, 1):
         return chunk
     size = -(-plan.total // c)
     return size if chunk is None else min(chunk, size)
