@@ -100,8 +100,9 @@ def plan(model: Model, batch: int, pos: int, counts: tuple[int, int], kept: list
 
 
 def check_backward(model: Model, tokens: Integer[Tensor, "batch pos"], max_memory: int | None) -> None:
-    """attribute's backward path needs the clean run and one forward whose activations autograd
-    keeps (`footprint.backward_graph`). Refuse it when that does not fit."""
+    """attribute's backward path needs one forward whose activations autograd keeps
+    (`footprint.backward_graph`) and what it records as the clean run would (counted as a clean
+    run: an upper bound). Refuse it when that does not fit."""
     cfg, (batch, pos) = model.cfg, tokens.shape
     elements = footprint.clean_run(cfg, batch, pos) + footprint.backward_graph(cfg, batch, pos)
     need = next(model.parameters()).element_size() * elements

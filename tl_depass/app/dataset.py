@@ -39,7 +39,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="how MLP activations are shared; ratio uses the backward path. "
                    "Default: %(default)s")
     d.add_argument("--method", choices=("auto", "forward", "backward"), default="auto",
-                   help="auto: the backward path for --rule ratio (two forwards and one "
+                   help="auto: the backward path for --rule ratio (one forward and one "
                    "backward per batch), the forward engine otherwise; both give the same rows, "
                    "each group's rest and bias included. Default: %(default)s")
     d.add_argument("--batch-size", type=int, help="prompts per batch (default: chosen for memory)")
