@@ -248,3 +248,22 @@ def test_decomposition_seed_reuses_the_target_and_gets_its_own_run_folder(tmp_pa
         "tms-5-2-apd_seed0_steps4_batch64",
         "tms-5-2-apd_seed0_dseed3_steps4_batch64",
     }
+
+
+def test_finished_checkpoint_from_another_device_loads_without_training(tmp_path):
+    """A checkpoint with no step left to train (finished, or at/past stop_at) loads on any
+    device: its weights, no optimiser or random state, and the file is left as written."""
+    target = make_target(TMSConfig(n_features=5, n_hidden=2, seed=4))
+    cfg = shortened(preset("tms-5-2", "spd"), steps=4, batch_size=8).method
+    trained = SPD(target, cfg)
+    history = train(trained, target.sample, cfg.optim, 5, tmp_path, stop_at=2, progress="none")
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    torch.save({**state, "device": "cuda"}, tmp_path / "checkpoint.pt")
+    written = (tmp_path / "checkpoint.pt").read_bytes()
+    fresh = SPD(target, cfg)
+    again = train(fresh, target.sample, cfg.optim, 5, tmp_path, stop_at=2, progress="none")
+    assert again == history and (tmp_path / "checkpoint.pt").read_bytes() == written
+    for name, value in trained.state_dict().items():
+        torch.testing.assert_close(fresh.state_dict()[name], value, rtol=0, atol=0)
+    with pytest.raises(DepassError, match="loads on any device"):  # steps 3-4 are left
+        train(SPD(target, cfg), target.sample, cfg.optim, 5, tmp_path, progress="none")

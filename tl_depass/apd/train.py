@@ -153,7 +153,7 @@ def train(
     optimizer = _optimizer(params, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     generator = torch.Generator(device=params[0].device).manual_seed(seed)
-    step, history = 0, []
+    step, history, moved = 0, [], False
     checkpoint = run_dir / CHECKPOINT_NAME if run_dir is not None else None
     if checkpoint is not None and checkpoint.exists():
         state = load_checkpoint(checkpoint, generator.device)
@@ -163,17 +163,20 @@ def train(
                 "use another run folder, or the settings it was written with."
             )
         written_on = state.get("device", "cpu")
-        if written_on != generator.device.type:
+        moved = written_on != generator.device.type  # loads only where no step is left to train
+        if moved and state["step"] < (cfg.steps if stop_at is None else min(stop_at, cfg.steps)):
             raise DepassError(
                 f"{checkpoint} was written on {written_on} and cannot resume exactly on "
                 f"{generator.device.type} (different random streams): resume it on {written_on}, "
-                "or use another run folder."
+                "or use another run folder (a finished checkpoint, or one at or past stop_at, "
+                "loads on any device)."
             )
         try:
             objective.load_state_dict(state["objective"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            generator.set_state(state["generator"].cpu())  # a CPU ByteTensor, also for CUDA
+            if not moved:
+                optimizer.load_state_dict(state["optimizer"])
+                scheduler.load_state_dict(state["scheduler"])
+                generator.set_state(state["generator"].cpu())  # a CPU ByteTensor, also for CUDA
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
             raise DepassError(f"{checkpoint} does not fit this model ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else e!r}): it was written by "
@@ -224,7 +227,8 @@ def train(
             if interrupted:
                 break
     bar.close()
-    save()
+    if not moved:  # a checkpoint from another device stays as it was written
+        save()
     if interrupted:
         where = f"; checkpoint in {run_dir}, rerun to resume" if run_dir else ""
         raise KeyboardInterrupt(f"{description}: interrupted after step {step}{where}.")
