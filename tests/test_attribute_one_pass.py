@@ -4,6 +4,7 @@ values are the clean run's exactly, and its shares are the forward path's."""
 
 import pytest
 import torch
+from counting import forwards
 from matrix import MATRIX
 from tiny import close, make_model, random_tokens
 
@@ -13,17 +14,6 @@ from tl_depass.errors import DepassError
 
 LEVELS = {"tokens": "tokens", "tokens_at_1": TokensAt(1), "heads": Heads(), "modules": Modules(),
           "neurons": Neurons(1, [0, 3, 5])}
-
-
-def forwards(model, fn):
-    """How many times `model` runs its forward during `fn()`, and `fn()`'s result."""
-    calls = []
-    handle = model.register_forward_hook(lambda module, args, out: calls.append(1))
-    try:
-        out = fn()
-    finally:
-        handle.remove()
-    return len(calls), out
 
 
 @pytest.mark.parametrize("level", list(LEVELS))

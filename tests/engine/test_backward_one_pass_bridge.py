@@ -4,6 +4,7 @@ tests/test_attribute_one_pass.py for the HookedTransformer) and gives the forwar
 import pytest
 import torch
 from bridges import make_bridge
+from counting import forwards
 
 import tl_depass
 from tl_depass import Heads, Modules, Neurons
@@ -12,17 +13,6 @@ from tl_depass.tolerances import completeness_rtol
 
 if bridge_class() is None:
     pytest.skip("this transformer_lens has no TransformerBridge", allow_module_level=True)
-
-
-def forwards(model, fn):
-    """How many times `model` runs its forward during `fn()`, and `fn()`'s result."""
-    calls = []
-    handle = model.register_forward_hook(lambda module, args, out: calls.append(1))
-    try:
-        out = fn()
-    finally:
-        handle.remove()
-    return len(calls), out
 
 
 @pytest.mark.parametrize("arch", ["GPT2LMHeadModel", "LlamaForCausalLM", "OPTForCausalLM"])
