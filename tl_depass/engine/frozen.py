@@ -98,11 +98,9 @@ def freeze_own(model: Model, shape: tuple[int, int], known: dict[str, str],
                                            for layer in range(model.cfg.n_layers)]
     gated = [f"{m}.hook_post" for m in mlps] if model.cfg.gated_mlp else []
     check_user_hooks(model, [f"{a}.hook_z" for a in attn] + gated)  # as `replaced_hooks`
-    slopes: dict = {}  # the activation's slope at 0, once per function (`rules.slope_at_zero`)
     for prefix in mlps:
         state = {}
-        fn = act_fn(model, prefix)
-        freeze = frozen_activation(fn, state, shape, bool(gated), slopes, frozen)
+        freeze = frozen_activation(act_fn(model, prefix), state, shape, bool(gated), frozen)
         hooks += [(f"{prefix}.hook_pre", lambda x, hook, s=state: s.update(pre=x))]
         hooks += [(f"{prefix}.hook_pre_linear", lambda x, hook, s=state: s.update(up=x.detach()))
                   ] if gated else []
@@ -117,7 +115,7 @@ def keep(frozen: dict[str, Tensor], name: str, x: Tensor) -> Tensor:
 
 
 def frozen_activation(fn: Callable, state: dict, shape: tuple[int, int], gated: bool,
-                      slopes: dict, frozen: dict[str, Tensor]) -> Callable:
+                      frozen: dict[str, Tensor]) -> Callable:
     """The MLP's activation: its own value, the gradient ratio * that of the output (at the first
     of hook_mid / hook_post to fire; SoLU's hook_post, after the MLP's norm, is left alone)."""
     def hook(x: Tensor, name: str) -> Tensor | None:
@@ -125,14 +123,8 @@ def frozen_activation(fn: Callable, state: dict, shape: tuple[int, int], gated: 
             return None
         state["done"] = True
         pre, post = state["pre"], unflatten_rows(x.detach(), *shape)
-        clean = unflatten_rows(pre.detach(), *shape)
-        if fn not in slopes:
-            slopes[fn] = rules.slope_at_zero(fn, clean.shape[-1], clean)
-        if gated:  # rules.neuron_facts' ratio, the slope at 0 computed once
-            up = unflatten_rows(state["up"], *shape)
-            ratio = torch.where(clean != 0, fn(clean) / clean, slopes[fn]) * up
-        else:
-            ratio = torch.where(clean != 0, post / clean, slopes[fn])
+        up = unflatten_rows(state["up"], *shape) if gated else None
+        ratio = rules.neuron_facts(fn, unflatten_rows(pre.detach(), *shape), post, up).ratio
         return keep(frozen, name, Frozen.apply(
             x, pre, lambda g: (g.reshape(ratio.shape) * ratio).reshape(pre.shape)))
     return hook
