@@ -52,7 +52,7 @@ def fastest_chunk(model: Model, plan: Plan, rule: rules.Rule, chunk: int | None,
     docs/benchmarks.md "GPU (H200)": the ratio rule in 2-8 windows cost 1.4-2.1x the softmax rule's
     one forward)."""
     c = min(MAX_WINDOWS, pos // WINDOW_POSITIONS)
-    on_cpu = next(iter(model.parameters())).device.type == "cpu"
+    on_cpu = next(model.parameters()).device.type == "cpu"
     if rule != "ratio" or c < 2 or len(plan.groups) > 1 or not on_cpu or not window(model, plan, 1, 1):
         return chunk
     size = -(-plan.total // c)
