@@ -1,13 +1,13 @@
 """Groups entering at an MLP's output (Neurons, MLPByPosition) start after that block: block L runs
 for the rest, probe and bias alone, the components' share of the MLP output is computed from their
-rows (plan.mlp_output_entry, replay.FoldedForward.after_mlp). Equal to the full replay to the
+rows (plan.mlp_output_entry, through.after_mlp). Equal to the full replay to the
 float64 completeness tolerance, for every rule, kept hooks inside block L, padding and chunks."""
 
 import pytest
 import torch
 
 import tl_depass
-from tl_depass.engine import plan, replay
+from tl_depass.engine import plan, through
 from tl_depass.levels.units import MLPByPosition, Neurons
 from tl_depass.tolerances import completeness_rtol
 
@@ -28,13 +28,13 @@ def model_of(arch: str, **overrides):
 def both(monkeypatch, model, tokens, components, **options):
     """(new path, full replay) of one call, checking that the new path was taken."""
     taken = []
-    real = replay.FoldedForward.after_mlp
+    real = through.after_mlp
 
-    def spy(self, *args):
-        taken.append(self.plan.through.layer)
-        return real(self, *args)
+    def spy(ff, *args):
+        taken.append(ff.plan.through.layer)
+        return real(ff, *args)
     with monkeypatch.context() as m:
-        m.setattr(replay.FoldedForward, "after_mlp", spy)
+        m.setattr(through, "after_mlp", spy)
         quick = tl_depass.decompose(model, tokens, components, **options)
     assert taken, "the MLP-output entry was not used"
     with monkeypatch.context() as m:

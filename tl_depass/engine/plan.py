@@ -69,7 +69,7 @@ class Plan:
     start_layer: int = 0
     # Groups entering at the output of MLP `through.layer` = L (`mlp_output_entry`): the forward
     # starts at block L + 1 (`start_layer`) from each slot's resid_post at L, which
-    # `replay.FoldedForward.after_mlp` builds from `block` (this plan's groups through block L,
+    # `through.after_mlp` builds from `block` (this plan's groups through block L,
     # run for the rest, probe and bias alone) and the components' rows at the MLP's activation.
     through: MLPSite | None = None
     block: "Plan | None" = None

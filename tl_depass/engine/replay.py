@@ -16,13 +16,13 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from tl_depass.engine import rules
+from tl_depass.engine import rules, through
 from tl_depass.engine.backends import Model, forward_as_recorded, is_bridge
 from tl_depass.engine.clean_run import CleanRun
-from tl_depass.engine.fast import FastPaths, fast_paths, mlp_output, skipping_frozen
+from tl_depass.engine.fast import FastPaths, fast_paths, skipping_frozen
 from tl_depass.engine.fast_bridge import frozen_attention, skipping_frozen_bridge, starting_at
 from tl_depass.engine.groups import Entry
-from tl_depass.engine.hooks import block_hook, resid_pre
+from tl_depass.engine.hooks import resid_pre
 from tl_depass.engine.plan import MLPSite, Plan, mlp_site
 
 __all__ = ["FoldedForward", "MLPSite", "Plan", "RuleSetup", "attend", "mlp_site"]
@@ -229,48 +229,6 @@ class FoldedForward:
             hooks.append(("unembed.hook_in", self.unembed_rows(logits)))
         return [(n, self.rowwise(fn)) for n, fn in hooks]
 
-    def after_mlp(self, tokens: Int[Tensor, "batch pos"], mask: Tensor | None
-                  ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Groups entering at the output of MLP L (`Plan.through`): each slot's resid_post at L
-        (folded) and the kept values of block L. Block L runs for the rest, probe and bias alone
-        (`Plan.block`); the other components are exactly zero there until the MLP's output,
-        computed here from their rows at the MLP's activation as the folded forward would."""
-        p, w, n = self.plan, self.window, len(self.groups)
-        head = FoldedForward(self.model, self.clean, p.block, self.setup, 0, 1, {}).run(
-            tokens, mask, stop=p.through.layer + 1)  # [group, rest/probe/bias, batch, ...]
-
-        def widen(x: Tensor) -> Tensor:  # this chunk's slots: its components zero but the rest
-            out = x.new_zeros((n, self.width, *x.shape[2:]))
-            out[:, -2:] = x[:, 1:]
-            if self.offset == 0:
-                out[:, 0] = x[:, 0]
-            return out
-        kept = {name: widen(value) for name, value in head.items()}
-        module = self.model.get_submodule(p.through.prefix)
-        entries = [next(e for e in g.entries if not e.rest) for g in self.groups]
-        bias = [None if e.bias is None else e.bias[:, w:] for e in entries]
-        if p.through.act_hook in p.keep or any(e.written is None for e in entries):
-            post = torch.stack([self.slots_of(e.rows(self.offset, self.k)[:, :, w:], b)
-                                for e, b in zip(entries, bias, strict=True)])
-            out = correct(self.view(mlp_output(module, fold(post))))  # as the folded forward
-            kept[p.through.act_hook] = post
-        else:  # the rows only feed W_out: a_i W_out[i] (without b_out added and taken off)
-            out = torch.stack([self.slots_of(
-                e.written(self.offset, self.k, module.W_out)[:, :, w:],
-                None if b is None else mlp_output(module, b)) for e, b in zip(entries, bias, strict=True)])
-        layer = p.through.layer
-        resid = kept[block_hook(layer, "hook_resid_mid")] + out
-        kept |= {block_hook(layer, "hook_mlp_out"): out, block_hook(layer, "hook_resid_post"): resid}
-        return fold(resid), {name: value for name, value in kept.items() if name in p.keep}
-
-    @staticmethod
-    def slots_of(rows: Tensor, bias: Tensor | None) -> Tensor:
-        """One group's slots from its components' `rows`: a zero probe, the bias (None: zero)."""
-        ends = rows.new_zeros((2, *rows.shape[1:]))
-        if bias is not None:
-            ends[1] = bias
-        return torch.cat([rows, ends])
-
     def run(self, tokens: Int[Tensor, "batch pos"], attention_mask: Tensor | None,
             collect: MLPSite | None = None, stop: int | None = None) -> dict:
         model, out, p, w = self.model, {}, self.plan, self.window
@@ -282,8 +240,8 @@ class FoldedForward:
         block: dict[str, Tensor] = {}
         start = contextlib.nullcontext()
         if p.through is not None:  # HookedTransformer: block L only for the rest, probe and bias
-            folded, block = self.after_mlp(
-                tokens, None if attention_mask is None else attention_mask[:, w:])
+            folded, block = through.after_mlp(
+                self, tokens, None if attention_mask is None else attention_mask[:, w:])
             options["start_at_layer"] = p.start_layer
         elif p.start_layer:  # the blocks before the entry are never run
             folded = self.clean[resid_pre(p.start_layer)].repeat(self.slots, 1, 1)
