@@ -19,6 +19,7 @@ from tiny import GPT2_LIKE, LLAMA_LIKE, make_model, random_tokens
 from torch.testing import assert_close
 
 from tl_depass import completeness_rtol
+from tl_depass.engine import rules
 
 FAMILIES = {"gpt2": GPT2_LIKE, "llama": LLAMA_LIKE}
 RULES = ["softmax", "max", "ratio"]
@@ -171,6 +172,29 @@ def test_split_activation_known_answers():
     excluded = torch.tensor([True, False, False])[:, None, None]
     assert split([5.0, 0.0, 1.0], "max", excluded) == [0, 0, 3]
     assert split([5.0, 0.0, 0.0], "softmax", excluded) == [0, 0, 3]
+
+
+@pytest.mark.parametrize("rule", ["softmax", "max"])
+def test_library_split_equals_the_reference_split(rule):
+    """The engine's rule (engine/rules.shares, written out for speed) against the reference's
+    `split_activation` (torch.softmax / argmax), float64: exact zeros, excluded contributors, and
+    neurons where nobody is left (every g zero, or every contributor excluded)."""
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(7, 2, 5, 6, generator=gen, dtype=torch.float64)
+    g[2] = 0.0  # a contributor that is exactly zero everywhere (a probe)
+    g[:, 0, 1, 3] = 0.0  # nobody left at one neuron
+    g[:, 1, 2] *= torch.rand(7, 6, generator=gen, dtype=torch.float64) > 0.5  # scattered zeros
+    excluded = torch.zeros(7, 2, 5, dtype=torch.bool)
+    excluded[0] = True  # BOS-like: one component excluded everywhere
+    excluded[:-1, 1, 4] = True  # every component but the bias excluded at one position
+    a = torch.randn(2, 5, 6, generator=gen, dtype=torch.float64)
+    facts = rules.NeuronFacts(a, torch.zeros_like(a), torch.ones_like(a))
+    for temperature in (1.0, 0.1):
+        got = rules.shares(rule, g, excluded, torch.arange(7), temperature, facts, None)
+        want = split_activation(g, a, excluded, rule, temperature)
+        tol = completeness_rtol(torch.float64)
+        assert_close(got, want, rtol=tol, atol=tol, msg=lambda m, t=temperature: f"T={t}: {m}")
+        assert_close(got.sum(0), a, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
