@@ -145,12 +145,13 @@ def decompose(
 
 def fill_before_entry(results: dict[str, Tensor], clean: CleanRun, parts: list[Group]) -> None:
     """At hooks before a group enters (earlier layers, for Heads), its first component ("rest")
-    carries the whole clean activation and the others nothing (`run_chunks` left them zero)."""
+    carries the whole clean activation and the others nothing."""
     size = len(parts[0].labels)
     for g, part in enumerate(parts):
         first = min(clean.order.index(e.hook) for e in part.entries)
         for name, value in results.items():
             if name in clean.order and clean.order.index(name) < first:
+                value[g * size:(g + 1) * size] = 0
                 value[g * size] = clean[name]
 
 
