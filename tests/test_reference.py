@@ -195,6 +195,16 @@ def test_library_split_equals_the_reference_split(rule):
         tol = completeness_rtol(torch.float64)
         assert_close(got, want, rtol=tol, atol=tol, msg=lambda m, t=temperature: f"T={t}: {m}")
         assert_close(got.sum(0), a, rtol=tol, atol=tol)
+        # chunked as run_chunks does: each chunk's components and the bias, statistics over all
+        chunks, index = [[0, 1, 2], [3, 4, 5]], torch.arange(7)
+        total = rules.stats(rule, g[6:], excluded[6:], index[6:], temperature)
+        for ids in chunks:
+            part = rules.stats(rule, g[ids], excluded[ids], index[ids], temperature)
+            total = rules.combine(rule, total, part)
+        pieces = [rules.shares(rule, g[ids + [6]], excluded[ids + [6]], index[ids + [6]], temperature,
+                               facts, total) for ids in chunks]
+        chunked = torch.cat([pieces[0], pieces[1][:-1]])[[0, 1, 2, 4, 5, 6, 3]]
+        assert_close(chunked, want, rtol=tol, atol=tol, msg=lambda m, t=temperature: f"chunked T={t}: {m}")
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -90,7 +90,7 @@ def stats(
         scaled = (g / temperature).masked_fill_(out, -torch.inf)
         top = scaled.amax(0)
         safe = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-        return Stats(top, torch.exp(scaled - safe).sum(0))
+        return Stats(top, scaled.sub_(safe).exp_().sum(0))
     best, arg = g.masked_fill(out, -torch.inf).max(0)
     return Stats(best, index[arg])
 
@@ -118,25 +118,18 @@ def shares(
         return finish(g * facts.ratio, facts)
     index, excluded = on_device(g, index, excluded)
     out_mask = _excluded(g, excluded)
-    if rule == "softmax" and total is None:
-        # written out, in place: half the time of torch.softmax over dim 0 and its `nobody` mask
+    if rule == "softmax":  # written out, in place: half the time of torch.softmax over dim 0
         scaled = (g / temperature).masked_fill_(out_mask, -torch.inf)
-        top = scaled.amax(0)
+        top = scaled.amax(0) if total is None else total.top
         weight = scaled.sub_(torch.where(torch.isfinite(top), top, torch.zeros_like(top))).exp_()
-        rest = weight.sum(0)  # >= 1 (the top term) unless every contributor is left out
-        nobody = rest == 0
-        weight.mul_(facts.act / rest.masked_fill_(nobody, 1.0))
+        rest = weight.sum(0) if total is None else total.rest
+        nobody = rest == 0  # rest >= 1 (the top term) unless every contributor is left out
+        weight.mul_(facts.act / rest.masked_fill(nobody, 1.0))
         weight[-1] += torch.where(nobody, facts.act, 0)  # nobody left: all to the bias
         return finish(weight, facts)
-    if rule == "softmax":
-        safe = torch.where(torch.isfinite(total.top), total.top, torch.zeros_like(total.top))
-        weight = (g / temperature).sub_(safe).masked_fill_(out_mask, -torch.inf).exp_().div_(total.rest)
-        orphan = total.rest == 0
-    else:
-        total = total or stats(rule, g, excluded, index, temperature)
-        orphan = ~torch.isfinite(total.top)
-        weight = ((index[:, None, None, None] == total.rest) & ~orphan).to(g.dtype)
-    out = torch.nan_to_num(weight, nan=0.0).mul_(facts.act)
+    total = total or stats(rule, g, excluded, index, temperature)
+    orphan = ~torch.isfinite(total.top)
+    out = ((index[:, None, None, None] == total.rest) & ~orphan).to(g.dtype).mul_(facts.act)
     out[-1] += torch.where(orphan, facts.act, 0)
     return finish(out, facts)
 
