@@ -82,7 +82,7 @@ def run_chunks(model: Model, tokens: Int[Tensor, "batch pos"], mask: Tensor | No
                ) -> dict[str, Tensor]:
     """Every kept value, [group*(components+1), batch, ...] by hook (each group's bias last).
     Groups run from the block where they enter (`by_entry_layer`); a kept hook before a part's
-    entry is left zero for that part's groups (`decompose` fills it from the clean run).
+    entry is left unset for that part's groups (`decompose.fill_before_entry` writes all of it).
     With one part, hooks whose values a forward keeps as one tensor (a HookedTransformer's
     `blocks.L.hook_resid_post` and `blocks.{L+1}.hook_resid_pre`) share one result tensor."""
     total, out = plan.total, {}
@@ -91,13 +91,12 @@ def run_chunks(model: Model, tokens: Int[Tensor, "batch pos"], mask: Tensor | No
         if len(parts) == 1 and len(chunks_of(plan, chunk_size)) == 1:
             kept = FoldedForward(model, clean, parts[0][1], setup, 0, total, {}).kept(tokens, mask)
             return keep_zeros(own_results(kept), clean, plan)
-        regions, written = [], {}  # every part's chunks; which of them kept which hook
         for ids, part in parts:
             if ids == list(range(ids[0], ids[-1] + 1)):  # a slice: no index copied to the device
                 ids = slice(ids[0], ids[-1] + 1)
             chunks = chunks_of(part, chunk_size)
             stats: Mapping[str, rules.Stats] = statistics(model, tokens, mask, clean, part, setup, chunks)
-            for region, (offset, k) in enumerate(chunks, len(regions)):
+            for offset, k in chunks:
                 start = window(model, part, offset, k)
                 kept = FoldedForward(model, clean, part, setup, offset, k, stats, start).kept(tokens, mask)
                 first = {}  # the first hook keeping each tensor
@@ -106,7 +105,7 @@ def run_chunks(model: Model, tokens: Int[Tensor, "batch pos"], mask: Tensor | No
                     alias = first.setdefault(view_key(value), name) if len(parts) == 1 else name
                     if name not in out and alias != name:
                         out[name] = out[alias]
-                    elif name not in out:  # every region is written below or zeroed at the end
+                    elif name not in out:  # unset before a part's entry: see the docstring
                         shape = list(value.shape[2:])
                         shape[1] += start if per_pos else 0
                         out[name] = value.new_empty((len(plan.groups), total + 1, *shape))
@@ -115,13 +114,6 @@ def run_chunks(model: Model, tokens: Int[Tensor, "batch pos"], mask: Tensor | No
                     out[name][ids, offset:offset + k, :, start if per_pos else 0:] = value[:, :k]
                     if offset == 0:  # the bias slot needs every position: window 0 here
                         out[name][ids, total] = value[:, -1]
-                    written.setdefault(name, set()).add(region)
-            regions += [(ids, offset, k) for offset, k in chunks]
-        for name, value in out.items():  # e.g. groups entering after the hook: zero there
-            for ids, offset, k in (r for i, r in enumerate(regions) if i not in written[name]):
-                value[ids, offset:offset + k] = 0
-                if offset == 0:
-                    value[ids, total] = 0
     return keep_zeros({name: value.flatten(0, 1) for name, value in out.items()}, clean, plan)
 
 
