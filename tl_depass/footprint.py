@@ -31,8 +31,9 @@ from tl_depass.levels import Heads, Modules, Neurons
 # Per row and position, in units of the model's dtype: the MLP's working set (pre-activation,
 # its corrected copy, the activation, the rule's temporaries), the attention's (scores, masked
 # scores, pattern), and the residual stream's (a few copies alive around each hook); at the end
-# the raw logits (before and after b_U) next to the corrected ones.
-MLP_TEMPS, ATTN_TEMPS, RESID_TEMPS = 10, 4, 6
+# the raw logits (before and after b_U) next to the corrected ones. The MLP's count was 10 until
+# the softmax rule stopped allocating its softmax output (engine/rules.shares works in place).
+MLP_TEMPS, ATTN_TEMPS, RESID_TEMPS = 9, 4, 6
 # A HookedTransformer's replay (engine/fast.py) never evaluates the activation function nor
 # computes attention scores for the folded rows: no scores, and (measured at N = 512, d_mlp 1024:
 # ~3.3 d_mlp-wide tensors at the softmax rule's peak; small models more) five d_mlp temporaries.
