@@ -90,8 +90,23 @@ class Recorder:
         if not all_finite(real):  # (one host sync; the hooks' flags are read only now)
             first = next((name for name, flag in self.finite if not flag), "the logits")
             raise DepassError(f"the clean run is not finite: NaN or inf first appear at {first}; "
-                              "check the weights there (and norm eps > 0)")
+                              + (LEFT_PADDED if left_padded(attention_mask) else
+                                 "check the weights there (and norm eps > 0)"))
         return CleanRun(self.order, place_patterns(self.values), logits)
+
+
+LEFT_PADDED = ("the model's own forward gives them with this left-padded attention_mask (a padded "
+               "query that may attend to nothing gets a NaN pattern, which spreads): "
+               "pad on the right (tokenizer.padding_side = 'right', TransformerLens's default) or "
+               "decompose the rows one at a time")
+
+
+def left_padded(attention_mask: Tensor | None) -> bool:
+    """Whether some row has padding before a real token."""
+    if attention_mask is None:
+        return False
+    real_later = attention_mask.bool().flip(-1).cummax(-1).values.flip(-1)
+    return bool((real_later & ~attention_mask.bool()).any())
 
 
 def record_clean_run(

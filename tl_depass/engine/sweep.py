@@ -27,11 +27,13 @@ def chunks_of(plan: Plan, chunk_size: int | None) -> Chunks:
 
 def window(model: Model, plan: Plan, offset: int, k: int) -> int:
     """The position before which components `offset .. offset+k` of every group are exactly zero
-    (`Entry.first`; 0 where an entry does not say, or the model is a Bridge or not causal), no
-    later than a kept logit position."""
+    (`Entry.first`; 0 where an entry does not say, or the model is not causal), no later than a
+    kept logit position. HookedTransformer and TransformerBridge alike, but not a Bridge with
+    query/key norms (Qwen3): their replayed scales are [batch, head, pos, 1], which
+    `CleanRun.window` would cut on the head axis."""
     entries = [e for g in plan.groups for e in g.entries]
-    if (is_bridge(model) or model.cfg.attention_dir != "causal"
-            or any(e.first is None for e in entries)):
+    if (model.cfg.attention_dir != "causal" or any(e.first is None for e in entries)
+            or (is_bridge(model) and any(".attn." in n for n in plan.norms))):
         return 0
     start = min(e.first(offset, k) for e in entries)
     if start and plan.logit_positions is not None:
