@@ -48,7 +48,7 @@ def test_each_chunk_runs_from_its_first_position(arch, windows):
         assert set(part.results) == set(whole.results)
         for name, value in whole.results.items():
             torch.testing.assert_close(part[name], value, rtol=0, atol=F64 * value.abs().max().item(),
-                                       msg=lambda m, n=name: f"{arch} {rule} {n}: {m}")
+                                       msg=lambda m, n=name, r=rule: f"{arch} {r} {n}: {m}")
         resid = part["blocks.1.hook_resid_post"]
         for p in range(9):  # component p is exactly zero before p, as the windows assume
             assert not resid[p, :, :p].any(), f"{arch}: token {p} reaches back"

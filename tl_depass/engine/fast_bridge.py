@@ -13,7 +13,9 @@ runs (one lookup; its value is discarded). The instance `forward`s are restored 
 after an exception.
 
 Only where Hugging Face's decoder loop takes each layer's output as a bare tensor
-(`hidden_states = layer(hidden_states, ...)`, transformers 5): `STARTS`.
+(`hidden_states = layer(hidden_states, ...)`, transformers 5): `STARTS`. A neuron group starts
+after its block (`output_half`, `through.after_mlp`) on the sequential architectures of
+`SEQUENTIAL`, as on the HookedTransformer.
 
 `skipping_frozen_bridge`, for one folded forward: (1) attention (`frozen_attention`: GPT-2's
 `JointQKVAttentionBridge`, the Llama-like `PositionEmbeddingsAttentionBridge`) computes V (hook_v
@@ -67,6 +69,32 @@ def can_start(model: Model) -> bool:
             and isinstance(getattr(model, "blocks", None), nn.ModuleList))
 
 
+#: Sequential blocks (attention, then the MLP, each added to the residual stream, nothing after
+#: the MLP's out projection): `output_half` applies (checked in transformers 5.24).
+SEQUENTIAL = frozenset({"GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM",
+                        "Qwen2ForCausalLM", "Qwen3ForCausalLM"})
+
+
+def output_half(model: Model, layer: int, names: list[str]) -> bool:
+    """Whether block `layer`'s MLP output half can be computed apart from the block
+    (`through.after_mlp`): a sequential architecture that `starting_at` can start, whose hooks
+    after `hook_post` (the out projection's input; `names`: the block's hooks in firing order) are
+    the out projection's, `hook_mlp_out` and `hook_resid_post`, with no user hook in the block."""
+    if not can_start(model) or model.cfg.architecture not in SEQUENTIAL:
+        return False
+    prefix, out = f"blocks.{layer}.", model.blocks[layer].mlp._modules.get("out")
+    act, tail = f"{prefix}mlp.hook_post", ["mlp.out.hook_out", "hook_mlp_out", "hook_resid_post"]
+    return (act in names and f"{prefix}hook_resid_mid" in names
+            and names[names.index(act):] == [act, *(prefix + n for n in tail)]
+            and out is not None and model.hook_dict.get(act) is getattr(out, "hook_in", None)
+            and all(_unhooked(p) for n, p in model.hook_dict.items() if n.startswith(prefix)))
+
+
+def mlp_output(bridge_mlp: nn.Module, post: Tensor) -> Tensor:
+    """The out projection on the activations `post`, with the kernel of the Bridge's forward."""
+    return bridge_mlp.out.original_component(post)
+
+
 def _skip(hidden_states, *args, **kwargs):
     return hidden_states
 
@@ -76,7 +104,7 @@ def starting_at(model: Model, layer: int, residual: Float[Tensor, "batch pos d_m
                 ) -> Iterator[None]:
     """Inside: a forward of `model` (whose batch matches `residual`'s) skips blocks
     0..`layer`-1; block `layer` receives `residual`."""
-    if not 0 < layer < len(model.blocks):
+    if not 0 < layer <= len(model.blocks):  # len(blocks): straight to the final norm
         raise ValueError(f"cannot start a forward at block {layer} of {len(model.blocks)}")
     forwards = [_skip] * (layer - 1) + [lambda *args, **kwargs: residual]
     with instance_forwards(list(zip(model.blocks[:layer], forwards, strict=True))):

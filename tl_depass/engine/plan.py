@@ -159,11 +159,10 @@ def mlp_output_entry(model: Model, clean: CleanRun, groups: "list[Group]") -> ML
     """The MLP of block L where every group enters, when each has just its rest at resid_pre L
     (`Entry.rest`) and its components at the MLP's activation (`Neurons`, `MLPByPosition`):
     the components are exactly zero through block L's attention and MLP input, so they need
-    only the MLP's output half. None where this does not apply: a Bridge, a block other than
+    only the MLP's output half. None where this does not apply: a block other than
     TransformerLens's sequential one (parallel attention and MLP, norms after the MLP), an MLP
-    other than the plain or gated one, or a hook anywhere in block L."""
-    if is_bridge(model):
-        return None
+    other than the plain or gated one, or a hook anywhere in block L; on a Bridge, where
+    `fast_bridge.output_half` says no."""
     layers = set()
     for group in groups:
         rest = [e for e in group.entries if e.rest]
@@ -175,11 +174,13 @@ def mlp_output_entry(model: Model, clean: CleanRun, groups: "list[Group]") -> ML
     if len(layers) != 1:
         return None
     layer = layers.pop()
+    names = [n for n in clean.order if n.startswith(f"blocks.{layer}.")]
+    if is_bridge(model):
+        return mlp_site(model, clean, layer) if fast_bridge.output_half(model, layer, names) else None
     from transformer_lens.components.mlps.gated_mlp import GatedMLP
     from transformer_lens.components.mlps.mlp import MLP
 
     block, act = model.blocks[layer], f"blocks.{layer}.mlp.hook_post"
-    names = [n for n in clean.order if n.startswith(f"blocks.{layer}.")]
     if (act not in names or hooks.block_hook(layer, "hook_resid_mid") not in names
             or names[names.index(act):] != [act, hooks.block_hook(layer, "hook_mlp_out"),
                                             hooks.block_hook(layer, "hook_resid_post")]

@@ -239,18 +239,17 @@ class FoldedForward:
             options["stop_at_layer"] = stop
         block: dict[str, Tensor] = {}
         start = contextlib.nullcontext()
-        if p.through is not None:  # HookedTransformer: block L only for the rest, probe and bias
+        if p.through is not None:  # block L only for the rest, probe and bias
             folded, block = through.after_mlp(
                 self, tokens, None if attention_mask is None else attention_mask[:, w:])
-            options["start_at_layer"] = p.start_layer
         elif p.start_layer:  # the blocks before the entry are never run
             folded = self.clean[resid_pre(p.start_layer)].repeat(self.slots, 1, 1)
-            if is_bridge(model):  # engine/fast_bridge.py
-                start, folded = starting_at(model, p.start_layer, folded), tokens.repeat(self.slots, 1)
-            else:
-                options["start_at_layer"] = p.start_layer
-        else:
+        if not p.start_layer:
             folded = tokens.repeat(self.slots, 1)
+        elif is_bridge(model):  # engine/fast_bridge.py
+            start, folded = starting_at(model, p.start_layer, folded), tokens.repeat(self.slots, 1)
+        else:
+            options["start_at_layer"] = p.start_layer
         fast = fast_paths(model, p.attn, [(s.prefix, s.act_hook) for s in p.mlps], p.norms, p.keep)
         replaced = p.mlps if collect is None else p.mlps[:p.mlps.index(collect)]  # hook_post overridden
         bridge_attn = frozen_attention(model, p.attn, p.keep)  # engine/fast_bridge.py (Bridges only)

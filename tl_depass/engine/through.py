@@ -9,8 +9,8 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from tl_depass.engine import replay
-from tl_depass.engine.fast import mlp_output
+from tl_depass.engine import fast, fast_bridge, replay
+from tl_depass.engine.backends import is_bridge
 from tl_depass.engine.hooks import block_hook
 
 __all__ = ["after_mlp", "slots_of"]
@@ -40,6 +40,7 @@ def after_mlp(ff: "replay.FoldedForward", tokens: Int[Tensor, "batch pos"], mask
         return out
     kept = {name: widen(value) for name, value in head.items()}
     module = ff.model.get_submodule(p.through.prefix)
+    mlp_output = fast_bridge.mlp_output if is_bridge(ff.model) else fast.mlp_output
     entries = [next(e for e in g.entries if not e.rest) for g in ff.groups]
     bias = [None if e.bias is None else e.bias[:, w:] for e in entries]
     if p.through.act_hook in p.keep or any(e.written is None for e in entries):
@@ -53,5 +54,6 @@ def after_mlp(ff: "replay.FoldedForward", tokens: Int[Tensor, "batch pos"], mask
             None if b is None else mlp_output(module, b)) for e, b in zip(entries, bias, strict=True)])
     layer = p.through.layer
     resid = kept[block_hook(layer, "hook_resid_mid")] + out
-    kept |= {block_hook(layer, "hook_mlp_out"): out, block_hook(layer, "hook_resid_post"): resid}
+    kept |= {block_hook(layer, "hook_mlp_out"): out, block_hook(layer, "hook_resid_post"): resid,
+             f"{p.through.prefix}.out.hook_out": out}  # a Bridge's out projection
     return replay.fold(resid), {name: value for name, value in kept.items() if name in p.keep}
