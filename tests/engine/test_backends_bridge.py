@@ -148,3 +148,18 @@ def test_backward_path(arch):
         torch.testing.assert_close(bwd.remainder_shares, fwd.remainder_shares, rtol=0,
                                    atol=F64 * fwd.scores.abs().max().item(),  # the bias: 0 here
                                    msg=lambda m, c=components: f"{arch} {c} rest and bias: {m}")
+
+
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "GPTNeoXForCausalLM"])
+def test_keep_every_hook(arch):
+    """`keep=lambda name: True` keeps every hook that is a sum of shares; the rotary tables
+    (`hook_cos`, `hook_sin`: functions of the position only) are left out, as the frozen
+    patterns and scales are, and naming one is refused."""
+    bridge, _, tokens = bridge_or_skip(arch, False)
+    dec = tl_depass.decompose(bridge, tokens, keep=lambda name: True)
+    assert not [n for n in dec.results if n.endswith(("hook_cos", "hook_sin", "hook_pattern"))]
+    assert "blocks.1.attn.hook_rot_q" in dec.results or arch != "LlamaForCausalLM"
+    for hook, err in dec.completeness_error().items():
+        assert err <= F64, f"{arch}: {hook} off by {err:.1e}"
+    with pytest.raises(tl_depass.DepassError, match="hook_cos is not a sum of component shares"):
+        tl_depass.decompose(bridge, tokens, keep=["blocks.0.attn.hook_cos"])

@@ -23,8 +23,9 @@ from tl_depass.engine.rules import RULES
 from tl_depass.errors import DepassError
 
 RESIDUAL = re.compile(r"blocks\.\d+\.hook_resid_(pre|mid|post)$")
-#: Hook-name endings whose values are not sums of component shares (DePass freezes them).
-NOT_DECOMPOSABLE = ("hook_scale", "hook_attn_scores", "hook_pattern", "hook_tokens")
+#: Hook-name endings whose values are not sums of component shares (DePass freezes them; rotary
+#: tables are functions of the position alone).
+NOT_DECOMPOSABLE = ("hook_scale", "hook_attn_scores", "hook_pattern", "hook_tokens", "hook_cos", "hook_sin")
 
 #: What to pass instead, per argument name (appended to the type error).
 FIXES = {
