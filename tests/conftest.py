@@ -21,3 +21,24 @@ def model():
     from tiny import make_model  # imported here: tiny skips at import on TransformerLens 4
 
     return make_model()
+
+
+@pytest.fixture
+def windows(monkeypatch):
+    """The windows (engine/sweep.window) of a call's forwards that keep values, not the
+    statistics sweep's; each forward's kept values cover its window's positions only."""
+    from tl_depass.engine import sweep
+
+    seen: list[int] = []
+
+    class Recording(sweep.FoldedForward):
+        def kept(self, tokens, attention_mask):
+            seen.append(self.window)
+            out = super().kept(tokens, attention_mask)
+            n = tokens.shape[1] - self.window
+            assert all(v.shape[3] == n for name, v in out.items() if name != "unembed.hook_out"), \
+                {name: v.shape for name, v in out.items()}
+            return out
+
+    monkeypatch.setattr(sweep, "FoldedForward", Recording)
+    return seen

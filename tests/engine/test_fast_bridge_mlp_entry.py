@@ -7,9 +7,10 @@ block L, padding, chunks, the last layer; the full replay where it does not appl
 import pytest
 import torch
 from bridges import make_bridge
+from counting import mlp_entry_and_full
 
 import tl_depass
-from tl_depass.engine import fast_bridge, plan, through
+from tl_depass.engine import fast_bridge, plan
 from tl_depass.engine.backends import bridge_class
 from tl_depass.engine.clean_run import record_clean_run
 from tl_depass.levels.units import MLPByPosition, Neurons
@@ -25,20 +26,7 @@ INSIDE = ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "mlp.hook_pre", "
 
 def both(monkeypatch, model, components, **options):
     """(new path, full replay) of one call, checking that the new path was taken."""
-    taken = []
-    real = through.after_mlp
-
-    def spy(ff, *args):
-        taken.append(ff.plan.through.layer)
-        return real(ff, *args)
-    with monkeypatch.context() as m:
-        m.setattr(through, "after_mlp", spy)
-        quick = tl_depass.decompose(model, TOKENS, components, **options)
-    assert taken, "the MLP-output entry was not used"
-    with monkeypatch.context() as m:
-        m.setattr(plan, "mlp_output_entry", lambda *a: None)
-        full = tl_depass.decompose(model, TOKENS, components, **options)
-    return quick, full
+    return mlp_entry_and_full(monkeypatch, model, TOKENS, components, **options)
 
 
 def assert_same(quick, full, what):

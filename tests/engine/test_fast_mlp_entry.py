@@ -5,9 +5,10 @@ float64 completeness tolerance, for every rule, kept hooks inside block L, paddi
 
 import pytest
 import torch
+from counting import mlp_entry_and_full
 
 import tl_depass
-from tl_depass.engine import plan, through
+from tl_depass.engine import plan
 from tl_depass.levels.units import MLPByPosition, Neurons
 from tl_depass.tolerances import completeness_rtol
 
@@ -27,20 +28,7 @@ def model_of(arch: str, **overrides):
 
 def both(monkeypatch, model, tokens, components, **options):
     """(new path, full replay) of one call, checking that the new path was taken."""
-    taken = []
-    real = through.after_mlp
-
-    def spy(ff, *args):
-        taken.append(ff.plan.through.layer)
-        return real(ff, *args)
-    with monkeypatch.context() as m:
-        m.setattr(through, "after_mlp", spy)
-        quick = tl_depass.decompose(model, tokens, components, **options)
-    assert taken, "the MLP-output entry was not used"
-    with monkeypatch.context() as m:
-        m.setattr(plan, "mlp_output_entry", lambda *a: None)
-        full = tl_depass.decompose(model, tokens, components, **options)
-    return quick, full
+    return mlp_entry_and_full(monkeypatch, model, tokens, components, **options)
 
 
 def assert_same(quick, full):

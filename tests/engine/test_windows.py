@@ -7,27 +7,8 @@ import pytest
 import torch
 
 import tl_depass
-from tl_depass.engine import sweep
 
 tiny = pytest.importorskip("tiny")
-
-
-@pytest.fixture
-def windows(monkeypatch):
-    """The windows of the forwards that keep values (not the statistics sweep's)."""
-    seen: list[int] = []
-
-    class Recording(sweep.FoldedForward):
-        def kept(self, tokens, attention_mask):
-            seen.append(self.window)
-            out = super().kept(tokens, attention_mask)
-            n = tokens.shape[1] - self.window
-            assert all(v.shape[3] == n for name, v in out.items() if name != "unembed.hook_out"), \
-                {name: v.shape for name, v in out.items()}
-            return out
-
-    monkeypatch.setattr(sweep, "FoldedForward", Recording)
-    return seen
 
 
 def same(part, whole, what):

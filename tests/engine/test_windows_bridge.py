@@ -8,7 +8,6 @@ import torch
 from bridges import ARCHITECTURES, make_bridge
 
 import tl_depass
-from tl_depass.engine import sweep
 from tl_depass.engine.backends import bridge_class
 
 if bridge_class() is None:
@@ -16,20 +15,6 @@ if bridge_class() is None:
 
 F64 = tl_depass.completeness_rtol(torch.float64)
 TOKENS = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(1))
-
-
-@pytest.fixture
-def windows(monkeypatch):
-    """The windows of the forwards that keep values (not the statistics sweep's)."""
-    seen: list[int] = []
-
-    class Recording(sweep.FoldedForward):
-        def kept(self, tokens, attention_mask):
-            seen.append(self.window)
-            return super().kept(tokens, attention_mask)
-
-    monkeypatch.setattr(sweep, "FoldedForward", Recording)
-    return seen
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
