@@ -120,7 +120,7 @@ def test_skipped_activations_and_norms_are_bit_identical(arch, monkeypatch):
     mlps = [(f"blocks.{i}.mlp", f"blocks.{i}.mlp.hook_post") for i in range(2)]
     assert len(fast_bridge.frozen_activations(bridge, mlps)) == 2
     norms = [n for n, _ in bridge.named_modules() if n.endswith(("ln1", "ln2", "ln_final"))]
-    if arch in ("GPT2LMHeadModel", "LlamaForCausalLM"):
+    if arch in ("GPT2LMHeadModel", "LlamaForCausalLM", "GPTNeoXForCausalLM"):
         assert fast_bridge.frozen_attention(bridge, ["blocks.0.attn", "blocks.1.attn"], []) == {
             "blocks.0.attn", "blocks.1.attn"}
     assert fast_bridge.frozen_norms(bridge, norms) == [bridge.get_submodule(n) for n in norms]

@@ -204,12 +204,15 @@ def norm_forward(module: nn.Module) -> Callable:
 SKIPPED_ATTN = ("hook_q", "hook_k", "hook_rot_q", "hook_rot_k", "hook_attn_scores", "hook_pattern",
                 "q.hook_in", "q.hook_out", "k.hook_in", "k.hook_out", "qkv.hook_in", "qkv.hook_out",
                 "hook_q_normed", "hook_k_normed", "q_norm.hook_in", "q_norm.hook_out", "k_norm.hook_in",
-                "k_norm.hook_out", "q_norm.hook_scale", "k_norm.hook_scale")
+                "k_norm.hook_out", "q_norm.hook_scale", "k_norm.hook_scale", "hook_cos", "hook_sin")
 
 
 def _attention_ok(model: Model, name: str, kept: set[str]) -> bool:
     from transformer_lens.model_bridge.generalized_components.joint_qkv_attention import (
         JointQKVAttentionBridge,
+    )
+    from transformer_lens.model_bridge.generalized_components.joint_qkv_position_embeddings_attention import (
+        JointQKVPositionEmbeddingsAttentionBridge as NeoX,
     )
     from transformer_lens.model_bridge.generalized_components.position_embeddings_attention import (
         PositionEmbeddingsAttentionBridge as Rotary,
@@ -217,7 +220,7 @@ def _attention_ok(model: Model, name: str, kept: set[str]) -> bool:
 
     module = model.get_submodule(name)
     cfg = module.config
-    if type(module) not in (JointQKVAttentionBridge, Rotary) or cfg is None:
+    if type(module) not in (JointQKVAttentionBridge, NeoX, Rotary) or cfg is None:
         return False
     if type(module) is Rotary:  # nothing between V and the pattern, nor between z and O
         hf = module.original_component
@@ -239,7 +242,7 @@ def _attention_ok(model: Model, name: str, kept: set[str]) -> bool:
 
 def frozen_attention(model: Model, attn: list[str], keep: list[str]) -> set[str]:
     """The attention modules (names) that compute only V, the frozen pattern and the output
-    projection: GPT-2-like (`JointQKVAttentionBridge`) and Llama-like
+    projection: GPT-2-like (`JointQKVAttentionBridge`), GPT-NeoX (its rotary subclass) and Llama-like
     (`PositionEmbeddingsAttentionBridge` without gates, sinks, clipping or a K multiplier),
     without hooks on what they skip."""
     if not is_bridge(model):
