@@ -7,7 +7,7 @@ from bridges import make_bridge
 
 import tl_depass
 from tl_depass import completeness_rtol
-from tl_depass.engine import fast_bridge, replay
+from tl_depass.engine import bridge_mlp, fast_bridge, replay
 from tl_depass.engine.backends import bridge_class
 
 if bridge_class() is None:
@@ -108,6 +108,7 @@ def without_skipping(monkeypatch, model, *args, **kwargs):
     with monkeypatch.context() as m:
         m.setattr(fast_bridge, "frozen_activations", lambda model, mlps: [])
         m.setattr(fast_bridge, "frozen_norms", lambda model, norms: [])
+        m.setattr(fast_bridge, "frozen_ups", lambda model, mlps, keep: [])
         m.setattr(replay, "frozen_attention", lambda model, attn, keep: set())
         return tl_depass.decompose(model, *args, **kwargs)
 
@@ -118,12 +119,14 @@ def without_skipping(monkeypatch, model, *args, **kwargs):
 def test_skipped_activations_and_norms_are_bit_identical(arch, monkeypatch):
     bridge, _ = make_bridge(arch)
     mlps = [(f"blocks.{i}.mlp", f"blocks.{i}.mlp.hook_post") for i in range(2)]
-    assert len(fast_bridge.frozen_activations(bridge, mlps)) == 2
+    assert len(bridge_mlp.frozen_activations(bridge, mlps)) == 2
     norms = [n for n, _ in bridge.named_modules() if n.endswith(("ln1", "ln2", "ln_final"))]
     if arch in ("GPT2LMHeadModel", "LlamaForCausalLM", "GPTNeoXForCausalLM"):
         assert fast_bridge.frozen_attention(bridge, ["blocks.0.attn", "blocks.1.attn"], []) == {
             "blocks.0.attn", "blocks.1.attn"}
     assert fast_bridge.frozen_norms(bridge, norms) == [bridge.get_submodule(n) for n in norms]
+    gated = "gate" in bridge.blocks[0].mlp._modules
+    assert len(bridge_mlp.frozen_ups(bridge, mlps, [])) == (2 if gated else 0)
     cases = [("tokens", "softmax", None), ("tokens", "max", 3), ("tokens", "ratio", None),
              (tl_depass.Neurons(0), "softmax", 16), (tl_depass.Heads(), "softmax", None)]
     for components, rule, chunk in cases:
@@ -143,7 +146,7 @@ def test_a_hooked_hook_post_keeps_its_activation():
     bridge.blocks[1].mlp.out.hook_in.add_hook(lambda x, hook: seen.append(x.clone()))
     try:
         mlps = [(f"blocks.{i}.mlp", f"blocks.{i}.mlp.hook_post") for i in range(2)]
-        assert fast_bridge.frozen_activations(bridge, mlps) == [
+        assert bridge_mlp.frozen_activations(bridge, mlps) == [
             bridge.blocks[0].mlp.original_component.act]
         dec = tl_depass.decompose(bridge, TOKENS, logits="all")
     finally:
@@ -184,3 +187,24 @@ def test_fast_attention_never_computes_the_pattern(monkeypatch):
     monkeypatch.setattr(JointQKVAttentionBridge, "_reconstruct_attention", counted)
     tl_depass.decompose(bridge, TOKENS, mlp_rule="ratio")
     assert len(calls) == 2, "the folded forward computed an attention pattern"  # the clean run's
+
+
+def test_a_gated_mlp_skips_its_up_projection_unless_it_is_kept():
+    """The rules read the clean up projection: the folded forward never computes its own (the
+    clean run does, once); a kept `hook_pre_linear` keeps it, with complete shares."""
+    bridge, _ = make_bridge("LlamaForCausalLM")
+    rows = []
+    handle = bridge.blocks[1].mlp._modules["in"].original_component.register_forward_hook(
+        lambda module, args, out: rows.append(args[0].shape[0]))
+    try:
+        tl_depass.decompose(bridge, TOKENS, mlp_rule="softmax")
+        assert rows == [TOKENS.shape[0]], rows  # the clean run's only
+        rows.clear()
+        dec = tl_depass.decompose(bridge, TOKENS, keep=["blocks.1.mlp.hook_pre_linear"], logits="all")
+        assert len(rows) == 2, rows  # the clean run and the folded forward
+    finally:
+        handle.remove()
+    assert bridge_mlp.frozen_ups(bridge, [("blocks.1.mlp", "blocks.1.mlp.hook_post")],
+                                  ["blocks.1.mlp.hook_pre_linear"]) == []
+    for hook, err in dec.completeness_error().items():
+        assert err <= F64, f"{hook} off by {err:.1e}"

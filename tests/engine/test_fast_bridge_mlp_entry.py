@@ -1,4 +1,4 @@
-"""Neuron groups start after their block on the TransformerBridge too (fast_bridge.output_half,
+"""Neuron groups start after their block on the TransformerBridge too (bridge_mlp.output_half,
 through.after_mlp): block L runs for the rest, probe and bias alone and each neuron's share of the
 MLP output comes from its row, as on the HookedTransformer (tests/engine/test_fast_mlp_entry.py).
 Equal to the full replay to the float64 completeness tolerance, every rule, kept hooks inside
@@ -10,7 +10,7 @@ from bridges import make_bridge
 from counting import mlp_entry_and_full
 
 import tl_depass
-from tl_depass.engine import fast_bridge, plan
+from tl_depass.engine import bridge_mlp, plan
 from tl_depass.engine.backends import bridge_class
 from tl_depass.engine.clean_run import record_clean_run
 from tl_depass.levels.units import MLPByPosition, Neurons
@@ -36,7 +36,7 @@ def assert_same(quick, full, what):
                                    msg=lambda m, n=name: f"{what} {n}: {m}")
 
 
-@pytest.mark.parametrize("arch", sorted(fast_bridge.SEQUENTIAL - {"MistralForCausalLM"}))
+@pytest.mark.parametrize("arch", sorted(bridge_mlp.SEQUENTIAL - {"MistralForCausalLM"}))
 @pytest.mark.parametrize("layer", [0, 1])
 def test_neurons_equal_the_full_replay(monkeypatch, arch, layer):
     bridge, _ = make_bridge(arch)

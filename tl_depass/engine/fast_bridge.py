@@ -15,7 +15,7 @@ after an exception.
 Only where Hugging Face's decoder loop takes each layer's output as a bare tensor
 (`hidden_states = layer(hidden_states, ...)`, transformers 5): `STARTS`. A neuron group starts
 after its block (`output_half`, `through.after_mlp`) on the sequential architectures of
-`SEQUENTIAL`, as on the HookedTransformer.
+`bridge_mlp.SEQUENTIAL`, as on the HookedTransformer.
 
 `skipping_frozen_bridge`, for one folded forward: (1) attention (`frozen_attention`: GPT-2's
 `JointQKVAttentionBridge`, the Llama-like `PositionEmbeddingsAttentionBridge`) computes V (hook_v
@@ -27,6 +27,7 @@ forward Hugging Face's activation module passes its input through instead: `hook
 the pre-activation (gated: gate * up) as a placeholder the pass replaces. Only for the MLP classes
 in `ACTIVATED` (one activation call, just before the out projection), where `hook_post` is the out
 projection's `hook_in`, nothing else is hooked there, and the activation module is the MLP's own.
+A gated MLP's up projection (`frozen_ups`) returns ones: the rules read the clean one.
 Everything else is computed by the model's own kernels: the results are bit-identical.
 (3) The pass replays every norm's `hook_scale` from the clean run, so a
 `NormalizationBridge` (TransformerLens's own norm path, which the pass takes) need not compute its
@@ -45,6 +46,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from tl_depass.engine.backends import Model, is_bridge
+from tl_depass.engine.bridge_mlp import frozen_activations, frozen_ups, ones_forward, unhooked
 
 #: Architectures whose Hugging Face decoder loop passes a bare hidden-state tensor from layer to
 #: layer (checked in transformers 5.24; Bloom's takes `outputs[0]` and is left out).
@@ -55,44 +57,11 @@ STARTS = frozenset({
 })
 
 
-#: Hugging Face MLPs that call their activation module once, on the (gate) projection, and feed
-#: the result (times the up projection, gated) straight to the out projection.
-ACTIVATED = {"GPT2MLP": "act", "GPTJMLP": "act", "GPTNeoXMLP": "act", "PhiMLP": "activation_fn",
-             "LlamaMLP": "act_fn", "MistralMLP": "act_fn", "Qwen2MLP": "act_fn", "Qwen3MLP": "act_fn",
-             "Gemma2MLP": "act_fn"}
-
-
 def can_start(model: Model) -> bool:
     """Whether `starting_at` applies: a Bridge of an architecture in `STARTS` with a `blocks`
     stack."""
     return (is_bridge(model) and getattr(model.cfg, "architecture", None) in STARTS
             and isinstance(getattr(model, "blocks", None), nn.ModuleList))
-
-
-#: Sequential blocks (attention, then the MLP, each added to the residual stream, nothing after
-#: the MLP's out projection): `output_half` applies (checked in transformers 5.24).
-SEQUENTIAL = frozenset({"GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM",
-                        "Qwen2ForCausalLM", "Qwen3ForCausalLM"})
-
-
-def output_half(model: Model, layer: int, names: list[str]) -> bool:
-    """Whether block `layer`'s MLP output half can be computed apart from the block
-    (`through.after_mlp`): a sequential architecture that `starting_at` can start, whose hooks
-    after `hook_post` (the out projection's input; `names`: the block's hooks in firing order) are
-    the out projection's, `hook_mlp_out` and `hook_resid_post`, with no user hook in the block."""
-    if not can_start(model) or model.cfg.architecture not in SEQUENTIAL:
-        return False
-    prefix, out = f"blocks.{layer}.", model.blocks[layer].mlp._modules.get("out")
-    act, tail = f"{prefix}mlp.hook_post", ["mlp.out.hook_out", "hook_mlp_out", "hook_resid_post"]
-    return (act in names and f"{prefix}hook_resid_mid" in names
-            and names[names.index(act):] == [act, *(prefix + n for n in tail)]
-            and out is not None and model.hook_dict.get(act) is getattr(out, "hook_in", None)
-            and all(_unhooked(p) for n, p in model.hook_dict.items() if n.startswith(prefix)))
-
-
-def mlp_output(bridge_mlp: nn.Module, post: Tensor) -> Tensor:
-    """The out projection on the activations `post`, with the kernel of the Bridge's forward."""
-    return bridge_mlp.out.original_component(post)
 
 
 def _skip(hidden_states, *args, **kwargs):
@@ -130,35 +99,6 @@ def instance_forwards(forwards: list[tuple[nn.Module, Callable]]) -> Iterator[No
                 module.__dict__["forward"] = before
 
 
-def _activation(bridge_mlp: nn.Module) -> nn.Module | None:
-    hf = bridge_mlp._modules.get("_original_component")
-    name = ACTIVATED.get(type(hf).__name__)
-    act = None if name is None else hf._modules.get(name)
-    return act if act is not None and not list(act.parameters()) and not act._modules else None
-
-
-def _unhooked(point: nn.Module) -> bool:
-    return not (point._forward_hooks or point._forward_pre_hooks)
-
-
-def frozen_activations(model: Model, mlps: list[tuple[str, str]]) -> list[nn.Module]:
-    """The activation modules of the MLPs `mlps` ((prefix, act_hook)) that a folded forward may
-    skip. Call it before the pass adds its hooks: a hook found on `hook_post` is the user's."""
-    if not is_bridge(model) or not hasattr(model, "blocks"):
-        return []
-    every = [id(a) for a in (_activation(m) for m in model.modules() if "_original_component"
-                             in m._modules) if a is not None]
-    acts = []
-    for prefix, act_hook in mlps:
-        bridge_mlp = model.get_submodule(prefix)
-        out, act = bridge_mlp._modules.get("out"), _activation(bridge_mlp)
-        point = model.hook_dict.get(act_hook)
-        if (act is not None and out is not None and point is getattr(out, "hook_in", None)
-                and _unhooked(point) and every.count(id(act)) == 1):
-            acts.append(act)
-    return acts
-
-
 def _identity(x, *args, **kwargs):
     return x
 
@@ -176,7 +116,7 @@ def _norm_ok(module: nn.Module) -> bool:
     return (isinstance(module, NormalizationBridge)
             and all(getattr(type(module), m) is getattr(NormalizationBridge, m) for m in NORM_METHODS)
             and original is not None and not isinstance(original, nn.Identity)
-            and all(_unhooked(p) and not p.bwd_hooks for p in (module.hook_scale, module.hook_normalized)))
+            and all(unhooked(p) and not p.bwd_hooks for p in (module.hook_scale, module.hook_normalized)))
 
 
 def frozen_norms(model: Model, norms: list[str]) -> list[nn.Module]:
@@ -236,7 +176,7 @@ def _attention_ok(model: Model, name: str, kept: set[str]) -> bool:
     split = getattr(module, "_is_split_qkv_fork_active", lambda: False)()
     return (not (split or getattr(cfg, "use_attn_result", False))
             and module._modules.get("o") is not None
-            and all(p is None or (_unhooked(p) and not p.bwd_hooks) for p in points)
+            and all(p is None or (unhooked(p) and not p.bwd_hooks) for p in points)
             and not kept & {f"{name}.{p}" for p in SKIPPED_ATTN})
 
 
@@ -285,13 +225,15 @@ def rotary_attention_forward(module: nn.Module, attend: Callable[[Tensor], Tenso
 
 
 def skipping_frozen_bridge(model: Model, mlps: list[tuple[str, str]], norms: list[str],
-                           attn: set[str] = frozenset(), attend: Callable | None = None
-                           ) -> AbstractContextManager:
+                           attn: set[str] = frozenset(), attend: Callable | None = None,
+                           keep: list[str] = ()) -> AbstractContextManager:
     """Inside: the activation modules of `mlps` ((prefix, act_hook), whose `act_hook` the pass
-    overrides) pass their input through, the `norms` skip their statistics, where they may
-    (`frozen_activations`, `frozen_norms`; decided now, so call it before the pass's hooks), and
-    the attention modules `attn` (`frozen_attention`) compute z from V with `attend(name)`."""
+    overrides) pass their input through and gated MLPs skip their up projection, the `norms` skip
+    their statistics, where they may (`frozen_activations`, `frozen_ups`, `frozen_norms`; decided
+    now, so call it before the pass's hooks), and the attention modules `attn`
+    (`frozen_attention`) compute z from V with `attend(name)`."""
     forwards = [(act, _identity) for act in frozen_activations(model, mlps)]
+    forwards += [(up, ones_forward(up)) for up in frozen_ups(model, mlps, list(keep))]
     forwards += [(m, norm_forward(m)) for m in frozen_norms(model, norms)]
     forwards += [(model.get_submodule(a), attention_forward(model.get_submodule(a), attend(a)))
                  for a in attn]

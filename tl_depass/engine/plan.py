@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor
 
-from tl_depass.engine import fast_bridge, hooks, rules
+from tl_depass.engine import bridge_mlp, fast_bridge, hooks, rules
 from tl_depass.engine.backends import Model, act_fn, is_bridge
 from tl_depass.engine.clean_run import CleanRun
 from tl_depass.engine.validate import NOT_DECOMPOSABLE, RESIDUAL
@@ -162,7 +162,7 @@ def mlp_output_entry(model: Model, clean: CleanRun, groups: "list[Group]") -> ML
     only the MLP's output half. None where this does not apply: a block other than
     TransformerLens's sequential one (parallel attention and MLP, norms after the MLP), an MLP
     other than the plain or gated one, or a hook anywhere in block L; on a Bridge, where
-    `fast_bridge.output_half` says no."""
+    `bridge_mlp.output_half` says no."""
     layers = set()
     for group in groups:
         rest = [e for e in group.entries if e.rest]
@@ -176,7 +176,7 @@ def mlp_output_entry(model: Model, clean: CleanRun, groups: "list[Group]") -> ML
     layer = layers.pop()
     names = [n for n in clean.order if n.startswith(f"blocks.{layer}.")]
     if is_bridge(model):
-        return mlp_site(model, clean, layer) if fast_bridge.output_half(model, layer, names) else None
+        return mlp_site(model, clean, layer) if bridge_mlp.output_half(model, layer, names) else None
     from transformer_lens.components.mlps.gated_mlp import GatedMLP
     from transformer_lens.components.mlps.mlp import MLP
 

@@ -254,7 +254,7 @@ class FoldedForward:
         replaced = p.mlps if collect is None else p.mlps[:p.mlps.index(collect)]  # hook_post overridden
         bridge_attn = frozen_attention(model, p.attn, p.keep)  # engine/fast_bridge.py (Bridges only)
         bridge_fast = skipping_frozen_bridge(model, [(s.prefix, s.act_hook) for s in replaced], p.norms,
-                                             bridge_attn, self.attend)
+                                             bridge_attn, self.attend, p.keep)
         handles = [model.get_submodule(n).register_forward_hook(self.norm_hook) for n in p.norms]
         try:
             with forward_as_recorded(model), start, bridge_fast, skipping_frozen(model, fast, self.attend), \

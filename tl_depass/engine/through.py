@@ -9,7 +9,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from tl_depass.engine import fast, fast_bridge, replay
+from tl_depass.engine import bridge_mlp, fast, replay
 from tl_depass.engine.backends import is_bridge
 from tl_depass.engine.hooks import block_hook
 
@@ -40,7 +40,7 @@ def after_mlp(ff: "replay.FoldedForward", tokens: Int[Tensor, "batch pos"], mask
         return out
     kept = {name: widen(value) for name, value in head.items()}
     module = ff.model.get_submodule(p.through.prefix)
-    mlp_output = fast_bridge.mlp_output if is_bridge(ff.model) else fast.mlp_output
+    mlp_output = bridge_mlp.mlp_output if is_bridge(ff.model) else fast.mlp_output
     entries = [next(e for e in g.entries if not e.rest) for g in ff.groups]
     bias = [None if e.bias is None else e.bias[:, w:] for e in entries]
     if p.through.act_hook in p.keep or any(e.written is None for e in entries):
