@@ -108,7 +108,7 @@ def without_skipping(monkeypatch, model, *args, **kwargs):
     with monkeypatch.context() as m:
         m.setattr(fast_bridge, "frozen_activations", lambda model, mlps: [])
         m.setattr(fast_bridge, "frozen_norms", lambda model, norms: [])
-        m.setattr(fast_bridge, "frozen_ups", lambda model, mlps, keep: [])
+        m.setattr(fast_bridge, "frozen_ups", lambda *args: [])
         m.setattr(replay, "frozen_attention", lambda model, attn, keep: set())
         return tl_depass.decompose(model, *args, **kwargs)
 
@@ -126,7 +126,8 @@ def test_skipped_activations_and_norms_are_bit_identical(arch, monkeypatch):
             "blocks.0.attn", "blocks.1.attn"}
     assert fast_bridge.frozen_norms(bridge, norms) == [bridge.get_submodule(n) for n in norms]
     gated = "gate" in bridge.blocks[0].mlp._modules
-    assert len(bridge_mlp.frozen_ups(bridge, mlps, [])) == (2 if gated else 0)
+    acts = bridge_mlp.frozen_activations(bridge, mlps)
+    assert len(bridge_mlp.frozen_ups(bridge, mlps, [], acts)) == (2 if gated else 0)
     cases = [("tokens", "softmax", None), ("tokens", "max", 3), ("tokens", "ratio", None),
              (tl_depass.Neurons(0), "softmax", 16), (tl_depass.Heads(), "softmax", None)]
     for components, rule, chunk in cases:
@@ -204,7 +205,8 @@ def test_a_gated_mlp_skips_its_up_projection_unless_it_is_kept():
         assert len(rows) == 2, rows  # the clean run and the folded forward
     finally:
         handle.remove()
-    assert bridge_mlp.frozen_ups(bridge, [("blocks.1.mlp", "blocks.1.mlp.hook_post")],
-                                  ["blocks.1.mlp.hook_pre_linear"]) == []
+    mlps = [("blocks.1.mlp", "blocks.1.mlp.hook_post")]
+    acts = bridge_mlp.frozen_activations(bridge, mlps)
+    assert bridge_mlp.frozen_ups(bridge, mlps, ["blocks.1.mlp.hook_pre_linear"], acts) == []
     for hook, err in dec.completeness_error().items():
         assert err <= F64, f"{hook} off by {err:.1e}"

@@ -71,11 +71,12 @@ def frozen_activations(model: Model, mlps: list[tuple[str, str]]) -> list[nn.Mod
     return acts
 
 
-def frozen_ups(model: Model, mlps: list[tuple[str, str]], keep: list[str]) -> list[nn.Module]:
-    """The up projections (a gated MLP's `in`) of the MLPs `mlps` whose activation is frozen
-    (`frozen_activations`): the rules read the clean run's, so a folded forward's is never used.
-    Not where the projection's hooks have a user's hook or are kept."""
-    acts = set(map(id, frozen_activations(model, mlps)))
+def frozen_ups(model: Model, mlps: list[tuple[str, str]], keep: list[str],
+               acts: list[nn.Module]) -> list[nn.Module]:
+    """The up projections (a gated MLP's `in`) of the MLPs `mlps` whose activation module is
+    among the frozen `acts` (`frozen_activations`): the rules read the clean run's, so a folded
+    forward's is never used. Not where the projection's hooks have a user's hook or are kept."""
+    acts = set(map(id, acts))
     ups = []
     for prefix, _ in mlps:
         bridge_mlp = model.get_submodule(prefix)

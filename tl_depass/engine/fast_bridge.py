@@ -232,8 +232,9 @@ def skipping_frozen_bridge(model: Model, mlps: list[tuple[str, str]], norms: lis
     their statistics, where they may (`frozen_activations`, `frozen_ups`, `frozen_norms`; decided
     now, so call it before the pass's hooks), and the attention modules `attn`
     (`frozen_attention`) compute z from V with `attend(name)`."""
-    forwards = [(act, _identity) for act in frozen_activations(model, mlps)]
-    forwards += [(up, ones_forward(up)) for up in frozen_ups(model, mlps, list(keep))]
+    acts = frozen_activations(model, mlps)
+    forwards = [(act, _identity) for act in acts]
+    forwards += [(up, ones_forward(up)) for up in frozen_ups(model, mlps, list(keep), acts)]
     forwards += [(m, norm_forward(m)) for m in frozen_norms(model, norms)]
     forwards += [(model.get_submodule(a), attention_forward(model.get_submodule(a), attend(a)))
                  for a in attn]
