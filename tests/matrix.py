@@ -11,6 +11,8 @@ MATRIX = {
     "alibi": dict(positional_embedding_type="alibi"),
     "llama_gqa": dict(normalization_type="RMS", positional_embedding_type="rotary", rotary_dim=4,
                       gated_mlp=True, act_fn="silu", n_key_value_heads=2, final_rms=True),
+    "qwen3_qk_norm": dict(normalization_type="RMS", positional_embedding_type="rotary", rotary_dim=4,
+                          gated_mlp=True, act_fn="silu", n_key_value_heads=2, use_qk_norm=True),
     "gated_gelu": dict(gated_mlp=True, act_fn="gelu"),
     "parallel": dict(parallel_attn_mlp=True),
     "attn_only": dict(attn_only=True),

@@ -16,7 +16,7 @@ LEVELS = {"tokens": "tokens", "tokens_at_1": TokensAt(1), "heads": Heads(), "mod
 
 @pytest.mark.parametrize("level", list(LEVELS))
 @pytest.mark.parametrize("arch", ["gpt2_ln", "llama_gqa", "parallel", "gemma2", "solu_ln",
-                                  "shortformer", "attn_result_split_qkv_mlp_in"])
+                                  "shortformer", "attn_result_split_qkv_mlp_in", "qwen3_qk_norm"])
 def test_backward_equals_forward(arch, level):
     model = make_model(**MATRIX[arch])
     tokens = random_tokens(model, batch=3)

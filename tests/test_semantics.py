@@ -16,7 +16,7 @@ def split_at(model, tokens, hook, parts):
     return tl_depass.Split(hook, torch.cat([parts, rest[None]]))
 
 
-@pytest.mark.parametrize("arch", ["gpt2_ln", "llama_gqa"])
+@pytest.mark.parametrize("arch", ["gpt2_ln", "llama_gqa", "qwen3_qk_norm"])
 def test_ratio_linearity(arch):
     """ratio is linear: decomposing a + b gives the shares of a plus the shares of b."""
     model = make_model(**MATRIX[arch])
@@ -78,7 +78,7 @@ def test_intervention_oracle(position):
 
 
 @pytest.mark.parametrize("rule", RULES)
-@pytest.mark.parametrize("arch", ["gpt2_ln", "llama_gqa", "solu_ln"])
+@pytest.mark.parametrize("arch", ["gpt2_ln", "llama_gqa", "solu_ln", "qwen3_qk_norm"])
 def test_chunking_is_exact(arch, rule):
     model = make_model(**MATRIX[arch])
     tokens = random_tokens(model, pos=9)
@@ -102,7 +102,7 @@ def test_batch_equals_one_at_a_time(rule):
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-@pytest.mark.parametrize("arch", ["gpt2_ln", "llama_gqa"])
+@pytest.mark.parametrize("arch", ["gpt2_ln", "llama_gqa", "qwen3_qk_norm"])
 def test_padding(arch, side):
     """Padded rows give the unpadded row's result; padded positions get zero shares."""
     model = make_model(**MATRIX[arch])

@@ -12,7 +12,7 @@ from tl_depass.arguments import Keep, Logits, check_call, logits_all, resolve
 from tl_depass.decomposition import Decomposition
 from tl_depass.engine import rules
 from tl_depass.engine.backends import Model, canonical_names
-from tl_depass.engine.clean_run import FROZEN, CleanRun, record_clean_run
+from tl_depass.engine.clean_run import FROZEN, CleanRun, by_position, head_major, record_clean_run
 from tl_depass.engine.guard import check_complete, check_user_hooks, replaced_hooks, serialised
 from tl_depass.engine.plan import make_plan
 from tl_depass.engine.replay import RuleSetup
@@ -133,8 +133,8 @@ def decompose(
     if mask is not None:
         pad = mask == 0
         per_pos = [n for n in results if n != "logits" or logit_pos is None]
-        results |= {n: zero_padding(results[n], pad, 1) for n in per_pos}
-        clean_values |= {n: zero_padding(clean_values[n], pad, 0) for n in per_pos}
+        results |= {n: zero_padding(n, results[n], pad, 1) for n in per_pos}
+        clean_values |= {n: zero_padding(n, clean_values[n], pad, 0) for n in per_pos}
     option = "all" if logits_all(logits) else None if logits is None else (
         "last" if isinstance(logits, str) else "positions")
     return check_complete(Decomposition(model, labels, results, clean_values, tokens, mask,
@@ -155,6 +155,10 @@ def fill_before_entry(results: dict[str, Tensor], clean: CleanRun, parts: list[G
                 value[g * size] = clean[name]
 
 
-def zero_padding(value: Tensor, pad: Tensor, lead: int) -> Tensor:
-    """Zero `value` ([lead axes..., batch, pos, ...]) at padded positions."""
-    return value.masked_fill(pad.reshape(*[1] * lead, *pad.shape, *[1] * (value.ndim - lead - 2)), 0)
+def zero_padding(name: str, value: Tensor, pad: Tensor, lead: int) -> Tensor:
+    """Zero hook `name`'s `value` ([lead axes..., batch, pos, ...], or a Bridge's query/key norm's
+    [..., batch, head, pos, ...]) at padded positions."""
+    head = head_major(name, value, *pad.shape, lead)
+    x = by_position(value, head, lead)
+    x = x.masked_fill(pad.reshape(*[1] * lead, *pad.shape, *[1] * (x.ndim - lead - 2)), 0)
+    return by_position(x, head, lead)

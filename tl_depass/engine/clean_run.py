@@ -32,24 +32,47 @@ class CleanRun:
         return self.order[self.order.index(name) + 1:]
 
     def window(self, start: int) -> "CleanRun":
-        """The clean run at positions `start` onwards (patterns: queries and keys alike), views
-        only; HookedTransformer's [batch, pos, ...] layout."""
+        """The clean run at positions `start` onwards (patterns: queries and keys alike), each
+        value in its own layout (`by_position`)."""
         if not start:
             return self
+        batch, pos = self.logits.shape[:2]
 
         def cut(name: str, x: Tensor) -> Tensor:
             if name.endswith(("hook_pattern", "hook_attn_scores")):
                 return x[..., start:, start:]
-            return x[:, start:] if x.ndim >= 2 else x
+            if x.ndim < 2:
+                return x
+            head = head_major(name, x, batch, pos)
+            return by_position(by_position(x, head)[:, start:], head)
         return CleanRun(self.order, {n: cut(n, x) for n, x in self.values.items()},
                         self.logits[:, start:])
 
 
+#: Query/key norms: a TransformerBridge's values hold the head axis before the position axis
+#: ([batch, head, pos, ...], Qwen3; a HookedTransformer's are flattened: `unflatten_rows`).
+QK_NORMS = ("attn.q_norm.", "attn.k_norm.", "attn.hook_q_normed", "attn.hook_k_normed")
+
+
+def head_major(name: str, x: Tensor, batch: int, pos: int, lead: int = 0) -> bool:
+    """Whether hook `name`'s value `x` (after `lead` leading axes) is [batch, head, pos, ...]."""
+    shape = x.shape[lead:]
+    return (any(q in name for q in QK_NORMS) and len(shape) >= 3 and shape[0] == batch
+            and shape[2] == pos and shape[1] != pos)
+
+
+def by_position(x: Tensor, head: bool, lead: int = 0) -> Tensor:
+    """[lead..., batch, head, pos, ...] -> [lead..., batch, pos, head, ...] where `head`
+    (`head_major`), a view; its own inverse."""
+    return x.transpose(lead + 1, lead + 2) if head else x
+
+
 def unflatten_rows(x: Tensor, batch: int, pos: int) -> Tensor:
-    """[batch*pos, d] -> [batch, pos, d]: some Hugging Face blocks (OPT's MLP) flatten the token
-    axes; DePass keeps TransformerLens's [batch, pos, ...] everywhere."""
-    if x.is_floating_point() and x.ndim == 2 and x.shape[0] == batch * pos:
-        return x.unflatten(0, (batch, pos))
+    """[batch*pos, d] -> [batch, pos, d] and [batch*pos*head, d] -> [batch, pos, head, d]: some
+    blocks flatten the token axes (OPT's MLP in Hugging Face, a HookedTransformer's query/key
+    norms); DePass keeps TransformerLens's [batch, pos, ...] everywhere."""
+    if x.is_floating_point() and x.ndim == 2 and x.shape[0] % (batch * pos) == 0:
+        return x.unflatten(0, (batch, pos) if x.shape[0] == batch * pos else (batch, pos, -1))
     return x
 
 

@@ -30,7 +30,8 @@ from torch import Tensor, nn
 
 from tl_depass.engine.backends import Model, is_bridge
 
-SKIPPED_ATTN = ("hook_q", "hook_k", "hook_rot_q", "hook_rot_k", "hook_attn_scores", "hook_pattern")
+SKIPPED_ATTN = ("hook_q", "hook_k", "hook_rot_q", "hook_rot_k", "hook_attn_scores", "hook_pattern",
+                "q_norm.hook_scale", "q_norm.hook_normalized", "k_norm.hook_scale", "k_norm.hook_normalized")
 
 
 @dataclass
@@ -44,7 +45,10 @@ class FastPaths:
 
 def _unhooked(module: nn.Module, points: tuple[str, ...]) -> bool:
     for name in points:
-        point = getattr(module, name, None)
+        try:
+            point = module.get_submodule(name)
+        except AttributeError:  # not in this configuration (e.g. no query/key norms)
+            continue
         if point is not None and (point._forward_hooks or point._forward_pre_hooks):
             return False
     return True

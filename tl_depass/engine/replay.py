@@ -18,7 +18,7 @@ from torch import Tensor
 
 from tl_depass.engine import rules, through
 from tl_depass.engine.backends import Model, forward_as_recorded, is_bridge
-from tl_depass.engine.clean_run import CleanRun
+from tl_depass.engine.clean_run import CleanRun, unflatten_rows
 from tl_depass.engine.fast import FastPaths, fast_paths, skipping_frozen
 from tl_depass.engine.fast_bridge import frozen_attention, skipping_frozen_bridge, starting_at
 from tl_depass.engine.groups import Entry
@@ -183,14 +183,15 @@ class FoldedForward:
         return self.rowwise(lambda x, hook: fold(correct(self.view(x))))(out, None)
 
     def rowwise(self, fn: Callable) -> Callable:
-        """`fn` on [slots*batch, pos, ...] also where the model flattens the token axes."""
-        pos = self.clean.logits.shape[1]
+        """`fn` on [slots*batch, pos, ...] also where the model flattens the token axes
+        (`unflatten_rows`)."""
+        rows, pos = self.slots * self.batch, self.clean.logits.shape[1]
 
         def hook(x, hook):
-            if not (x.is_floating_point() and x.ndim == 2 and x.shape[0] == self.slots * self.batch * pos):
+            if not (x.is_floating_point() and x.ndim == 2 and x.shape[0] % (rows * pos) == 0):
                 return fn(x, hook)
-            out = fn(x.unflatten(0, (-1, pos)), hook)
-            return None if out is None else out.flatten(0, 1)
+            out = fn(unflatten_rows(x, rows, pos), hook)
+            return None if out is None else out.reshape(x.shape)
         return hook
 
     # --- wiring ---

@@ -10,8 +10,8 @@ from jaxtyping import Int
 from torch import Tensor
 
 from tl_depass.engine import rules
-from tl_depass.engine.backends import Model, is_bridge
-from tl_depass.engine.clean_run import CleanRun
+from tl_depass.engine.backends import Model
+from tl_depass.engine.clean_run import QK_NORMS, CleanRun
 from tl_depass.engine.plan import Plan, by_entry_layer
 from tl_depass.engine.replay import FoldedForward, RuleSetup
 
@@ -28,12 +28,11 @@ def chunks_of(plan: Plan, chunk_size: int | None) -> Chunks:
 def window(model: Model, plan: Plan, offset: int, k: int) -> int:
     """The position before which components `offset .. offset+k` of every group are exactly zero
     (`Entry.first`; 0 where an entry does not say, or the model is not causal), no later than a
-    kept logit position. HookedTransformer and TransformerBridge alike, but not a Bridge with
-    query/key norms (Qwen3): their replayed scales are [batch, head, pos, 1], which
-    `CleanRun.window` would cut on the head axis."""
+    kept logit position. HookedTransformer and TransformerBridge alike, but not where a query/key
+    norm's value is kept: `run_chunks` writes positions on the axis after the batch."""
     entries = [e for g in plan.groups for e in g.entries]
     if (model.cfg.attention_dir != "causal" or any(e.first is None for e in entries)
-            or (is_bridge(model) and any(".attn." in n for n in plan.norms))):
+            or any(q in n for n in plan.keep for q in QK_NORMS)):
         return 0
     start = min(e.first(offset, k) for e in entries)
     if start and plan.logit_positions is not None:
