@@ -115,15 +115,15 @@ def without_skipping(monkeypatch, model, *args, **kwargs):
 
 @pytest.mark.parametrize("arch", ["GPT2LMHeadModel", "GPTJForCausalLM", "GPTNeoXForCausalLM",
                                   "PhiForCausalLM", "LlamaForCausalLM", "Qwen2ForCausalLM",
-                                  "Qwen3ForCausalLM", "Gemma2ForCausalLM"])
+                                  "Qwen3ForCausalLM", "Gemma2ForCausalLM", "OPTForCausalLM"])
 def test_skipped_activations_and_norms_are_bit_identical(arch, monkeypatch):
     bridge, _ = make_bridge(arch)
     mlps = [(f"blocks.{i}.mlp", f"blocks.{i}.mlp.hook_post") for i in range(2)]
-    assert len(bridge_mlp.frozen_activations(bridge, mlps)) == 2
+    # OPT's MLP is the decoder layer's fc1/fc2, not a module with an activation of its own
+    assert len(bridge_mlp.frozen_activations(bridge, mlps)) == (0 if arch == "OPTForCausalLM" else 2)
     norms = [n for n, _ in bridge.named_modules() if n.endswith(("ln1", "ln2", "ln_final"))]
-    if arch in ("GPT2LMHeadModel", "LlamaForCausalLM", "GPTNeoXForCausalLM"):
-        assert fast_bridge.frozen_attention(bridge, ["blocks.0.attn", "blocks.1.attn"], []) == {
-            "blocks.0.attn", "blocks.1.attn"}
+    assert fast_bridge.frozen_attention(bridge, ["blocks.0.attn", "blocks.1.attn"], []) == {
+        "blocks.0.attn", "blocks.1.attn"}  # every family but Bloom
     assert fast_bridge.frozen_norms(bridge, norms) == [bridge.get_submodule(n) for n in norms]
     gated = "gate" in bridge.blocks[0].mlp._modules
     acts = bridge_mlp.frozen_activations(bridge, mlps)
@@ -188,6 +188,23 @@ def test_fast_attention_never_computes_the_pattern(monkeypatch):
     monkeypatch.setattr(JointQKVAttentionBridge, "_reconstruct_attention", counted)
     tl_depass.decompose(bridge, TOKENS, mlp_rule="ratio")
     assert len(calls) == 2, "the folded forward computed an attention pattern"  # the clean run's
+
+
+@pytest.mark.parametrize("arch", ["OPTForCausalLM", "GPTJForCausalLM"])
+def test_opaque_attention_never_computes_queries(arch):
+    """OPT's and GPT-J's `AttentionBridge` delegates to Hugging Face's forward; the folded forward
+    replaces it with V -> the frozen pattern -> the output projection (`fast_bridge.PLAIN_HF`)."""
+    bridge, _ = make_bridge(arch)
+    rows = []
+    handle = bridge.blocks[1].attn.q.original_component.register_forward_hook(
+        lambda module, args, out: rows.append(args[0].shape[0]))
+    try:
+        dec = tl_depass.decompose(bridge, TOKENS, tl_depass.Heads(), logits="all")
+    finally:
+        handle.remove()
+    assert rows == [TOKENS.shape[0]], rows  # the clean run's only
+    for hook, err in dec.completeness_error().items():
+        assert err <= F64, f"{hook} off by {err:.1e}"
 
 
 def test_a_gated_mlp_skips_its_up_projection_unless_it_is_kept():

@@ -147,7 +147,14 @@ SKIPPED_ATTN = ("hook_q", "hook_k", "hook_rot_q", "hook_rot_k", "hook_attn_score
                 "k_norm.hook_out", "q_norm.hook_scale", "k_norm.hook_scale", "hook_cos", "hook_sin")
 
 
+#: Hugging Face attention classes behind a plain `AttentionBridge` whose forward (transformers 5)
+#: is `v_proj` -> the pattern -> heads merged -> `out_proj` (-> `resid_dropout`), returning
+#: (output, weights), with nothing else acting on V or z.
+PLAIN_HF = ("OPTAttention", "GPTJAttention")
+
+
 def _attention_ok(model: Model, name: str, kept: set[str]) -> bool:
+    from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
     from transformer_lens.model_bridge.generalized_components.joint_qkv_attention import (
         JointQKVAttentionBridge,
     )
@@ -160,8 +167,13 @@ def _attention_ok(model: Model, name: str, kept: set[str]) -> bool:
 
     module = model.get_submodule(name)
     cfg = module.config
-    if type(module) not in (JointQKVAttentionBridge, NeoX, Rotary) or cfg is None:
+    if type(module) not in (JointQKVAttentionBridge, NeoX, Rotary, AttentionBridge) or cfg is None:
         return False
+    if type(module) is AttentionBridge:  # opaque: only Hugging Face classes read here
+        hf = module.original_component
+        if (type(hf).__name__ not in PLAIN_HF or getattr(hf, "v_proj", None) is not module._modules.get("v")
+                or getattr(hf, "out_proj", None) is not module._modules.get("o")):
+            return False
     if type(module) is Rotary:  # nothing between V and the pattern, nor between z and O
         hf = module.original_component
         if (getattr(cfg, "gated_q_proj", False) or module._modules.get("gate") is not None
@@ -182,9 +194,9 @@ def _attention_ok(model: Model, name: str, kept: set[str]) -> bool:
 
 def frozen_attention(model: Model, attn: list[str], keep: list[str]) -> set[str]:
     """The attention modules (names) that compute only V, the frozen pattern and the output
-    projection: GPT-2-like (`JointQKVAttentionBridge`), GPT-NeoX (its rotary subclass) and Llama-like
-    (`PositionEmbeddingsAttentionBridge` without gates, sinks, clipping or a K multiplier),
-    without hooks on what they skip."""
+    projection: GPT-2-like (`JointQKVAttentionBridge`), GPT-NeoX (its rotary subclass), Llama-like
+    (`PositionEmbeddingsAttentionBridge` without gates, sinks, clipping or a K multiplier), OPT
+    and GPT-J (`PLAIN_HF`), without hooks on what they skip."""
     if not is_bridge(model):
         return set()
     return {a for a in attn if _attention_ok(model, a, set(keep))}
@@ -196,8 +208,8 @@ def attention_forward(module: nn.Module, attend: Callable[[Tensor], Tensor]) -> 
     `PositionEmbeddingsAttentionBridge` (Llama-like) do."""
     heads = module.config.n_heads
     kv_heads = getattr(module.config, "n_key_value_heads", None) or heads
-    if type(module).__name__ == "PositionEmbeddingsAttentionBridge":
-        return rotary_attention_forward(module, attend)
+    if type(module).__name__ in ("PositionEmbeddingsAttentionBridge", "AttentionBridge"):
+        return hf_attention_forward(module, attend)
 
     def forward(*args, **kwargs):
         x = module._apply_attention_input_hook(*args, **kwargs)
@@ -208,9 +220,11 @@ def attention_forward(module: nn.Module, attend: Callable[[Tensor], Tensor]) -> 
     return forward
 
 
-def rotary_attention_forward(module: nn.Module, attend: Callable[[Tensor], Tensor]) -> Callable:
-    """`PositionEmbeddingsAttentionBridge.forward` without Q, K, RoPE, the scores and softmax."""
+def hf_attention_forward(module: nn.Module, attend: Callable[[Tensor], Tensor]) -> Callable:
+    """`PositionEmbeddingsAttentionBridge.forward` (Llama-like) and `AttentionBridge.forward` over
+    `PLAIN_HF` without Q, K, RoPE, the scores and softmax."""
     head_dim = module.original_component.head_dim
+    dropout = getattr(module.original_component, "resid_dropout", None) or nn.Identity()  # GPT-J
 
     def forward(*args, **kwargs):
         x = module.hook_in(kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])
@@ -220,7 +234,7 @@ def rotary_attention_forward(module: nn.Module, attend: Callable[[Tensor], Tenso
         weight = getattr(getattr(module.o, "original_component", None), "weight", None)
         if isinstance(weight, Tensor) and weight.dtype.is_floating_point and z.dtype != weight.dtype:
             z = z.to(weight.dtype)
-        return module.hook_out(module.o(z)), None
+        return module.hook_out(dropout(module.o(z))), None
     return forward
 
 
