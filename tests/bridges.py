@@ -37,6 +37,8 @@ CONFIGS = {
                                          num_attention_heads=4, max_position_embeddings=32,
                                          partial_rotary_factor=0.5)),
     "BloomForCausalLM": ("BloomConfig", dict(hidden_size=32, n_layer=2, n_head=4)),
+    "OlmoForCausalLM": ("OlmoConfig", dict(  # LayerNorm without weights (eps fixed at 1e-5)
+        {k: v for k, v in LLAMA.items() if k != "rms_norm_eps"}, num_key_value_heads=2)),
 }
 ARCHITECTURES = list(CONFIGS)
 
@@ -79,10 +81,14 @@ def float64_reference(hf):
     DePass's clean run takes. Restored afterwards."""
     arch = hf.config.architectures[0]
     norms = [m for m in hf.modules() if type(m).__name__.endswith("RMSNorm")]
+    olmo = [m for m in hf.modules() if type(m).__name__ == "OlmoLayerNorm"]
     impl = hf.config._attn_implementation
-    assert not norms or arch in UPSTREAM_FLOAT32, f"{arch} has RMSNorm but no UPSTREAM_FLOAT32 entry"
+    assert not norms + olmo or arch in UPSTREAM_FLOAT32, f"{arch} has float32 norms but no UPSTREAM_FLOAT32 entry"
     for m in norms:
         m.forward = types.MethodType(rms_norm_float64, m)
+    for m in olmo:
+        m.forward = types.MethodType(lambda self, x: torch.nn.functional.layer_norm(x, self.normalized_shape, eps=1e-5), m)
+    norms += olmo
     hf.set_attn_implementation("eager")
     try:
         yield hf

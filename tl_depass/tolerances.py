@@ -36,6 +36,8 @@ UPSTREAM_FLOAT32: dict[str, str] = {
     **dict.fromkeys(("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma2ForCausalLM"), (
         "RMSNorm normalises in float32; DePass replays norm scales through TransformerLens's norm "
         "path, which computes in the model's dtype")),
+    "OlmoForCausalLM": ("OLMo's weightless LayerNorm normalises in float32; DePass replays norm scales "
+                        "through TransformerLens's norm path, which computes in the model's dtype"),
 }
 
 

@@ -66,7 +66,7 @@ def logit_diff(logits):
 
 
 @pytest.mark.parametrize("arch", ["GPT2LMHeadModel", "GPTJForCausalLM", "OPTForCausalLM",
-                                  "LlamaForCausalLM", "BloomForCausalLM"])
+                                  "LlamaForCausalLM", "BloomForCausalLM", "OlmoForCausalLM"])
 def test_linear_rule_equals_frozen_zero_ablation(arch):
     """The intervention oracle on a Bridge: removing a head in the frozen model moves the metric
     by exactly its ratio-rule share (also for adapters that delegate attention to HF)."""

@@ -208,16 +208,40 @@ def clean_hook_value(name: str, x: torch.Tensor) -> torch.Tensor | None:
 def forward_as_recorded(model: Model):
     """Inside: a Bridge over a Hugging Face model computes attention eagerly, so that adapters
     that delegate attention to HF (OPT) fire `hook_pattern`; the Bridge's notice that hooked norm
-    scales take TL's norm path (which DePass wants, see clean_hook_value) is silenced."""
+    scales take TL's norm path (which DePass wants, see clean_hook_value) is silenced; norms
+    without a weight or bias (OLMo's LayerNorm) apply none on that path (`weightless_norms`)."""
     hf = getattr(model, "original_model", None) if is_bridge(model) else None
     before = getattr(getattr(hf, "config", None), "_attn_implementation", None)
     switch = before not in (None, "eager") and hasattr(hf, "set_attn_implementation")
+    norms = weightless_norms(model) if hf is not None else []
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "A forward hook edited hook_scale")
         if switch:
             hf.set_attn_implementation("eager")
         try:
+            for norm in norms:
+                norm.__dict__["_apply_weight_and_bias"] = _no_weight_or_bias
             yield
         finally:
+            for norm in norms:
+                norm.__dict__.pop("_apply_weight_and_bias", None)
             if switch:
                 hf.set_attn_implementation(before)
+
+
+def _no_weight_or_bias(hidden_states: torch.Tensor, input_dtype: torch.dtype) -> torch.Tensor:
+    return hidden_states.to(input_dtype)  # as TransformerLens's own LayerNormPreBridge
+
+
+def weightless_norms(model: Model) -> list[torch.nn.Module]:
+    """A Bridge's norms over a Hugging Face norm with neither weight nor bias (OLMo's LayerNorm).
+    With `hook_scale` hooked, TransformerLens (3.9, 4.3) computes the norm itself and then reads a
+    `weight` they lack (AttributeError); the Hugging Face module applies none."""
+    try:
+        from transformer_lens.model_bridge.generalized_components.normalization import NormalizationBridge
+    except ImportError:
+        return []
+    return [m for m in model.modules() if type(m) is NormalizationBridge
+            and (original := m._modules.get("_original_component")) is not None
+            and getattr(original, "weight", None) is None and getattr(original, "bias", None) is None
+            and "_apply_weight_and_bias" not in m.__dict__]

@@ -12,7 +12,7 @@ from tl_depass.engine.backends import Model, is_bridge
 #: the result (times the up projection, gated) straight to the out projection.
 ACTIVATED = {"GPT2MLP": "act", "GPTJMLP": "act", "GPTNeoXMLP": "act", "PhiMLP": "activation_fn",
              "LlamaMLP": "act_fn", "MistralMLP": "act_fn", "Qwen2MLP": "act_fn", "Qwen3MLP": "act_fn",
-             "Gemma2MLP": "act_fn"}
+             "Gemma2MLP": "act_fn", "OlmoMLP": "act_fn"}
 
 
 def unhooked(point: nn.Module) -> bool:
@@ -29,7 +29,7 @@ def _activation(bridge_mlp: nn.Module) -> nn.Module | None:
 #: Sequential blocks (attention, then the MLP, each added to the residual stream, nothing after
 #: the MLP's out projection): `output_half` applies (checked in transformers 5.24).
 SEQUENTIAL = frozenset({"GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM",
-                        "Qwen2ForCausalLM", "Qwen3ForCausalLM"})
+                        "Qwen2ForCausalLM", "Qwen3ForCausalLM", "OlmoForCausalLM"})
 
 
 def output_half(model: Model, layer: int, names: list[str]) -> bool:

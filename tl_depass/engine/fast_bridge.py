@@ -53,7 +53,7 @@ from tl_depass.engine.bridge_mlp import frozen_activations, frozen_ups, ones_for
 STARTS = frozenset({
     "GPT2LMHeadModel", "GPTJForCausalLM", "GPTNeoXForCausalLM", "OPTForCausalLM", "PhiForCausalLM",
     "LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma2ForCausalLM",
-    "MistralForCausalLM",
+    "MistralForCausalLM", "OlmoForCausalLM",
 })
 
 
