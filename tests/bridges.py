@@ -74,6 +74,11 @@ def rms_norm_float64(self, x):
     return weight * (x * scale)
 
 
+def layer_norm_float64(self, x):
+    """OLMo's weightless LayerNorm (eps 1e-5) in the input's dtype."""
+    return torch.nn.functional.layer_norm(x, self.normalized_shape, eps=1e-5)
+
+
 @contextmanager
 def float64_reference(hf):
     """Inside: `hf` recomputes in its own dtype what HF computes in float32 (see
@@ -83,11 +88,11 @@ def float64_reference(hf):
     norms = [m for m in hf.modules() if type(m).__name__.endswith("RMSNorm")]
     olmo = [m for m in hf.modules() if type(m).__name__ == "OlmoLayerNorm"]
     impl = hf.config._attn_implementation
-    assert not norms + olmo or arch in UPSTREAM_FLOAT32, f"{arch} has float32 norms but no UPSTREAM_FLOAT32 entry"
+    assert not norms + olmo or arch in UPSTREAM_FLOAT32, f"{arch}: float32 norms, no UPSTREAM_FLOAT32 entry"
     for m in norms:
         m.forward = types.MethodType(rms_norm_float64, m)
     for m in olmo:
-        m.forward = types.MethodType(lambda self, x: torch.nn.functional.layer_norm(x, self.normalized_shape, eps=1e-5), m)
+        m.forward = types.MethodType(layer_norm_float64, m)
     norms += olmo
     hf.set_attn_implementation("eager")
     try:

@@ -115,7 +115,8 @@ def without_skipping(monkeypatch, model, *args, **kwargs):
 
 @pytest.mark.parametrize("arch", ["GPT2LMHeadModel", "GPTJForCausalLM", "GPTNeoXForCausalLM",
                                   "PhiForCausalLM", "LlamaForCausalLM", "Qwen2ForCausalLM",
-                                  "Qwen3ForCausalLM", "Gemma2ForCausalLM", "OPTForCausalLM", "OlmoForCausalLM"])
+                                  "Qwen3ForCausalLM", "Gemma2ForCausalLM", "OPTForCausalLM",
+                                  "OlmoForCausalLM"])
 def test_skipped_activations_and_norms_are_bit_identical(arch, monkeypatch):
     bridge, _ = make_bridge(arch)
     mlps = [(f"blocks.{i}.mlp", f"blocks.{i}.mlp.hook_post") for i in range(2)]

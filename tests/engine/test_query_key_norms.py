@@ -21,12 +21,14 @@ def qwen3(backend: str):
         from tiny import make_model
 
         model = make_model(**MATRIX["qwen3_qk_norm"])
-        return model, torch.randint(0, model.cfg.d_vocab, (2, 9), generator=torch.Generator().manual_seed(1))
+        tokens = torch.randint(0, model.cfg.d_vocab, (2, 9), generator=torch.Generator().manual_seed(1))
+        return model, tokens
     if bridge_class() is None:
         pytest.skip("this transformer_lens has no TransformerBridge")
     from bridges import make_bridge
 
-    return make_bridge("Qwen3ForCausalLM")[0], torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(1))
+    return make_bridge("Qwen3ForCausalLM")[0], tokens
 
 
 def by_position(model, value: torch.Tensor) -> torch.Tensor:
@@ -65,7 +67,8 @@ def test_replayed_query_key_norm_scales_run_in_windows(backend, windows):
     norms' scales: the windows cut them at their position axis."""
     model, tokens = qwen3(backend)
     seen = []
-    hooks = [(f"blocks.{layer}.attn.hook_pattern", lambda x, hook: seen.append(hook.name)) for layer in (0, 1)]
+    hooks = [(f"blocks.{layer}.attn.hook_pattern", lambda x, hook: seen.append(hook.name))
+             for layer in (0, 1)]
     with model.hooks(fwd_hooks=hooks):
         for rule in ("softmax", "ratio"):
             whole = tl_depass.decompose(model, tokens, mlp_rule=rule, logits="all")
