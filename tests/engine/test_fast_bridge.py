@@ -116,7 +116,7 @@ def without_skipping(monkeypatch, model, *args, **kwargs):
 @pytest.mark.parametrize("arch", ["GPT2LMHeadModel", "GPTJForCausalLM", "GPTNeoXForCausalLM",
                                   "PhiForCausalLM", "LlamaForCausalLM", "Qwen2ForCausalLM",
                                   "Qwen3ForCausalLM", "Gemma2ForCausalLM", "OPTForCausalLM",
-                                  "OlmoForCausalLM"])
+                                  "OlmoForCausalLM", "BloomForCausalLM"])
 def test_skipped_activations_and_norms_are_bit_identical(arch, monkeypatch):
     bridge, _ = make_bridge(arch)
     mlps = [(f"blocks.{i}.mlp", f"blocks.{i}.mlp.hook_post") for i in range(2)]
@@ -124,7 +124,7 @@ def test_skipped_activations_and_norms_are_bit_identical(arch, monkeypatch):
     assert len(bridge_mlp.frozen_activations(bridge, mlps)) == (0 if arch == "OPTForCausalLM" else 2)
     norms = [n for n, _ in bridge.named_modules() if n.endswith(("ln1", "ln2", "ln_final"))]
     assert fast_bridge.frozen_attention(bridge, ["blocks.0.attn", "blocks.1.attn"], []) == {
-        "blocks.0.attn", "blocks.1.attn"}  # every family but Bloom
+        "blocks.0.attn", "blocks.1.attn"}  # every family
     assert fast_bridge.frozen_norms(bridge, norms) == [bridge.get_submodule(n) for n in norms]
     gated = "gate" in bridge.blocks[0].mlp._modules
     acts = bridge_mlp.frozen_activations(bridge, mlps)

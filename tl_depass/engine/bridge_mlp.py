@@ -12,7 +12,7 @@ from tl_depass.engine.backends import Model, is_bridge
 #: the result (times the up projection, gated) straight to the out projection.
 ACTIVATED = {"GPT2MLP": "act", "GPTJMLP": "act", "GPTNeoXMLP": "act", "PhiMLP": "activation_fn",
              "LlamaMLP": "act_fn", "MistralMLP": "act_fn", "Qwen2MLP": "act_fn", "Qwen3MLP": "act_fn",
-             "Gemma2MLP": "act_fn", "OlmoMLP": "act_fn"}
+             "Gemma2MLP": "act_fn", "OlmoMLP": "act_fn", "BloomMLP": "gelu_impl"}
 
 
 def unhooked(point: nn.Module) -> bool:
@@ -23,6 +23,8 @@ def _activation(bridge_mlp: nn.Module) -> nn.Module | None:
     hf = bridge_mlp._modules.get("_original_component")
     name = ACTIVATED.get(type(hf).__name__)
     act = None if name is None else hf._modules.get(name)
+    if getattr(hf, "pretraining_tp", 1) > 1 and getattr(hf, "slow_but_exact", False):
+        return None  # Bloom's sliced out projection bypasses the module (and hook_post)
     return act if act is not None and not list(act.parameters()) and not act._modules else None
 
 

@@ -49,12 +49,14 @@ from tl_depass.engine.backends import Model, is_bridge
 from tl_depass.engine.bridge_mlp import frozen_activations, frozen_ups, ones_forward, unhooked
 
 #: Architectures whose Hugging Face decoder loop passes a bare hidden-state tensor from layer to
-#: layer (checked in transformers 5.24; Bloom's takes `outputs[0]` and is left out).
+#: layer, or (`TUPLE_STARTS`) takes `outputs[0]` of each layer's output (checked in transformers
+#: 5.24).
 STARTS = frozenset({
     "GPT2LMHeadModel", "GPTJForCausalLM", "GPTNeoXForCausalLM", "OPTForCausalLM", "PhiForCausalLM",
     "LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma2ForCausalLM",
-    "MistralForCausalLM", "OlmoForCausalLM",
+    "MistralForCausalLM", "OlmoForCausalLM", "BloomForCausalLM",
 })
+TUPLE_STARTS = frozenset({"BloomForCausalLM"})  # (hidden_states, attention weights)
 
 
 def can_start(model: Model) -> bool:
@@ -76,6 +78,8 @@ def starting_at(model: Model, layer: int, residual: Float[Tensor, "batch pos d_m
     if not 0 < layer <= len(model.blocks):  # len(blocks): straight to the final norm
         raise ValueError(f"cannot start a forward at block {layer} of {len(model.blocks)}")
     forwards = [_skip] * (layer - 1) + [lambda *args, **kwargs: residual]
+    if model.cfg.architecture in TUPLE_STARTS:
+        forwards = [lambda *args, f=f, **kwargs: (f(*args, **kwargs), None) for f in forwards]
     with instance_forwards(list(zip(model.blocks[:layer], forwards, strict=True))):
         yield
 
@@ -155,6 +159,7 @@ PLAIN_HF = ("OPTAttention", "GPTJAttention")
 
 def _attention_ok(model: Model, name: str, kept: set[str]) -> bool:
     from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
+    from transformer_lens.model_bridge.generalized_components.bloom_attention import BloomAttentionBridge
     from transformer_lens.model_bridge.generalized_components.joint_qkv_attention import (
         JointQKVAttentionBridge,
     )
@@ -167,7 +172,8 @@ def _attention_ok(model: Model, name: str, kept: set[str]) -> bool:
 
     module = model.get_submodule(name)
     cfg = module.config
-    if type(module) not in (JointQKVAttentionBridge, NeoX, Rotary, AttentionBridge) or cfg is None:
+    known = (JointQKVAttentionBridge, NeoX, Rotary, AttentionBridge, BloomAttentionBridge)
+    if type(module) not in known or cfg is None or (type(module) is BloomAttentionBridge and module.training):
         return False
     if type(module) is AttentionBridge:  # opaque: only Hugging Face classes read here
         hf = module.original_component
@@ -194,9 +200,9 @@ def _attention_ok(model: Model, name: str, kept: set[str]) -> bool:
 
 def frozen_attention(model: Model, attn: list[str], keep: list[str]) -> set[str]:
     """The attention modules (names) that compute only V, the frozen pattern and the output
-    projection: GPT-2-like (`JointQKVAttentionBridge`), GPT-NeoX (its rotary subclass), Llama-like
-    (`PositionEmbeddingsAttentionBridge` without gates, sinks, clipping or a K multiplier), OPT
-    and GPT-J (`PLAIN_HF`), without hooks on what they skip."""
+    projection: GPT-2-like (`JointQKVAttentionBridge`), GPT-NeoX and Bloom (its subclasses; Bloom
+    in eval mode), Llama-like (`PositionEmbeddingsAttentionBridge` without gates, sinks, clipping
+    or a K multiplier), OPT and GPT-J (`PLAIN_HF`), without hooks on what they skip."""
     if not is_bridge(model):
         return set()
     return {a for a in attn if _attention_ok(model, a, set(keep))}
@@ -211,12 +217,20 @@ def attention_forward(module: nn.Module, attend: Callable[[Tensor], Tensor]) -> 
     if type(module).__name__ in ("PositionEmbeddingsAttentionBridge", "AttentionBridge"):
         return hf_attention_forward(module, attend)
 
+    bloom = type(module).__name__ == "BloomAttentionBridge"  # adds the residual (args[1]) itself
+
     def forward(*args, **kwargs):
-        x = module._apply_attention_input_hook(*args, **kwargs)
+        if bloom:
+            x = module.hook_in(args[0] if args and isinstance(args[0], Tensor) else kwargs["hidden_states"])
+        else:
+            x = module._apply_attention_input_hook(*args, **kwargs)
         v = module.v(x)
         z = attend(v.unflatten(-1, (kv_heads, -1)))  # [batch, query_pos, head_index, d_head]
         z = z.reshape(z.shape[0], z.shape[1], -1)
-        return module._process_output((module._apply_output_projection(z), None))
+        out = module._apply_output_projection(z)
+        if bloom and len(args) > 1 and isinstance(args[1], Tensor):
+            out = out + args[1]
+        return module._process_output((out, None))
     return forward
 
 
