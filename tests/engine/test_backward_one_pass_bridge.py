@@ -15,7 +15,8 @@ if bridge_class() is None:
     pytest.skip("this transformer_lens has no TransformerBridge", allow_module_level=True)
 
 
-@pytest.mark.parametrize("arch", ["GPT2LMHeadModel", "LlamaForCausalLM", "OPTForCausalLM"])
+@pytest.mark.parametrize("arch", ["GPT2LMHeadModel", "LlamaForCausalLM", "OPTForCausalLM", "GPTJForCausalLM",
+                                  "Qwen3ForCausalLM", "BloomForCausalLM", "OlmoForCausalLM"])
 def test_bridge_one_forward(arch):
     bridge, _ = make_bridge(arch)
     tokens = torch.randint(0, 61, (2, 7), generator=torch.Generator().manual_seed(1))
