@@ -17,7 +17,10 @@ HookedTransformer replay (no activation function, no attention scores for folded
 with FAST_MLP_TEMPS = 8, and 2.1x at N = 512, where the softmax rule's working set at an MLP was
 measured at ~3.8 [rows, pos, d_mlp] tensors (the corrected pre-activation, its scaled copy, the
 mask, the softmax, and the residual-wide norm output): with 5, 0.84x-1.37x on the small cases and
-1.22x at N = 512 (tests/test_memory.py keeps every case within 0.5x-2x).
+1.22x at N = 512 (tests/test_memory.py keeps every case within 0.5x-2x). A TransformerBridge whose
+fast paths apply (every tested family since 30 Nov) was still counted as a full replay, 1.2x-2.1x
+of its peak (a CI run failed at 2.08x); counted as the fast replay, 0.78x-1.31x (GPT-2-style,
+tests/test_memory.py's five cases, three measurements each).
 """
 
 from collections.abc import Callable
@@ -143,7 +146,8 @@ def terms(cfg, batch: int, pos: int, groups: int, per_group: int, kept: list[str
           full_replay: bool = True, one_part: bool = False) -> Terms:
     """The terms for `groups` groups of `per_group` components (and a bias each), with the
     logits of `n_logits` positions per row (None: all). `full_replay`: the folded rows run every
-    op of the model (a TransformerBridge); False: a HookedTransformer's replay (engine/fast.py).
+    op of the model (a TransformerBridge without its fast paths, `fast_bridge.replays_in_full`);
+    False: a HookedTransformer's replay (engine/fast.py) or a Bridge's fast one.
     `one_part`: every group enters in one block (`engine.sweep.run_chunks` runs one part)."""
     d_mlp, d_vocab = mlp_and_vocab(cfg)
     n_logits = pos if n_logits is None else n_logits

@@ -18,7 +18,8 @@ from torch import Tensor
 
 from tl_depass import footprint
 from tl_depass.arguments import Tokens, check_call
-from tl_depass.engine.backends import Model, canonical_names, is_bridge
+from tl_depass.engine.backends import Model, canonical_names
+from tl_depass.engine.fast_bridge import replays_in_full
 from tl_depass.engine.validate import public
 from tl_depass.errors import DepassError
 from tl_depass.footprint import count_components  # decompose calls memory.count_components
@@ -54,7 +55,7 @@ def estimate(model: Model, batch: int, pos: int, groups: int, per_group: int, ke
     logits of `n_logits` positions per row (None: all); `one_part`: every group enters in one
     block (`footprint.one_part`)."""
     t = footprint.terms(model.cfg, batch, pos, groups, per_group, kept, chunk_size, padded, n_logits,
-                        full_replay=is_bridge(model), one_part=one_part)
+                        full_replay=replays_in_full(model), one_part=one_part)
     return MemoryEstimate(itemsize * (t.results + t.clean + t.transient), itemsize * t.results,
                           itemsize * t.clean, itemsize * t.transient, t.components, t.chunk_size)
 

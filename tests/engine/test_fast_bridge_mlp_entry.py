@@ -6,7 +6,7 @@ block L, padding, chunks, the last layer; the full replay where it does not appl
 
 import pytest
 import torch
-from bridges import make_bridge
+from bridges import CONFIGS, make_bridge
 from counting import mlp_entry_and_full
 
 import tl_depass
@@ -36,14 +36,15 @@ def assert_same(quick, full, what):
                                    msg=lambda m, n=name: f"{what} {n}: {m}")
 
 
-@pytest.mark.parametrize("arch", sorted(bridge_mlp.SEQUENTIAL - {"MistralForCausalLM"}))
+@pytest.mark.parametrize("arch", sorted(bridge_mlp.SEQUENTIAL - {"MistralForCausalLM"} | bridge_mlp.PARALLEL))
 @pytest.mark.parametrize("layer", [0, 1])
 def test_neurons_equal_the_full_replay(monkeypatch, arch, layer):
     bridge, _ = make_bridge(arch)
     mask = torch.ones_like(TOKENS)
     mask[1, 5:] = 0  # right padding
+    inside = [f"blocks.{i}.{h}" for i in range(layer, 2) for h in INSIDE]
     for rule, chunk in (("softmax", None), ("max", 20), ("ratio", None)):
-        for keep in ([f"blocks.{i}.{h}" for i in range(layer, 2) for h in INSIDE],  # rows built
+        for keep in ([n for n in inside if n in bridge.hook_dict],  # rows built (no resid_mid: parallel)
                      [f"blocks.{i}.hook_resid_post" for i in range(layer, 2)]):  # a_i W_out[i]
             quick, full = both(monkeypatch, bridge, Neurons(layer), mlp_rule=rule, chunk_size=chunk,
                                attention_mask=mask, keep=keep, logits="all")
@@ -69,9 +70,9 @@ def test_block_l_runs_for_three_slots_and_chosen_neurons(monkeypatch):
                 "MLPByPosition")
 
 
-def test_falls_back_where_it_does_not_apply():
-    """A user's hook in block L, a parallel block (GPT-NeoX), norms after the MLP (Gemma2): the
-    full replay."""
+def test_falls_back_where_it_does_not_apply(monkeypatch):
+    """A user's hook in block L, norms after the MLP (Gemma2), OPT's MLP in the decoder layer,
+    GPT-NeoX's sequential residual (`use_parallel_residual=False`): the full replay."""
     def entry(bridge):
         clean = record_clean_run(bridge, TOKENS, None, lambda n: True)
         return plan.mlp_output_entry(bridge, clean, Neurons(1).groups(bridge, clean, TOKENS))
@@ -80,5 +81,9 @@ def test_falls_back_where_it_does_not_apply():
     assert entry(bridge) is not None
     with bridge.hooks(fwd_hooks=[("blocks.1.hook_mlp_out", lambda x, hook: x)]):
         assert entry(bridge) is None
-    for arch in ("GPTNeoXForCausalLM", "Gemma2ForCausalLM", "OPTForCausalLM"):
+    for arch in ("Gemma2ForCausalLM", "OPTForCausalLM"):
         assert entry(make_bridge(arch)[0]) is None, arch
+    assert entry(make_bridge("GPTNeoXForCausalLM")[0]) is not None  # parallel: applies
+    name, fields = CONFIGS["GPTNeoXForCausalLM"]
+    monkeypatch.setitem(CONFIGS, "GPTNeoXForCausalLM", (name, dict(fields, use_parallel_residual=False)))
+    assert entry(make_bridge("GPTNeoXForCausalLM")[0]) is None

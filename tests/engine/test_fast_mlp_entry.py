@@ -14,9 +14,16 @@ from tl_depass.tolerances import completeness_rtol
 
 tiny = pytest.importorskip("tiny")  # HookedTransformer only (TransformerLens 3.x)
 
-ARCHS = {"gpt2": tiny.GPT2_LIKE, "llama": tiny.LLAMA_LIKE}
+ARCHS = {"gpt2": tiny.GPT2_LIKE, "llama": tiny.LLAMA_LIKE,  # and parallel blocks (GPT-J, GPT-NeoX)
+         "gpt2_parallel": dict(tiny.GPT2_LIKE, parallel_attn_mlp=True),
+         "llama_parallel": dict(tiny.LLAMA_LIKE, parallel_attn_mlp=True)}
 INSIDE = ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "mlp.hook_pre", "mlp.hook_post",
           "hook_mlp_out", "hook_resid_post")
+
+
+def inside(model, layers) -> list[str]:
+    """The hooks of `INSIDE` in blocks `layers` (a parallel block has no resid_mid)."""
+    return [f"blocks.{i}.{h}" for i in layers for h in INSIDE if f"blocks.{i}.{h}" in model.hook_dict]
 
 
 def model_of(arch: str, **overrides):
@@ -43,7 +50,7 @@ def assert_same(quick, full):
 def test_neurons_equal_the_full_replay(monkeypatch, arch, rule, layer):
     model = model_of(arch)
     tokens = tiny.random_tokens(model, 2, 6)
-    keep = [f"blocks.{i}.{h}" for i in range(layer, 2) for h in INSIDE]
+    keep = inside(model, range(layer, 2))
     assert_same(*both(monkeypatch, model, tokens, Neurons(layer), mlp_rule=rule, keep=keep,
                       logits="all"))
 
@@ -71,9 +78,9 @@ def test_neuron_slots_are_exact(arch):
     a_i W_out[i] (to rounding: the folded forward adds and subtracts b_out)."""
     model = model_of(arch)
     tokens = tiny.random_tokens(model, 2, 6)
-    keep = [f"blocks.1.{h}" for h in INSIDE]
+    keep = inside(model, [1])
     dec = tl_depass.decompose(model, tokens, Neurons(1), keep=keep)
-    for name in keep[:4]:
+    for name in keep[:-3]:  # before the MLP's output
         assert torch.equal(dec[name][1:-1], torch.zeros_like(dec[name][1:-1])), name
     _, cache = model.run_with_cache(tokens)
     mlp = model.blocks[1].mlp
@@ -96,7 +103,8 @@ def test_neuron_slots_are_exact(arch):
 
 
 def test_falls_back_where_it_does_not_apply():
-    """A hook in block L, a parallel block, SoLU's layer-norm activation: the full replay."""
+    """A hook in block L, SoLU's layer-norm activation: the full replay (a parallel block, since
+    the sixth session, not)."""
     from tl_depass.engine.clean_run import record_clean_run
 
     def entry(model):
@@ -108,5 +116,5 @@ def test_falls_back_where_it_does_not_apply():
     assert entry(model) is not None
     with model.hooks(fwd_hooks=[("blocks.1.hook_mlp_out", lambda x, hook: x)]):
         assert entry(model) is None
-    assert entry(model_of("gpt2", parallel_attn_mlp=True)) is None
+    assert entry(model_of("gpt2", parallel_attn_mlp=True)) is not None
     assert entry(model_of("gpt2", act_fn="solu_ln")) is None

@@ -29,22 +29,30 @@ def _activation(bridge_mlp: nn.Module) -> nn.Module | None:
 
 
 #: Sequential blocks (attention, then the MLP, each added to the residual stream, nothing after
-#: the MLP's out projection): `output_half` applies (checked in transformers 5.24).
+#: the MLP's out projection) and parallel ones (attention and MLP both read resid_pre, and both
+#: are added to it; with `cfg.parallel_attn_mlp`): `output_half` applies (checked in transformers
+#: 5.24).
 SEQUENTIAL = frozenset({"GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM",
                         "Qwen2ForCausalLM", "Qwen3ForCausalLM", "OlmoForCausalLM"})
+PARALLEL = frozenset({"GPTNeoXForCausalLM", "GPTJForCausalLM", "PhiForCausalLM"})
 
 
 def output_half(model: Model, layer: int, names: list[str]) -> bool:
     """Whether block `layer`'s MLP output half can be computed apart from the block
-    (`through.after_mlp`): a sequential architecture (all in `fast_bridge.STARTS`), whose hooks
-    after `hook_post` (the out projection's input; `names`: the block's hooks in firing order) are
-    the out projection's, `hook_mlp_out` and `hook_resid_post`, with no user hook in the block."""
-    if (getattr(model.cfg, "architecture", None) not in SEQUENTIAL
-            or not isinstance(getattr(model, "blocks", None), nn.ModuleList)):
+    (`through.after_mlp`): a sequential or parallel architecture (all in `fast_bridge.STARTS`),
+    whose hooks after `hook_post` (the out projection's input; `names`: the block's hooks in firing
+    order) are the out projection's, `hook_mlp_out` and `hook_resid_post`, with no user hook in the
+    block."""
+    arch = getattr(model.cfg, "architecture", None)
+    parallel = arch in PARALLEL and getattr(model.cfg, "parallel_attn_mlp", False)
+    blocks = getattr(model, "blocks", None)
+    if (arch not in SEQUENTIAL and not parallel) or not isinstance(blocks, nn.ModuleList):
         return False
-    prefix, out = f"blocks.{layer}.", model.blocks[layer].mlp._modules.get("out")
+    prefix, out = f"blocks.{layer}.", blocks[layer].mlp._modules.get("out")
     act, tail = f"{prefix}mlp.hook_post", ["mlp.out.hook_out", "hook_mlp_out", "hook_resid_post"]
-    return (act in names and f"{prefix}hook_resid_mid" in names
+    mid = [f"{prefix}hook_resid_pre", f"{prefix}hook_attn_out"] if parallel else [f"{prefix}hook_resid_mid"]
+    return (act in names and all(n in names for n in mid)
+            and (not parallel or f"{prefix}hook_resid_mid" not in names)
             and names[names.index(act):] == [act, *(prefix + n for n in tail)]
             and out is not None and model.hook_dict.get(act) is getattr(out, "hook_in", None)
             and all(unhooked(p) for n, p in model.hook_dict.items() if n.startswith(prefix)))

@@ -208,6 +208,22 @@ def frozen_attention(model: Model, attn: list[str], keep: list[str]) -> set[str]
     return {a for a in attn if _attention_ok(model, a, set(keep))}
 
 
+def replays_in_full(model: Model) -> bool:
+    """Whether a Bridge's folded forward runs every op of the model (`footprint.terms`'
+    `full_replay`): not where every block's attention is fast and every MLP's activation frozen
+    (without user hooks; every tested family)."""
+    if not is_bridge(model):
+        return False
+    n = model.cfg.n_layers
+    try:
+        attn = frozen_attention(model, [f"blocks.{i}.attn" for i in range(n)], [])
+        acts = [] if model.cfg.attn_only else frozen_activations(
+            model, [(f"blocks.{i}.mlp", f"blocks.{i}.mlp.hook_post") for i in range(n)])
+    except AttributeError:  # a block without `attn` or `mlp`
+        return True
+    return len(attn) < n or (not model.cfg.attn_only and len(acts) < n)
+
+
 def attention_forward(module: nn.Module, attend: Callable[[Tensor], Tensor]) -> Callable:
     """Input hook -> V (hook_v fires) -> `attend` (the frozen pattern) -> the output projection
     (hook_z fires with its input) -> hook_out, as `JointQKVAttentionBridge` and

@@ -160,8 +160,8 @@ def mlp_output_entry(model: Model, clean: CleanRun, groups: "list[Group]") -> ML
     (`Entry.rest`) and its components at the MLP's activation (`Neurons`, `MLPByPosition`):
     the components are exactly zero through block L's attention and MLP input, so they need
     only the MLP's output half. None where this does not apply: a block other than
-    TransformerLens's sequential one (parallel attention and MLP, norms after the MLP), an MLP
-    other than the plain or gated one, or a hook anywhere in block L; on a Bridge, where
+    TransformerLens's sequential or parallel one (norms after the MLP), an MLP other than the
+    plain or gated one, or a hook anywhere in block L; on a Bridge, where
     `bridge_mlp.output_half` says no."""
     layers = set()
     for group in groups:
@@ -181,13 +181,23 @@ def mlp_output_entry(model: Model, clean: CleanRun, groups: "list[Group]") -> ML
     from transformer_lens.components.mlps.mlp import MLP
 
     block, act = model.blocks[layer], f"blocks.{layer}.mlp.hook_post"
-    if (act not in names or hooks.block_hook(layer, "hook_resid_mid") not in names
+    mid = hooks.block_hook(layer, "hook_attn_out" if block.cfg.parallel_attn_mlp else "hook_resid_mid")
+    if (act not in names or mid not in names
             or names[names.index(act):] != [act, hooks.block_hook(layer, "hook_mlp_out"),
                                             hooks.block_hook(layer, "hook_resid_post")]
             or type(block.mlp) not in (MLP, GatedMLP) or block.mlp.cfg.is_layer_norm_activation()
             or any(m._forward_hooks or m._forward_pre_hooks for m in block.modules())):
         return None
     return mlp_site(model, clean, layer)
+
+
+def before_mlp(clean: CleanRun, layer: int) -> list[str]:
+    """What block `layer` adds its MLP's output to: resid_mid (sequential blocks), or resid_pre
+    and the attention's output (parallel blocks, which have no resid_mid)."""
+    mid = hooks.block_hook(layer, "hook_resid_mid")
+    if mid in clean.order:
+        return [mid]
+    return [hooks.block_hook(layer, "hook_resid_pre"), hooks.block_hook(layer, "hook_attn_out")]
 
 
 def after_mlp(model: Model, clean: CleanRun, sub: Plan, site: MLPSite) -> Plan:
@@ -197,7 +207,7 @@ def after_mlp(model: Model, clean: CleanRun, sub: Plan, site: MLPSite) -> Plan:
     prefix, act = f"blocks.{site.layer}.", clean.order.index(site.act_hook)
     inside = [n for n in sub.keep if n.startswith(prefix) and clean.order.index(n) < act]
     block = make_plan(model, clean, sub.groups,
-                      list(dict.fromkeys([*inside, hooks.block_hook(site.layer, "hook_resid_mid")])),
+                      list(dict.fromkeys([*inside, *before_mlp(clean, site.layer)])),
                       sub.logit_positions, logits=False)
     return dataclasses.replace(
         sub, start_layer=site.layer + 1, through=site,

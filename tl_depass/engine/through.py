@@ -12,6 +12,7 @@ from torch import Tensor
 from tl_depass.engine import bridge_mlp, fast, replay
 from tl_depass.engine.backends import is_bridge
 from tl_depass.engine.hooks import block_hook
+from tl_depass.engine.plan import before_mlp
 
 __all__ = ["after_mlp", "slots_of"]
 
@@ -53,7 +54,8 @@ def after_mlp(ff: "replay.FoldedForward", tokens: Int[Tensor, "batch pos"], mask
             e.written(ff.offset, ff.k, module.W_out)[:, :, w:],
             None if b is None else mlp_output(module, b)) for e, b in zip(entries, bias, strict=True)])
     layer = p.through.layer
-    resid = kept[block_hook(layer, "hook_resid_mid")] + out
+    parts = [kept[name] for name in before_mlp(ff.clean, layer)]  # in TL's order (HF's may round apart)
+    resid = (parts[0] if len(parts) == 1 else parts[0] + parts[1]) + out
     kept |= {block_hook(layer, "hook_mlp_out"): out, block_hook(layer, "hook_resid_post"): resid,
              f"{p.through.prefix}.out.hook_out": out}  # a Bridge's out projection
     return replay.fold(resid), {name: value for name, value in kept.items() if name in p.keep}
