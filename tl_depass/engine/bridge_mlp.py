@@ -42,7 +42,8 @@ def output_half(model: Model, layer: int, names: list[str]) -> bool:
     (`through.after_mlp`): a sequential or parallel architecture (all in `fast_bridge.STARTS`),
     whose hooks after `hook_post` (the out projection's input; `names`: the block's hooks in firing
     order) are the out projection's, `hook_mlp_out` and `hook_resid_post`, with no user hook in the
-    block."""
+    block; a parallel block has no resid_mid (`plan.mlp_output_entry` checks the hooks that
+    `plan.before_mlp` adds the MLP's output to)."""
     arch = getattr(model.cfg, "architecture", None)
     parallel = arch in PARALLEL and getattr(model.cfg, "parallel_attn_mlp", False)
     blocks = getattr(model, "blocks", None)
@@ -50,9 +51,7 @@ def output_half(model: Model, layer: int, names: list[str]) -> bool:
         return False
     prefix, out = f"blocks.{layer}.", blocks[layer].mlp._modules.get("out")
     act, tail = f"{prefix}mlp.hook_post", ["mlp.out.hook_out", "hook_mlp_out", "hook_resid_post"]
-    mid = [f"{prefix}hook_resid_pre", f"{prefix}hook_attn_out"] if parallel else [f"{prefix}hook_resid_mid"]
-    return (act in names and all(n in names for n in mid)
-            and (not parallel or f"{prefix}hook_resid_mid" not in names)
+    return (act in names and (f"{prefix}hook_resid_mid" in names) != parallel  # plan.before_mlp
             and names[names.index(act):] == [act, *(prefix + n for n in tail)]
             and out is not None and model.hook_dict.get(act) is getattr(out, "hook_in", None)
             and all(unhooked(p) for n, p in model.hook_dict.items() if n.startswith(prefix)))

@@ -49,7 +49,7 @@ def _unhooked(module: nn.Module, points: tuple[str, ...]) -> bool:
             point = module.get_submodule(name)
         except AttributeError:  # not in this configuration (e.g. no query/key norms)
             continue
-        if point is not None and (point._forward_hooks or point._forward_pre_hooks):
+        if point._forward_hooks or point._forward_pre_hooks:
             return False
     return True
 

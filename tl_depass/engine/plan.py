@@ -175,14 +175,15 @@ def mlp_output_entry(model: Model, clean: CleanRun, groups: "list[Group]") -> ML
         return None
     layer = layers.pop()
     names = [n for n in clean.order if n.startswith(f"blocks.{layer}.")]
+    if not all(n in names for n in before_mlp(clean, layer)):
+        return None
     if is_bridge(model):
         return mlp_site(model, clean, layer) if bridge_mlp.output_half(model, layer, names) else None
     from transformer_lens.components.mlps.gated_mlp import GatedMLP
     from transformer_lens.components.mlps.mlp import MLP
 
     block, act = model.blocks[layer], f"blocks.{layer}.mlp.hook_post"
-    mid = hooks.block_hook(layer, "hook_attn_out" if block.cfg.parallel_attn_mlp else "hook_resid_mid")
-    if (act not in names or mid not in names
+    if (act not in names
             or names[names.index(act):] != [act, hooks.block_hook(layer, "hook_mlp_out"),
                                             hooks.block_hook(layer, "hook_resid_post")]
             or type(block.mlp) not in (MLP, GatedMLP) or block.mlp.cfg.is_layer_norm_activation()
