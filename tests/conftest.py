@@ -25,8 +25,9 @@ def model():
 
 @pytest.fixture
 def windows(monkeypatch):
-    """The windows (engine/sweep.window) of a call's forwards that keep values, not the
-    statistics sweep's; each forward's kept values cover its window's positions only."""
+    """The windows (engine/sweep.window) of a call's forwards that keep values (also of chunks
+    in lockstep, engine/together.py), not the statistics sweep's; each forward's kept values
+    cover its window's positions only."""
     from tl_depass.engine import sweep
 
     seen: list[int] = []
@@ -40,5 +41,12 @@ def windows(monkeypatch):
                 {name: v.shape for name, v in out.items()}
             return out
 
+    run_together = sweep.run_together
+
+    def together(model, tokens, mask, forwards, sink):  # chunks in lockstep: their windows
+        seen.extend(f.window for f in forwards)
+        return run_together(model, tokens, mask, forwards, sink)
+
     monkeypatch.setattr(sweep, "FoldedForward", Recording)
+    monkeypatch.setattr(sweep, "run_together", together)
     return seen

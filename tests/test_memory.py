@@ -8,6 +8,7 @@ and Bridge; the tests allow 0.5x-2x.
 
 import ctypes
 import importlib
+import multiprocessing
 import sys
 
 import pytest
@@ -79,10 +80,12 @@ def peak_bytes(fn) -> int:
     return (peak - base) * 1024
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM is Linux's")
-@pytest.mark.parametrize("case", ["tokens 32, keep=[]", "tokens 64, keep=[]", "tokens 64",
-                                  "Heads 64", "tokens 64, chunk_size=16"])
-def test_estimate_within_2x_of_the_measured_peak(model, case):
+def estimate_and_peak(kind: str, case: str, queue) -> None:
+    """In a fresh process: the estimate and the measured peak of `case` on the `kind` model.
+    Fresh, because a warm process's allocator keeps memory from earlier calls resident (the
+    threads of chunks in lockstep, engine/together.py, each keep a malloc arena of their own), so
+    a later call's peak above the resident level undercounts it."""
+    model = hooked() if kind == "hooked" else gpt2_bridge()
     n = int(case.split()[1].rstrip(","))
     components = Heads() if case.startswith("Heads") else "tokens"
     options = dict(max_memory=HUGE, keep=[] if "keep=[]" in case else None,
@@ -91,7 +94,23 @@ def test_estimate_within_2x_of_the_measured_peak(model, case):
     tokens = tokens_for(model, n)
     est = tl_depass.estimate_memory(model, tokens, components, **options)
     measured = peak_bytes(lambda: tl_depass.decompose(model, tokens, components, **options))
-    assert 0.5 <= est.total / measured <= 2, f"{case}: estimated {est}, measured {measured / 2**20:.0f} MiB"
+    queue.put((est.total, str(est), measured))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM is Linux's")
+@pytest.mark.parametrize("kind", ["hooked", "bridge"])
+@pytest.mark.parametrize("case", ["tokens 32, keep=[]", "tokens 64, keep=[]", "tokens 64",
+                                  "Heads 64", "tokens 64, chunk_size=16"])
+def test_estimate_within_2x_of_the_measured_peak(kind, case):
+    if kind == "hooked" and hooked_class() is None:
+        pytest.skip("no HookedTransformer in this transformer_lens (4.x): the Bridge runs these")
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=estimate_and_peak, args=(kind, case, queue))
+    child.start()
+    total, est, measured = queue.get(timeout=600)
+    child.join()
+    assert 0.5 <= total / measured <= 2, f"{case}: estimated {est}, measured {measured / 2**20:.0f} MiB"
 
 
 def test_estimate_counts_components_and_results(model):
@@ -144,7 +163,7 @@ def test_the_largest_chunk_that_fits_is_chosen(model, rule, monkeypatch):
     assert chosen is not None and 4 <= chosen < 24
     assert tl_depass.estimate_memory(model, tokens, chunk_size=chosen + 1, max_memory=HUGE).total > budget
     ran, run_chunks = [], ENGINE.run_chunks
-    monkeypatch.setattr(ENGINE, "run_chunks", lambda *a: ran.append(a[-1]) or run_chunks(*a))
+    monkeypatch.setattr(ENGINE, "run_chunks", lambda *a, **kw: ran.append(a[-1]) or run_chunks(*a, **kw))
     part = tl_depass.decompose(model, tokens, max_memory=budget, **options)
     assert ran == [chosen]
     for name in whole.results:
@@ -196,7 +215,7 @@ def test_defaults_bound_a_forward_by_the_results_or_a_share_of_free_memory(model
                                                                     chosen.results)
     assert tl_depass.estimate_memory(model, tokens, max_memory=free).chunk_size is None
     ran, run_chunks = [], ENGINE.run_chunks
-    monkeypatch.setattr(ENGINE, "run_chunks", lambda *a: ran.append(a[-1]) or run_chunks(*a))
+    monkeypatch.setattr(ENGINE, "run_chunks", lambda *a, **kw: ran.append(a[-1]) or run_chunks(*a, **kw))
     part = tl_depass.decompose(model, tokens)
     assert ran == [chosen.chunk_size]
     for name in whole.results:

@@ -83,9 +83,10 @@ def decompose(
     against what is free (or `max_memory` bytes); `chunk_size=None` runs the largest chunk of
     components per forward that fits and, without `max_memory`, whose transient memory stays
     within the results' size or 1/8 of the free memory (one forward unless it is large; the
-    softmax and max rules then add a statistics sweep: more time, same results) (the ratio rule
-    at the token level: chunks of at least 16 positions, each skipping the positions before its
-    first component, where that is smaller).
+    softmax and max rules then add a statistics sweep: more time, same results). The token
+    level runs on the CPU in chunks of at least 16 positions (up to 8), each skipping the
+    positions before its first component: the ratio rule's one after another, the softmax and
+    max rules' in lockstep, meeting at each MLP, where one forward would fit.
     `logits`: whose logits are decomposed: "last" (the default since 0.2.0: each row's last
     unpadded token), a position (int) or one per row (tensor [batch]) (`dec.logits`
     [component, batch, d_vocab], positions in `dec.logit_positions`), "all" (`dec.logits`
@@ -114,11 +115,12 @@ def decompose(
     if not exact:  # a lower bound was checked; the clean run has fixed the count
         chunk = memory.fitted(model, tokens, mask, spec, keep_list, chunk_size,
                               max_memory, (len(parts), plan.total), n_logits=n_logits)
-    if chunk_size is None:  # the linear rule runs token components fastest in windows
-        chunk = fastest_chunk(model, plan, mlp_rule, chunk, tokens.shape[1])
+    together = False
+    if chunk_size is None:  # token components run fastest in windows
+        chunk, together = fastest_chunk(model, plan, mlp_rule, chunk, tokens.shape[1])
     excluded = bos_exclusions(model, tokens, mask, parts[0].labels, mlp_rule, ignore_bos)
     setup = RuleSetup(mlp_rule, temperature, excluded)
-    results = run_chunks(model, tokens, mask, clean, plan, setup, chunk)
+    results = run_chunks(model, tokens, mask, clean, plan, setup, chunk, together=together)
     fill_before_entry(results, clean, parts)
     # A model spread over devices (n_devices, device_map) leaves each value on its layer's
     # device: the result gathers on the tokens' (no copy on one device).

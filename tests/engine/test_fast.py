@@ -1,6 +1,7 @@
 """The folded forward's fast paths (engine/fast.py) and per-entry-layer starts (plan.by_entry_layer):
-bit-identical to the full replay, the model left as found, and the full path kept wherever a
-skipped hook point is hooked."""
+equal to the full replay to rounding (the fast paths add biases to the bias slot only, where the
+full replay adds them to every slot and takes them off the components again), the model left as
+found, and the full path kept wherever a skipped hook point is hooked."""
 
 import pytest
 import torch
@@ -16,10 +17,10 @@ ARCHS = {"gpt2": tiny.GPT2_LIKE, "llama": tiny.LLAMA_LIKE,
          "folded_rms": dict(tiny.LLAMA_LIKE, normalization_type="RMSPre")}
 
 
-def model_of(arch: str):
+def model_of(arch: str, **extra):
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    cfg = HookedTransformerConfig(**dict(ARCHS[arch], dtype=torch.float64))
+    cfg = HookedTransformerConfig(**dict(ARCHS[arch], dtype=torch.float64, **extra))
     return tiny.randomise(HookedTransformer(cfg), 0).eval()
 
 
@@ -31,14 +32,16 @@ def decompose_all(model, tokens, components, rule):
 @pytest.mark.parametrize("arch", list(ARCHS))
 @pytest.mark.parametrize("rule", ["softmax", "ratio", "max"])
 @pytest.mark.parametrize("components", ["tokens", tl_depass.Neurons(1)], ids=["tokens", "neurons"])
-def test_fast_paths_are_bit_identical(monkeypatch, arch, rule, components):
+def test_fast_paths_equal_the_full_replay(monkeypatch, arch, rule, components):
     model = model_of(arch)
     tokens = tiny.random_tokens(model, 2, 6)
     quick = decompose_all(model, tokens, components, rule)
     monkeypatch.setattr("tl_depass.engine.replay.fast_paths", lambda *a: fast.FastPaths())
     full = decompose_all(model, tokens, components, rule)
+    tol = completeness_rtol(torch.float64)
     for name, value in full.results.items():
-        assert torch.equal(quick.results[name], value), name
+        torch.testing.assert_close(quick.results[name], value, rtol=tol, atol=tol * value.abs().max(),
+                                   msg=name)
     assert not any("forward" in m.__dict__ for m in model.modules())
 
 
@@ -104,7 +107,7 @@ def test_forward_restored_after_an_exception():
     model = model_of("gpt2")
     paths = fast.FastPaths({"blocks.0.attn"}, {"blocks.0.mlp"}, {"blocks.0.ln1"})
     with pytest.raises(RuntimeError, match="boom"):
-        with fast.skipping_frozen(model, paths, lambda attn: lambda v: v):
+        with fast.skipping_frozen(model, paths, lambda attn: lambda v: v, lambda x, b: x):
             assert "forward" in model.blocks[0].attn.__dict__
             raise RuntimeError("boom")
     assert not any("forward" in m.__dict__ for m in model.modules())

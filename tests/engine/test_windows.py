@@ -88,18 +88,19 @@ def test_no_window_where_components_are_not_causal(windows):
     assert part["blocks.1.hook_resid_post"][4, 0, :4].abs().max() > 0  # it does reach back
 
 
-def test_the_ratio_rule_chooses_windows_by_default(windows):
-    """chunk_size=None: the linear rule (no statistics sweep) runs the token level in chunks of
-    16 positions or more, up to 8; the softmax rule and short prompts in one forward."""
+@pytest.mark.parametrize("rule", ["ratio", "softmax", "max"])
+def test_windows_by_default(rule, windows):
+    """chunk_size=None: the token level runs in chunks of 16 positions or more, up to 8 (the
+    linear rule one after another, the others in lockstep, engine/together.py); short prompts
+    in one forward."""
     model = tiny.make_model(n_ctx=48)
     tokens = tiny.random_tokens(model, batch=1, pos=48)
-    one = tl_depass.decompose(model, tokens, mlp_rule="ratio", chunk_size=48)
+    one = tl_depass.decompose(model, tokens, mlp_rule=rule, chunk_size=48)
     assert windows == [0]
     windows.clear()
-    fast = tl_depass.decompose(model, tokens, mlp_rule="ratio")
+    fast = tl_depass.decompose(model, tokens, mlp_rule=rule)
     assert windows == [0, 16, 32]
     same(fast, one, "default chunks")
-    for rule, n in (("softmax", 48), ("ratio", 31)):
-        windows.clear()
-        tl_depass.decompose(model, tokens[:, :n], mlp_rule=rule)
-        assert windows == [0], (rule, n)
+    windows.clear()
+    tl_depass.decompose(model, tokens[:, :31], mlp_rule=rule)
+    assert windows == [0]

@@ -12,8 +12,11 @@ gives the attention, MLP and norm modules a forward that computes only what the 
 - LayerNorm / RMSNorm (and their folded Pre forms): hook_scale fires with a placeholder (the
   pass replays the clean scale).
 
-Each fast forward uses the same kernels as TransformerLens's own (bit-identical results). A module
-keeps its own forward when anything it would skip is hooked (a user's hook, a kept value) or when
+Every bias of a fast forward (b_V, b_O, b_in, b_out, the norm's b) is added to the bias slot only
+(`FoldedForward.add_bias`), so the probe stays exactly zero and no correction follows these
+modules (engine/replay.py): the components' shares never carry a bias added and taken off again.
+The results equal the full replay's to rounding (tests/engine/test_fast.py). A module keeps
+its own forward when anything it would skip is hooked (a user's hook, a kept value) or when
 its configuration computes V differently (split or 4-bit inputs, clipped QKV, attention result per
 head, SoLU's layer-norm activation). A TransformerBridge keeps its forward (its modules wrap
 Hugging Face's). The instance `forward` is restored on exit, also after an exception.
@@ -102,24 +105,29 @@ def fast_paths(model: Model, attn: list[str], mlps: list[tuple[str, str]], norms
     )
 
 
-def attention_forward(module: nn.Module, attend: Callable[[Tensor], Tensor]) -> Callable:
-    """V -> hook_v -> `attend` (the frozen pattern) -> hook_z -> W_O, as TransformerLens does."""
-    from transformer_lens.utilities.attention import simple_attn_linear
+#: `add_bias(x, b)`: `b` added to the bias slot of every group of the fresh folded tensor `x`
+#: (`FoldedForward.add_bias`), which it returns; `b` None: `x` as it is.
+AddBias = Callable[[Tensor, Tensor | None], Tensor]
 
+
+def attention_forward(module: nn.Module, attend: Callable[[Tensor], Tensor], add_bias: AddBias) -> Callable:
+    """V -> hook_v -> `attend` (the frozen pattern) -> hook_z -> W_O, the biases to the bias slot."""
     grouped = hasattr(module, "_W_V") and not module.cfg.ungroup_grouped_query_attention
 
     def forward(query_input, key_input, value_input, *args, **kwargs):
         w_v, b_v = (module._W_V, module._b_V) if grouped else (module.W_V, module.b_V)
-        v = module.hook_v(simple_attn_linear(value_input, w_v, b_v))
+        w_v = einops.rearrange(w_v, "head_index d_model d_head -> (head_index d_head) d_model")
+        v = F.linear(value_input, w_v.to(value_input.device))
+        v = module.hook_v(add_bias(v.reshape(*value_input.shape[:2], *b_v.shape), b_v))
         z = module.hook_z(attend(v))
         w = einops.rearrange(module.W_O, "head_index d_head d_model -> d_model (head_index d_head)")
         z = z.reshape(z.shape[0], z.shape[1], -1)
-        return F.linear(z.to(w.dtype), w.contiguous(), module.b_O)
+        return add_bias(F.linear(z.to(w.dtype), w.contiguous()), module.b_O)
     return forward
 
 
 def mlp_output(module: nn.Module, post: Tensor) -> Tensor:
-    """W_out and b_out on the activations `post`, as the MLP's own forward (and `mlp_forward`)."""
+    """W_out and b_out on the activations `post`, as the MLP's own forward."""
     from transformer_lens.components.mlps.gated_mlp import GatedMLP
     from transformer_lens.utilities.addmm import batch_addmm
 
@@ -128,26 +136,24 @@ def mlp_output(module: nn.Module, post: Tensor) -> Tensor:
     return batch_addmm(module.b_out, module.W_out, post)
 
 
-def mlp_forward(module: nn.Module) -> Callable:
-    """W_in -> hook_pre -> the activation hook (overridden) -> W_out; no activation function."""
+def mlp_forward(module: nn.Module, add_bias: AddBias) -> Callable:
+    """W_in -> hook_pre -> the activation hook (overridden) -> W_out; no activation function; the
+    biases to the bias slot."""
     from transformer_lens.components.mlps.gated_mlp import GatedMLP
-    from transformer_lens.utilities.addmm import batch_addmm
 
-    if isinstance(module, GatedMLP):
-        def gated(x):
-            x = x.to(module.W_gate.device)
-            post = module.hook_post(module.hook_pre(F.linear(x, module.W_gate.T.contiguous())))
-            return mlp_output(module, post)
-        return gated
+    w_in = module.W_gate if isinstance(module, GatedMLP) else module.W_in
+    b_in = None if isinstance(module, GatedMLP) else module.b_in  # a gated b_in: after the activation
 
     def forward(x):
-        return mlp_output(module, module.hook_post(module.hook_pre(batch_addmm(module.b_in, module.W_in, x))))
+        x = x.to(w_in.device)
+        post = module.hook_post(module.hook_pre(add_bias(x @ w_in, b_in)))
+        return add_bias(post @ module.W_out, module.b_out)
     return forward
 
 
-def norm_forward(module: nn.Module) -> Callable:
+def norm_forward(module: nn.Module, add_bias: AddBias) -> Callable:
     """A LayerNorm / RMSNorm (or their folded `Pre` forms) whose hook_scale is replayed: the
-    statistics are never computed."""
+    statistics are never computed; the bias to the bias slot."""
     centre = type(module).__name__ in ("LayerNorm", "LayerNormPre")
     weight, bias = hasattr(module, "w"), hasattr(module, "b")
 
@@ -155,19 +161,22 @@ def norm_forward(module: nn.Module) -> Callable:
         if centre:
             x = x - x.mean(-1, keepdim=True)
         scale = module.hook_scale(x[..., :1])  # a placeholder: the pass replays the clean scale
-        x = module.hook_normalized(x / scale).to(module.cfg.dtype)
+        x = module.hook_normalized(x.div_(scale) if centre else x / scale).to(module.cfg.dtype)
         if not weight:
             return x
-        return x * module.w + module.b if bias else x * module.w
+        # in place where no hook can hold the normalized value (a kept one, the user's)
+        x = x * module.w if module.hook_normalized._forward_hooks else x.mul_(module.w)
+        return add_bias(x, module.b if bias else None)
     return forward
 
 
 @contextmanager
-def skipping_frozen(model: Model, fast: FastPaths, attend: Callable[[str], Callable]) -> Iterator[None]:
+def skipping_frozen(model: Model, fast: FastPaths, attend: Callable[[str], Callable],
+                    add_bias: AddBias) -> Iterator[None]:
     """Inside: the modules in `fast` run their fast forward. `attend(prefix)`: z from V there."""
-    forwards = [(a, attention_forward(model.get_submodule(a), attend(a))) for a in fast.attn]
-    forwards += [(p, mlp_forward(model.get_submodule(p))) for p in fast.mlps]
-    forwards += [(n, norm_forward(model.get_submodule(n))) for n in fast.norms]
+    forwards = [(a, attention_forward(model.get_submodule(a), attend(a), add_bias)) for a in fast.attn]
+    forwards += [(p, mlp_forward(model.get_submodule(p), add_bias)) for p in fast.mlps]
+    forwards += [(n, norm_forward(model.get_submodule(n), add_bias)) for n in fast.norms]
     saved = []
     try:
         for name, forward in forwards:

@@ -5,9 +5,12 @@ components, a zero probe, the group's bias. Every bias term the model adds lands
 at each hook that follows a bias (and at every norm output) the
 probe, which started at zero, holds exactly what was added, so subtracting it leaves each
 component its pure share and the bias slot the whole bias path. Exact zeros stay exact zeros.
+The fast forwards of engine/fast.py add their biases to the bias slot only (`add_bias`): after
+them the probe is still zero and nothing is subtracted.
 """
 
 import contextlib
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -39,7 +42,8 @@ def attend(pattern: Float[Tensor, "batch head_index query_pos key_pos"],
            v: Float[Tensor, "slot batch key_pos kv_head d_head"]
            ) -> Float[Tensor, "slot_batch query_pos head_index d_head"]:
     """hook_z from the clean pattern and each slot's values (GQA: kv heads repeated)."""
-    v = v.repeat_interleave(pattern.shape[1] // v.shape[3], dim=3)
+    if pattern.shape[1] != v.shape[3]:
+        v = v.repeat_interleave(pattern.shape[1] // v.shape[3], dim=3)
     z = einops.einsum(pattern.to(v.dtype), v, "b h q k, s b k h d -> s b q h d")
     return z.flatten(0, 1)
 
@@ -65,7 +69,12 @@ class FoldedForward:
     not this forward's to give (`run_chunks` takes it from the chunk at offset 0, window 0).
 
     `kept(...)` runs the whole forward and returns the kept values; `statistics(site, ...)` runs
-    it up to MLP `site` and returns this chunk's part of the statistics there."""
+    it up to MLP `site` and returns this chunk's part of the statistics there. Chunks in lockstep
+    (engine/together.py) set `meet` (this chunk's statistics at an MLP -> all chunks') and `sink`
+    (where each kept value goes as it is kept)."""
+
+    meet: Callable[[rules.Stats], rules.Stats] | None = None
+    sink: Callable[[str, Tensor], None] | None = None
 
     def __init__(self, model: Model, clean: CleanRun, plan: Plan, setup: RuleSetup,
                  offset: int, k: int, stats: Mapping[str, rules.Stats], window: int = 0):
@@ -109,11 +118,19 @@ class FoldedForward:
         value = self.clean[name]
         return lambda x, hook: value.repeat(self.slots, *[1] * (value.ndim - 1))
 
-    def stash_corrected(self, stash: dict, key: str) -> Callable:
+    def stash(self, stash: dict, key: str, corrected: bool = True) -> Callable:
+        """Keep the hook's value (with `corrected`, after subtracting the probe) for a later hook."""
         def hook(x, hook):
-            stash[key] = x = fold(correct(self.view(x)))
+            stash[key] = x = fold(correct(self.view(x))) if corrected else x
             return x
         return hook
+
+    def add_bias(self, x: Tensor, b: Tensor | None) -> Tensor:
+        """`b` added to every group's bias slot of `x`, a fresh folded tensor of a fast forward
+        (engine/fast.py), in place."""
+        if b is not None:
+            self.view(x)[:, -1] += b.to(x.device)
+        return x
 
     def attention(self, stash: dict, attn: str) -> Callable:
         pattern = self.clean[f"{attn}.hook_pattern"]
@@ -131,14 +148,22 @@ class FoldedForward:
         """The corrected MLP input of every slot, [slot, group*batch, pos, d_mlp]."""
         return einops.rearrange(self.view(stash.pop(site.prefix)), "g w b ... -> w (g b) ...")
 
-    def activate(self, stash: dict, site: MLPSite) -> Callable:
+    def activate(self, stash: dict, site: MLPSite, overwrite: bool = False) -> Callable:
+        """The rule's shares at MLP `site`'s activation hook. `overwrite`: nothing else holds the
+        stashed pre-activations (engine/fast.py's MLP, hook_pre neither kept nor hooked by the
+        user), whose storage the shares then reuse."""
         n, s = len(self.groups), self.setup
         facts = rules.NeuronFacts(*(einops.repeat(t, "b ... -> (g b) ...", g=n)
                                     for t in (site.facts.act, site.facts.extra, site.facts.ratio)))
 
         def hook(post, hook):
-            share = rules.shares(s.rule, self.pre_activations(stash, site), self.excluded, self.index,
-                                 s.temperature, facts, self.stats.get(site.prefix))
+            g, meet = self.pre_activations(stash, site), None
+            if self.meet is not None:  # chunks in lockstep: statistics over every position
+                if self.offset:  # the bias slot counts in the chunk at offset 0 only (this one's
+                    g[-1] = 0  # values are never read: `run_chunks`), so it is left out here
+                meet = lambda part: self.meet(part.padded(self.window)).window(self.window)  # noqa: E731
+            share = rules.shares(s.rule, g, self.excluded, self.index, s.temperature, facts,
+                                 self.stats.get(site.prefix), overwrite, meet)
             return einops.rearrange(share, "w (g b) ... -> (g w b) ...", g=n)
         return hook
 
@@ -164,7 +189,10 @@ class FoldedForward:
 
     def keeper(self, out: dict, name: str) -> Callable:
         def hook(x, hook):
-            out[name] = self.view(x)
+            if self.sink is None:
+                out[name] = self.view(x)
+            else:
+                self.sink(name, self.view(x))
         return hook
 
     def unembed_rows(self, logits: bool) -> Callable:
@@ -195,12 +223,15 @@ class FoldedForward:
         return hook
 
     # --- wiring ---
-    def hooks(self, out: dict, collect: MLPSite | None = None, fast: FastPaths | None = None
-              ) -> list[tuple[str, Callable]]:
+    def hooks(self, out: dict, collect: MLPSite | None = None, fast: FastPaths | None = None,
+              bridge_attn: set[str] | None = None) -> list[tuple[str, Callable]]:
         """The hooks of one forward, which write into `out`: the kept values, or with `collect`,
         the statistics at that MLP (no MLP after it is replayed: the forward stops there).
-        Attention in `fast.attn` computes z itself (engine/fast.py): hook_v is only corrected."""
+        Modules in `fast` (engine/fast.py) add their biases to the bias slot only: nothing after
+        them is corrected. Attention in `fast.attn` or `bridge_attn` (engine/fast_bridge.py, whose
+        biases land in every slot: hook_v is corrected) computes z itself."""
         p, stash, hooks = self.plan, {}, []
+        fast, bridge_attn = fast or FastPaths(), bridge_attn or set()
         after = set(self.clean.after(p.start))
         entries: dict[str, list] = {}
         for g, group in enumerate(self.groups):
@@ -211,17 +242,21 @@ class FoldedForward:
         early = [n for n in entries if n.endswith(("attn.hook_v", "mlp.hook_pre"))]
         hooks += [(hook, self.enter(entries.pop(hook))) for hook in early]
         hooks += [(n, self.replay(n)) for n in after if n.endswith("hook_scale")]
-        fast_attn = set() if fast is None else fast.attn
-        hooks += [(f"{attn}.hook_v", self.fix) for attn in p.attn if attn in fast_attn]
-        for attn in (a for a in p.attn if a not in fast_attn):
-            hooks += [(f"{attn}.hook_v", self.stash_corrected(stash, attn)),
+        hooks += [(f"{attn}.hook_v", self.fix) for attn in p.attn if attn in bridge_attn]
+        for attn in (a for a in p.attn if a not in fast.attn | bridge_attn):
+            hooks += [(f"{attn}.hook_v", self.stash(stash, attn)),
                       (f"{attn}.hook_z", self.attention(stash, attn))]
         mlps = p.mlps if collect is None else p.mlps[:p.mlps.index(collect) + 1]
         for site in mlps:
-            hooks += [(f"{site.prefix}.hook_pre", self.stash_corrected(stash, site.prefix)),
-                      (site.act_hook, self.collect(stash, site, out) if site is collect
-                       else self.activate(stash, site))]
-        hooks += [(n, self.fix) for n in p.correct]
+            pre = f"{site.prefix}.hook_pre"
+            stash_pre = self.stash(stash, site.prefix, site.prefix not in fast.mlps)
+            overwrite = (site.prefix in fast.mlps and pre not in p.keep
+                         and not self.model.get_submodule(pre)._forward_hooks)  # none of the user's
+            hooks += [(pre, stash_pre), (site.act_hook, self.collect(stash, site, out) if site is collect
+                                         else self.activate(stash, site, overwrite))]
+        # a fast module's output (blocks.L.hook_attn_out, blocks.L.hook_mlp_out) has no probe to take off
+        unbiased = {re.sub(r"\.(attn|mlp)$", r".hook_\1_out", m) for m in fast.attn | fast.mlps}
+        hooks += [(n, self.fix) for n in p.correct if n not in unbiased]
         hooks += [(hook, self.enter(es)) for hook, es in entries.items()]
         if collect is None:
             hooks += [(n, self.keeper(out, n)) for n in p.keep]
@@ -256,10 +291,12 @@ class FoldedForward:
         bridge_attn = frozen_attention(model, p.attn, p.keep)  # engine/fast_bridge.py (Bridges only)
         bridge_fast = skipping_frozen_bridge(model, [(s.prefix, s.act_hook) for s in replaced], p.norms,
                                              bridge_attn, self.attend, p.keep)
-        handles = [model.get_submodule(n).register_forward_hook(self.norm_hook) for n in p.norms]
+        handles = [model.get_submodule(n).register_forward_hook(self.norm_hook)
+                   for n in p.norms if n not in fast.norms]
         try:
-            with forward_as_recorded(model), start, bridge_fast, skipping_frozen(model, fast, self.attend), \
-                    model.hooks(fwd_hooks=self.hooks(out, collect, FastPaths(fast.attn | bridge_attn))):
+            with forward_as_recorded(model), start, bridge_fast, \
+                    skipping_frozen(model, fast, self.attend, self.add_bias), \
+                    model.hooks(fwd_hooks=self.hooks(out, collect, fast, bridge_attn)):
                 model(folded, attention_mask=mask, **options)
         finally:
             for h in handles:

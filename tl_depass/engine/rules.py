@@ -6,6 +6,7 @@ non-linear rules need statistics over ALL components, so they are computed per c
 combined (`combine`), which makes chunked results equal to unchunked ones.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -109,25 +110,35 @@ def combine(rule: Rule, a: Stats | None, b: Stats) -> Stats:
 def shares(
     rule: Rule, g: Float[Tensor, "slot batch pos d_mlp"],
     excluded: Bool[Tensor, "slot batch pos"] | None, index: Int[Tensor, " slot"], temperature: float,
-    facts: NeuronFacts, total: Stats | None,
+    facts: NeuronFacts, total: Stats | None, overwrite: bool = False,
+    meet: Callable[[Stats], Stats] | None = None,
 ) -> Float[Tensor, "slot batch pos d_mlp"]:
     """Each contributor's share of the clean post-activation (the last slot is the bias, which
     also receives `facts.extra` and any neuron with no contributor). `total` holds the statistics
-    over all components (None: the slots here are all of them)."""
+    over all components (None: the slots here are all of them, or `meet` turns the statistics of
+    the slots here into those of all: chunks in lockstep, engine/together.py). `overwrite`:
+    nothing reads `g` afterwards, so the linear and softmax rules compute the shares in its
+    storage."""
     if rule == "ratio":
-        return finish(g * facts.ratio, facts)
+        return finish(g.mul_(facts.ratio) if overwrite else g * facts.ratio, facts)
     index, excluded = on_device(g, index, excluded)
     out_mask = _excluded(g, excluded)
     if rule == "softmax":  # written out, in place: half the time of torch.softmax over dim 0
-        scaled = (g / temperature).masked_fill_(out_mask, -torch.inf)
+        scaled = (g.div_(temperature) if overwrite else g / temperature).masked_fill_(out_mask, -torch.inf)
         top = scaled.amax(0) if total is None else total.top
         weight = scaled.sub_(torch.where(torch.isfinite(top), top, torch.zeros_like(top))).exp_()
         rest = weight.sum(0) if total is None else total.rest
+        if meet is not None:  # the weights so far are relative to this chunk's top: rescale
+            total = meet(Stats(top, rest))
+            weight.mul_(torch.where(torch.isfinite(top), torch.exp(top - total.top), 0))
+            rest = total.rest
         nobody = rest == 0  # rest >= 1 (the top term) unless every contributor is left out
         weight.mul_(facts.act / rest.masked_fill(nobody, 1.0))
         weight[-1] += torch.where(nobody, facts.act, 0)  # nobody left: all to the bias
         return finish(weight, facts)
     total = total or stats(rule, g, excluded, index, temperature)
+    if meet is not None:
+        total = meet(total)
     orphan = ~torch.isfinite(total.top)
     out = ((index[:, None, None, None] == total.rest) & ~orphan).to(g.dtype).mul_(facts.act)
     out[-1] += torch.where(orphan, facts.act, 0)
