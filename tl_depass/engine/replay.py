@@ -286,7 +286,7 @@ class FoldedForward:
             start, folded = starting_at(model, p.start_layer, folded), tokens.repeat(self.slots, 1)
         else:
             options["start_at_layer"] = p.start_layer
-        fast = fast_paths(model, p.attn, [(s.prefix, s.act_hook) for s in p.mlps], p.norms, p.keep)
+        fast = self.fast_paths()
         replaced = p.mlps if collect is None else p.mlps[:p.mlps.index(collect)]  # hook_post overridden
         bridge_attn = frozen_attention(model, p.attn, p.keep)  # engine/fast_bridge.py (Bridges only)
         bridge_fast = skipping_frozen_bridge(model, [(s.prefix, s.act_hook) for s in replaced], p.norms,
@@ -302,6 +302,12 @@ class FoldedForward:
             for h in handles:
                 h.remove()
         return out if collect is not None else out | block
+
+    def fast_paths(self) -> FastPaths:
+        """The modules of this plan that run their fast forward (engine/fast.py); call it before
+        the pass's hooks are added."""
+        p = self.plan
+        return fast_paths(self.model, p.attn, [(s.prefix, s.act_hook) for s in p.mlps], p.norms, p.keep)
 
     def kept(self, tokens: Int[Tensor, "batch pos"], attention_mask: Tensor | None
              ) -> dict[str, Tensor]:

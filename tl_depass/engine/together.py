@@ -27,7 +27,7 @@ from torch import Tensor
 
 from tl_depass.engine import rules
 from tl_depass.engine.backends import Model, forward_as_recorded, is_bridge
-from tl_depass.engine.fast import fast_paths, skipping_frozen
+from tl_depass.engine.fast import skipping_frozen
 from tl_depass.engine.plan import Plan
 from tl_depass.engine.replay import FoldedForward
 
@@ -97,7 +97,7 @@ def run_together(model: Model, tokens: Int[Tensor, "batch pos"], mask: Tensor | 
     of its kept values as it is kept."""
     local, turns = threading.local(), Turns(forwards[0].setup.rule, len(forwards))
     p = forwards[0].plan
-    fast = fast_paths(model, p.attn, [(s.prefix, s.act_hook) for s in p.mlps], p.norms, p.keep)
+    fast = forwards[0].fast_paths()
     tables = [f.hooks({}, None, fast) for f in forwards]
     hooks = [(name, lambda x, hook, j=j: local.table[j][1](x, hook)) for j, (name, _) in enumerate(tables[0])]
     for i, f in enumerate(forwards):
