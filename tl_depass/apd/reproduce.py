@@ -60,6 +60,20 @@ def with_seed(
     )
 
 
+def with_target_steps(config: ExperimentConfig, steps: int | None) -> ExperimentConfig:
+    """Same experiment, the target trained for `steps` steps (None: as the preset)."""
+    if steps is None:
+        return config
+    train_cfg = dataclasses.replace(config.target.train, steps=steps)
+    return dataclasses.replace(config, target=dataclasses.replace(config.target, train=train_cfg))
+
+
+def target_dir(runs: Path, config: ExperimentConfig) -> Path:
+    """The target's run folder under `runs` (shared by every method and setting of a seed)."""
+    group = runs / config.name.replace("/", "-").rsplit("-", 1)[0]
+    return group / f"target_seed{config.target.seed}_steps{config.target.train.steps}"
+
+
 def train_target(
     config: ExperimentConfig,
     run_dir: Path | None,
@@ -197,12 +211,9 @@ def run_experiment(
     optim = config.method.optim
     seeds = f"seed{seed}" if seed == target_seed else f"seed{target_seed}_dseed{seed}"
     name = f"{slug}_{seeds}_steps{optim.steps}_batch{optim.batch_size}{changed}"
-    group = runs / slug.rsplit("-", 1)[0] if runs else None
-    target_dir = (
-        group / f"target_seed{target_seed}_steps{config.target.train.steps}" if group else None
-    )
-    method_dir = group / name if group else None
-    target, target_loss = train_target(config, target_dir, progress, device)
+    target_folder = target_dir(runs, config) if runs else None
+    method_dir = target_folder.parent / name if target_folder else None
+    target, target_loss = train_target(config, target_folder, progress, device)
     t1 = time.time()
     method, history = decompose(config, target, method_dir, progress, stop_at)
     t2 = time.time()
@@ -273,11 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
     config = with_seed(preset(args.experiment, args.method), args.seed, args.decomposition_seed)
     if args.steps is not None or args.batch_size is not None:
         config = shortened(config, args.steps or config.method.optim.steps, args.batch_size)
-    if args.target_steps is not None:
-        train_cfg = dataclasses.replace(config.target.train, steps=args.target_steps)
-        config = dataclasses.replace(
-            config, target=dataclasses.replace(config.target, train=train_cfg)
-        )
+    config = with_target_steps(config, args.target_steps)
     config, changed = overridden(config, args.set)
     progress = "none" if args.no_progress else "bar"
     with commands.torch_settings(threads=args.threads):

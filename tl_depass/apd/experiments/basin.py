@@ -15,19 +15,18 @@ initialisation miss.
 """
 
 import argparse
-import dataclasses
 import tempfile
 from pathlib import Path
 
 import torch
 
 from tl_depass import commands
-from tl_depass.apd.apd import APD, batch_topk
+from tl_depass.apd.apd import APD
 from tl_depass.apd.check import read_artifact
 from tl_depass.apd.configs import APDConfig, ConfigError
 from tl_depass.apd.experiments.presets import overridden, preset
 from tl_depass.apd.metrics import component_weights, mmcs_ml2r
-from tl_depass.apd.reproduce import train_target, with_seed
+from tl_depass.apd.reproduce import target_dir, train_target, with_seed, with_target_steps
 from tl_depass.apd.targets import TMS
 from tl_depass.apd.train import train
 from tl_depass.errors import DepassError
@@ -56,27 +55,15 @@ def at_ground_truth(target: TMS, cfg: APDConfig, scale: float = 1.0) -> APD:
 
 
 def loss_terms(apd: APD, batches: list[torch.Tensor]) -> dict[str, float]:
-    """APD's loss terms (the training loss's, top-k masks from the attributions) over `batches`."""
-    sums = dict.fromkeys(("faithfulness", "minimality", "simplicity"), 0.0)
-    for x in batches:
-        mask = batch_topk(apd.attributions(x), apd.cfg.topk)
-        with torch.no_grad():
-            out = apd.target.run(x, apd.linear_fns(mask)).output
-            sums["faithfulness"] += apd.faithfulness_loss().item()
-            sums["minimality"] += (out - apd.target.run(x).output).pow(2).mean().item()
-            sums["simplicity"] += apd.simplicity_loss(mask).item()
-    terms = {k: v / len(batches) for k, v in sums.items()}
-    cfg = apd.cfg
-    terms["total"] = (cfg.faithfulness_coeff * terms["faithfulness"]
-                      + cfg.minimality_coeff * terms["minimality"]
-                      + cfg.simplicity_coeff * terms["simplicity"])
-    return terms
+    """The terms of `APD.training_loss` (and the loss), averaged over `batches`."""
+    runs = [apd.training_loss(x, torch.Generator())[1] for x in batches]
+    return {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}
 
 
 def line(label: str, apd: APD, batches: list[torch.Tensor]) -> str:
     t = loss_terms(apd, batches)
     match = mmcs_ml2r(apd.target.matrices()["W"], component_weights(apd, "W"))
-    return (f"| {label} | {t['total']:.5f} | {t['faithfulness']:.1e} | {t['minimality']:.3e} | "
+    return (f"| {label} | {t['loss']:.5f} | {t['faithfulness']:.1e} | {t['minimality']:.3e} | "
             f"{t['simplicity']:.3e} | {match.cosine.mean():.4f} | {match.l2_ratio.mean():.3f} | "
             f"{len(set(match.best.tolist()))} |")
 
@@ -96,17 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=Path, default=Path("runs/apd"))
     commands.add_threads(parser)
     args = parser.parse_intermixed_args(argv)
-    config = with_seed(preset(args.experiment, "apd"), args.seed)
-    if args.target_steps is not None:
-        train_cfg = dataclasses.replace(config.target.train, steps=args.target_steps)
-        config = dataclasses.replace(
-            config, target=dataclasses.replace(config.target, train=train_cfg))
+    config = with_target_steps(with_seed(preset(args.experiment, "apd"), args.seed),
+                               args.target_steps)
     config, _ = overridden(config, args.set)
-    target_dir = args.runs / args.experiment / (
-        f"target_seed{args.seed}_steps{config.target.train.steps}")  # reproduce's folder
     cfg = config.method
     with commands.torch_settings(threads=args.threads):
-        target, _ = train_target(config, target_dir, "none")
+        target, _ = train_target(config, target_dir(args.runs, config), "none")
         generator = torch.Generator().manual_seed(123)
         batches = [target.sample(cfg.optim.batch_size, generator) for _ in range(20)]
         print(f"{args.experiment} APD, seed {args.seed}, C {cfg.C}, m {cfg.m}, top-k {cfg.topk}, "
