@@ -147,6 +147,22 @@ def test_unit_norm_A_stays_on_the_sphere_after_a_step():
     assert_close(a.norm(dim=1), torch.ones(3, 2))
 
 
+def test_xavier_init_has_the_reference_codes_fans():
+    # The reference code's factors are [instances, C, d_in, m] parameters filled by
+    # torch.nn.init.xavier_normal_, whose fans then count C (and the instances) too.
+    target = make_target(TMSConfig(n_features=40, n_hidden=10, seed=0))
+    C, m = 50, 11
+    apd = APD(target, APDConfig(C=C, m=m, topk=1.0, optim=OPTIM, init="xavier"))
+    for factor, shape in ((apd.A["W"], (1, C, 40, m)), (apd.B["W"], (1, C, m, 10))):
+        fan_in, fan_out = torch.nn.init._calculate_fan_in_and_fan_out(torch.empty(shape))
+        expected = (2 / (fan_in + fan_out)) ** 0.5
+        assert factor.std().item() == pytest.approx(expected, rel=0.05)
+        assert factor.mean().abs().item() < 0.05 * expected
+    default = APD(target, APDConfig(C=C, m=m, topk=1.0, optim=OPTIM))
+    ratio = default.component_weights("W").std() / apd.component_weights("W").std()
+    assert 50 < ratio.item() < 300  # about sqrt(C m)^2 / 4 = 137: a near-zero start
+
+
 def test_hidden_activation_reconstruction_with_every_component_active():
     """topk = C keeps every component, so the top-k forward uses Σ_c P_c in each matrix."""
     target = make_target(ResidualMLPConfig(n_features=6, d_embed=8, d_mlp=4, seed=7))

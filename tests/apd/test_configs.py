@@ -37,6 +37,7 @@ OPTIM = OptimConfig(lr=1e-3, steps=10, batch_size=8)
         (lambda: APDConfig(C=5, m=1, topk=0.1, optim=OPTIM), "keeps no component"),
         (lambda: APDConfig(C=5, m=1, topk=1.0, optim=OPTIM, p=0), "p"),
         (lambda: APDConfig(C=5, m=1, topk=1.0, optim=OPTIM, attribution="saliency"), "attribution"),
+        (lambda: APDConfig(C=5, m=1, topk=1.0, optim=OPTIM, init="zeros"), "init"),
         (
             lambda: APDConfig(C=5, m=1, topk=1.0, optim=OPTIM, simplicity_coeff=-1),
             "simplicity_coeff",

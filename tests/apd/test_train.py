@@ -222,6 +222,11 @@ def test_checkpoint_of_other_settings_is_refused_and_cli_runs_get_their_own_fold
     other = dataclasses.replace(cfg.optim, batch_size=16)
     with pytest.raises(DepassError, match="use another run folder"):
         train(SPD(target, cfg), target.sample, other, 5, tmp_path, progress="none")
+    # the method's own settings too (a preset changed under an existing run folder)
+    changed = dataclasses.replace(cfg, importance_coeff=2 * cfg.importance_coeff)
+    with pytest.raises(DepassError, match=r"other settings \(importance_coeff=0.003; now "
+                       r"importance_coeff=0.006\): use another run folder"):
+        train(SPD(target, changed), target.sample, cfg.optim, 5, tmp_path, progress="none")
     args = ["tms-5-2", "--method", "apd", "--steps", "3", "--target-steps", "5", "--no-progress"]
     args += ["--runs", str(tmp_path / "runs"), "--figures", str(tmp_path / "fig")]
     for batch in ("16", "32"):

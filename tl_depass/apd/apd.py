@@ -41,17 +41,13 @@ class APD(nn.Module):
         for name, weight in target.matrices().items():
             d_in, d_out = weight.shape
             m = min(d_in, d_out) if cfg.m is None else cfg.m
-            # kaiming-uniform over each factor's fan-in, as the reference code
-            a = (
-                torch.empty(cfg.C, d_in, m).uniform_(-1, 1, generator=generator)
-                * (6 / d_in) ** 0.5
-                / 2
-            )
-            b = (
-                torch.empty(cfg.C, m, d_out).uniform_(-1, 1, generator=generator)
-                * (6 / m) ** 0.5
-                / 2
-            )
+            a, b = torch.empty(cfg.C, d_in, m), torch.empty(cfg.C, m, d_out)
+            if cfg.init == "xavier":  # the reference code's fans: (C + 1 instance) · d_in · m
+                a.normal_(0, (2 / ((cfg.C + 1) * d_in * m)) ** 0.5, generator=generator)
+                b.normal_(0, (2 / ((cfg.C + 1) * m * d_out)) ** 0.5, generator=generator)
+            else:  # uniform over each factor's own fan-in
+                a = a.uniform_(-1, 1, generator=generator) * (6 / d_in) ** 0.5 / 2
+                b = b.uniform_(-1, 1, generator=generator) * (6 / m) ** 0.5 / 2
             self.A[self._key(name)] = nn.Parameter(a)
             self.B[self._key(name)] = nn.Parameter(b)
         self.to(target.device)  # initialised on the CPU: the same numbers on every device

@@ -144,7 +144,10 @@ class APDConfig:
     `C` components each span every decomposed matrix with rank `m` (`None`: full rank,
     min(d_in, d_out) per matrix). `topk` is the average number of active components per sample
     (batch top-k). Coefficients: faithfulness, minimality (top-k output MSE), hidden-activation
-    reconstruction, Schatten-p simplicity.
+    reconstruction, Schatten-p simplicity. `init`: "fan_in" draws each factor uniformly with
+    bound √(6 / fan-in)/2 of its own matrix; "xavier" is the reference code's: normal with
+    std √(2 / ((C + 1)·d_in·m)) for A and √(2 / ((C + 1)·m·d_out)) for B (PyTorch's Xavier fans of
+    its `[instances, C, d_in, m]` parameters, one instance), about √(C·m) times smaller.
     """
 
     C: int
@@ -158,6 +161,7 @@ class APDConfig:
     p: float = 1.0
     attribution: Literal["gradient", "ablation", "activation"] = "gradient"
     a_norm: Literal["free", "unit"] = "free"
+    init: Literal["fan_in", "xavier"] = "fan_in"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -190,6 +194,10 @@ class APDConfig:
         _require(
             self.a_norm in ("free", "unit"),
             f"APDConfig.a_norm must be 'free' or 'unit', got {self.a_norm!r}.",
+        )
+        _require(
+            self.init in ("fan_in", "xavier"),
+            f"APDConfig.init must be 'fan_in' or 'xavier', got {self.init!r}.",
         )
 
 

@@ -18,7 +18,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
 
@@ -124,6 +124,12 @@ def _interrupt_at_step_end() -> Iterator[list[bool]]:
         signal.signal(signal.SIGINT, previous)
 
 
+def _settings(objective: nn.Module) -> dict:
+    """The objective's own configuration (APD, SPD), checked when a checkpoint is resumed."""
+    cfg = getattr(objective, "cfg", None)
+    return asdict(cfg) if is_dataclass(cfg) else {}
+
+
 def train(
     objective: Objective,
     sample: Callable[[int, torch.Generator], Tensor],
@@ -162,6 +168,16 @@ def train(
                 f"{checkpoint} was written by a run with {state['optim']}, not {asdict(cfg)}: "
                 "use another run folder, or the settings it was written with."
             )
+        settings = _settings(objective)
+        written = state.get("settings", settings)  # checkpoints before 30 Nov carry none
+        if written != settings:
+            changed = sorted(k for k in written | settings if written.get(k) != settings.get(k))
+            raise DepassError(
+                f"{checkpoint} was written by a run with other settings "
+                f"({', '.join(f'{k}={written.get(k)!r}' for k in changed)}; now "
+                f"{', '.join(f'{k}={settings.get(k)!r}' for k in changed)}): use another run "
+                "folder, or the settings it was written with."
+            )
         written_on = state.get("device", "cpu")
         moved = written_on != generator.device.type  # loads only where no step is left to train
         if moved and state["step"] < (cfg.steps if stop_at is None else min(stop_at, cfg.steps)):
@@ -197,6 +213,7 @@ def train(
                 "history": history,
                 "device": generator.device.type,
                 "optim": asdict(cfg),
+                "settings": _settings(objective),
             },
             checkpoint,
         )
