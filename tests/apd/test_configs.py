@@ -80,6 +80,8 @@ def test_presets_carry_the_papers_values():
     assert (spd.C, spd.importance_coeff, spd.p, spd.optim.batch_size) == (200, 1e-4, 2.0, 4096)
     assert preset("tms-5-2-id", "spd").target.hidden_identity == "identity"
     assert preset("resid-mlp-1", "apd").method.a_norm == "unit"
+    assert {preset(e, "apd").method.init for e in ("tms-5-2", "tms-40-10", "tms-40-10-ref")} == {
+        "xavier"}
     assert all(key.split("/")[1] in ("apd", "spd") for key in PRESETS)
 
 

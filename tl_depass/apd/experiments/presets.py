@@ -1,7 +1,9 @@
 """The papers' settings as named presets (values and sources: design/APD.md §3 and §5).
 
 Keys are "<experiment>/<method>"; `preset("tms-5-2", "spd")` looks one up. Where a paper's text
-and its committed config disagree, the paper's text is used (see docs/apd_results.md).
+and its committed config disagree, the paper's text is used (see docs/apd_results.md). The TMS APD
+presets initialise as the reference code does (`init="xavier"`, since 30 Nov: it fixes TMS 5-2's
+chiral failures); the residual-MLP ones keep `"fan_in"`, with which their runs so far were made.
 """
 
 from dataclasses import fields, replace
@@ -42,6 +44,7 @@ PRESETS: dict[str, ExperimentConfig] = {
             optim=OptimConfig(lr=3e-2, steps=20_000, batch_size=2048, warmup_frac=0.05),
             simplicity_coeff=0.7,
             p=1.0,
+            init="xavier",
         ),
     ),
     "tms-40-10/apd": ExperimentConfig(
@@ -57,6 +60,7 @@ PRESETS: dict[str, ExperimentConfig] = {
             minimality_coeff=10.0,
             simplicity_coeff=20.0,
             p=0.9,
+            init="xavier",
         ),
     ),
     "resid-mlp-1/apd": ExperimentConfig(
