@@ -2,8 +2,9 @@
 
 Keys are "<experiment>/<method>"; `preset("tms-5-2", "spd")` looks one up. Where a paper's text
 and its committed config disagree, the paper's text is used (see docs/apd_results.md). The TMS APD
-presets initialise as the reference code does (`init="xavier"`, since 30 Nov: it fixes TMS 5-2's
-chiral failures); the residual-MLP ones keep `"fan_in"`, with which their runs so far were made.
+presets initialise as the reference code does (`init="xavier"`, since 30 Nov: higher MMCS on
+TMS 40-10, as many failed TMS 5-2 seeds); the residual-MLP ones keep `"fan_in"`, with which their
+runs so far were made.
 """
 
 from dataclasses import fields, replace
