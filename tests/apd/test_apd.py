@@ -160,7 +160,7 @@ def test_xavier_init_has_the_reference_codes_fans():
         assert factor.mean().abs().item() < 0.05 * expected
     default = APD(target, APDConfig(C=C, m=m, topk=1.0, optim=OPTIM))
     ratio = default.component_weights("W").std() / apd.component_weights("W").std()
-    assert 50 < ratio.item() < 300  # about sqrt(C m)^2 / 4 = 137: a near-zero start
+    assert 50 < ratio.item() < 300  # sqrt((C+1) m)/2 * sqrt((C+1) d_out)/2 = 133: near zero
 
 
 def test_hidden_activation_reconstruction_with_every_component_active():

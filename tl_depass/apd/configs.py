@@ -147,7 +147,8 @@ class APDConfig:
     reconstruction, Schatten-p simplicity. `init`: "fan_in" draws each factor uniformly with
     bound √(6 / fan-in)/2 of its own matrix; "xavier" is the reference code's: normal with
     std √(2 / ((C + 1)·d_in·m)) for A and √(2 / ((C + 1)·m·d_out)) for B (PyTorch's Xavier fans of
-    its `[instances, C, d_in, m]` parameters, one instance), about √(C·m) times smaller.
+    its `[instances, C, d_in, m]` parameters, one instance): √((C + 1)·m)/2 times smaller in A,
+    √((C + 1)·d_out)/2 in B.
     """
 
     C: int
