@@ -227,6 +227,11 @@ def test_checkpoint_of_other_settings_is_refused_and_cli_runs_get_their_own_fold
     with pytest.raises(DepassError, match=r"other settings \(importance_coeff=0.003; now "
                        r"importance_coeff=0.006\): use another run folder"):
         train(SPD(target, changed), target.sample, cfg.optim, 5, tmp_path, progress="none")
+    # a checkpoint from before settings were recorded cannot be checked, so it is refused
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    torch.save({k: v for k, v in state.items() if k != "settings"}, tmp_path / "checkpoint.pt")
+    with pytest.raises(DepassError, match="does not record the settings"):
+        train(SPD(target, cfg), target.sample, cfg.optim, 5, tmp_path, progress="none")
     args = ["tms-5-2", "--method", "apd", "--steps", "3", "--target-steps", "5", "--no-progress"]
     args += ["--runs", str(tmp_path / "runs"), "--figures", str(tmp_path / "fig")]
     for batch in ("16", "32"):

@@ -168,8 +168,14 @@ def train(
                 f"{checkpoint} was written by a run with {state['optim']}, not {asdict(cfg)}: "
                 "use another run folder, or the settings it was written with."
             )
-        settings = _settings(objective)
-        written = state.get("settings", settings)  # checkpoints before 30 Nov carry none
+        settings, written = _settings(objective), state.get("settings")
+        if written is None and settings:  # written before checkpoints recorded them (30 Nov)
+            raise DepassError(
+                f"{checkpoint} does not record the settings it was written with, so this run's "
+                "cannot be checked against them (the TMS APD presets' initialisation changed on "
+                "30 Nov, for one): use another run folder, or delete this one."
+            )
+        written = settings if written is None else written
         if written != settings:
             changed = sorted(k for k in written | settings if written.get(k) != settings.get(k))
             raise DepassError(
