@@ -19,7 +19,7 @@ from tl_depass.engine.clean_run import FROZEN as FROZEN_INPUTS  # what the decom
 from tl_depass.engine.clean_run import CleanRun, unflatten_rows
 from tl_depass.engine.guard import check_user_hooks, replaced_hooks
 from tl_depass.engine.plan import mlp_site
-from tl_depass.engine.replay import attend
+from tl_depass.engine.slots import attend
 
 __all__ = ["FROZEN_INPUTS", "freeze_own", "frozen_hooks"]
 

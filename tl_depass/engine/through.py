@@ -13,6 +13,7 @@ from tl_depass.engine import bridge_mlp, fast, replay
 from tl_depass.engine.backends import is_bridge
 from tl_depass.engine.hooks import block_hook
 from tl_depass.engine.plan import before_mlp
+from tl_depass.engine.slots import correct, fold
 
 __all__ = ["after_mlp", "slots_of"]
 
@@ -47,7 +48,7 @@ def after_mlp(ff: "replay.FoldedForward", tokens: Int[Tensor, "batch pos"], mask
     if p.through.act_hook in p.keep or any(e.written is None for e in entries):
         post = torch.stack([slots_of(e.rows(ff.offset, ff.k)[:, :, w:], b)
                             for e, b in zip(entries, bias, strict=True)])
-        out = replay.correct(ff.view(mlp_output(module, replay.fold(post))))  # as the folded forward
+        out = correct(ff.view(mlp_output(module, fold(post))))  # as the folded forward
         kept[p.through.act_hook] = post
     else:  # the rows only feed W_out: a_i W_out[i] (without b_out added and taken off)
         out = torch.stack([slots_of(
@@ -58,4 +59,4 @@ def after_mlp(ff: "replay.FoldedForward", tokens: Int[Tensor, "batch pos"], mask
     resid = (parts[0] if len(parts) == 1 else parts[0] + parts[1]) + out
     kept |= {block_hook(layer, "hook_mlp_out"): out, block_hook(layer, "hook_resid_post"): resid,
              f"{p.through.prefix}.out.hook_out": out}  # a Bridge's out projection
-    return replay.fold(resid), {name: value for name, value in kept.items() if name in p.keep}
+    return fold(resid), {name: value for name, value in kept.items() if name in p.keep}
