@@ -1,5 +1,6 @@
 """Metrics on cases with known answers."""
 
+import pytest
 import torch
 from torch.testing import assert_close
 
@@ -95,6 +96,17 @@ def oracle_apd(n_layers: int, topk: float):
     return target, apd
 
 
+def alone_inputs(target, size: int, samples: int, seed: int = 0) -> list[torch.Tensor]:
+    """By hand, the stream `feature_losses` draws: batches of `size` from the training
+    distribution until every feature was alone in `samples` inputs."""
+    g, batches, counts = torch.Generator().manual_seed(seed), [], torch.zeros(target.n_features)
+    while counts.min() < samples:
+        x = target.sample(size, g)
+        batches.append(x)
+        counts += ((x != 0) & ((x != 0).sum(-1, keepdim=True) == 1)).sum(0)
+    return batches
+
+
 def test_feature_losses_of_an_exact_decomposition_equal_the_targets():
     from tl_depass.apd.metrics import feature_losses
 
@@ -105,27 +117,38 @@ def test_feature_losses_of_an_exact_decomposition_equal_the_targets():
         assert losses["target"].shape == (6,) and (losses["target"] > 0).all()
         assert_close(losses["apd_top1"], losses["target"], rtol=1e-5, atol=1e-7)
         assert_close(losses["apd_topk"], losses["target"], rtol=1e-5, atol=1e-7)
-        # the target's column, by hand for feature 2: inputs where feature 2 alone is active
-        g = torch.Generator().manual_seed(0)
-        values = (torch.rand(6 * 7, generator=g) * 2 - 1)[2 * 7:3 * 7]
-        x = torch.zeros(7, 6)
-        x[:, 2] = values
+        # the target's column, by hand for feature 2: the drawn inputs where it alone is active
+        x = torch.cat(alone_inputs(target, 48, 7))
+        x = x[((x != 0).sum(-1) == 1) & (x[:, 2] != 0)]
         by_hand = (target(x) - (x + torch.relu(x))).pow(2).mean()
         assert_close(losses["target"][2], by_hand)
 
 
-def test_feature_losses_apply_the_batch_top_k_mask():
-    """topk = 1 / 48 keeps one component for the whole batch of 6 x 8 inputs: every other input
-    runs without component 0, so through the embedding alone (x W_E W_U), and its feature's
-    loss is that path's; top-1 still keeps component 0 everywhere."""
+def test_feature_losses_apply_the_batch_top_k_mask(monkeypatch):
+    """The batch top-k mask is taken over whole batches of the training size; with a mask that
+    keeps nothing, every input runs through the embedding alone (x W_E W_U), and each feature's
+    top-k loss is that path's; top-1 still keeps component 0 everywhere."""
+    from tl_depass.apd import metrics
+
+    target, apd = oracle_apd(1, topk=1.0)
+    shapes = []
+    monkeypatch.setattr(metrics, "batch_topk", lambda a, k: shapes.append(a.shape) or torch.zeros_like(a))
+    losses = metrics.feature_losses(apd, samples=8, chunk=16)
+    batches = alone_inputs(target, 48, 8)
+    assert shapes == [(48, 3)] * len(batches)
+    x = torch.cat(batches)
+    x = x[(x != 0).sum(-1) == 1]
+    feature = (x != 0).int().argmax(-1)
+    err = (x @ target.W_E @ target.W_U - (x + torch.relu(x))).pow(2).mean(-1)
+    embedding_only = torch.stack([err[feature == f].mean() for f in range(6)])
+    assert_close(losses["apd_topk"], embedding_only, rtol=1e-5, atol=1e-8)
+    assert not torch.allclose(embedding_only, losses["target"])
+    assert_close(losses["apd_top1"], losses["target"], rtol=1e-5, atol=1e-7)
+
+
+def test_feature_losses_refuse_an_endless_draw():
     from tl_depass.apd.metrics import feature_losses
 
-    target, apd = oracle_apd(1, topk=1 / 48)
-    losses = feature_losses(apd, samples=8, chunk=16)
-    g = torch.Generator().manual_seed(0)
-    values = (torch.rand(48, generator=g) * 2 - 1).reshape(6, 8)
-    x = torch.diag_embed(values.T).transpose(0, 1)  # [feature, sample, n_features]
-    embedding_only = (x @ target.W_E @ target.W_U - (x + torch.relu(x))).pow(2).mean((-1, -2))
-    same = torch.isclose(losses["apd_topk"], embedding_only, rtol=1e-5, atol=1e-8)
-    assert same.sum() >= 5 and not torch.allclose(embedding_only, losses["target"])
-    assert_close(losses["apd_top1"], losses["target"], rtol=1e-5, atol=1e-7)
+    _, apd = oracle_apd(1, topk=1.0)
+    with pytest.raises(ValueError, match="lower `samples`"):
+        feature_losses(apd, samples=10**7)

@@ -133,28 +133,39 @@ def apd_top1_mse(apd: APD, value: float) -> Float[Tensor, " n_features"]:
 
 
 def feature_losses(
-    apd: APD, samples: int = 50, chunk: int = 500, seed: int = 0
+    apd: APD, samples: int = 100, chunk: int = 512, seed: int = 0
 ) -> dict[str, Float[Tensor, " n_features"]]:
-    """Per feature, the mean squared error to the labels on inputs where it alone is active (value
-    ~ U(-1, 1), `samples` per feature, all features in one batch): of the target ("target"), of the
-    APD model with the batch top-k mask of the training loss ("apd_topk"), and with each input's
-    single most attributed component ("apd_top1"). The residual-MLP test: top-k within 10% of the
-    target's loss. Attributions are computed `chunk` inputs at a time (memory), the mask over all."""
-    target, n = apd.target, apd.target.n_features
+    """Per feature, the mean squared error to the labels on the inputs where it alone is active,
+    measured as the reference code does: batches of the training size drawn from the training
+    distribution (`target.sample`), the batch top-k mask of the training loss over each whole
+    batch ("apd_topk"), each input's single most attributed component ("apd_top1"), and the target
+    ("target"); batches are drawn until every feature has been alone `samples` times. The
+    residual-MLP test: top-k within 10% of the target's loss. Attributions are computed `chunk`
+    inputs at a time (memory)."""
+    target, n, size = apd.target, apd.target.n_features, apd.cfg.optim.batch_size
+    p = target.cfg.feature_prob
+    batches = samples / (size * p * (1 - p) ** (n - 1))  # the expected number, about
+    if batches > 10_000:
+        raise ValueError(f"feature_losses: a feature is alone in an input with probability "
+                         f"{p * (1 - p) ** (n - 1):.1e}, so {samples} such inputs per feature "
+                         f"take ~{batches:.0f} batches of {size}: lower `samples`.")
     g = torch.Generator().manual_seed(seed)
-    values = torch.rand(n * samples, generator=g) * 2 - 1
-    x = torch.zeros(n * samples, n)
-    x[torch.arange(n * samples), torch.arange(n).repeat_interleave(samples)] = values
-    x = x.to(target.device)
-    attributions = torch.cat([apd.attributions(part).detach() for part in x.split(chunk)])
-    top1 = torch.zeros_like(attributions)
-    top1[torch.arange(len(x)), attributions.argmax(-1)] = 1.0
-    labels = target.labels(x)
-    with torch.no_grad():
-        outputs = {"target": target(x), "apd_topk": apd(x, batch_topk(attributions, apd.cfg.topk)),
-                   "apd_top1": apd(x, top1)}
-    return {k: (v - labels).pow(2).mean(-1).reshape(n, samples).mean(-1).cpu()
-            for k, v in outputs.items()}
+    names = ("target", "apd_topk", "apd_top1")
+    sums, counts = torch.zeros(len(names), n), torch.zeros(n)
+    while counts.min() < samples:
+        x = target.sample(size, g).to(target.device)
+        attributions = torch.cat([apd.attributions(part).detach() for part in x.split(chunk)])
+        top1 = torch.zeros_like(attributions)
+        top1[torch.arange(len(x)), attributions.argmax(-1)] = 1.0
+        alone = (x != 0).sum(-1) == 1
+        feature = (x[alone] != 0).int().argmax(-1).cpu()
+        with torch.no_grad():
+            outputs = (target(x), apd(x, batch_topk(attributions, apd.cfg.topk)), apd(x, top1))
+        labels = target.labels(x)[alone]
+        for row, out in enumerate(outputs):
+            sums[row] += torch.bincount(feature, (out[alone] - labels).pow(2).mean(-1).cpu(), n)
+        counts += torch.bincount(feature, minlength=n)
+    return {name: sums[row] / counts for row, name in enumerate(names)}
 
 
 @torch.no_grad()
