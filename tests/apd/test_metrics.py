@@ -1,5 +1,7 @@
 """Metrics on cases with known answers."""
 
+import dataclasses
+
 import pytest
 import torch
 from torch.testing import assert_close
@@ -149,6 +151,11 @@ def test_feature_losses_apply_the_batch_top_k_mask(monkeypatch):
 def test_feature_losses_refuse_an_endless_draw():
     from tl_depass.apd.metrics import feature_losses
 
-    _, apd = oracle_apd(1, topk=1.0)
+    target, apd = oracle_apd(1, topk=1.0)
     with pytest.raises(ValueError, match="lower `samples`"):
         feature_losses(apd, samples=10**7)
+    with pytest.raises(ValueError, match="at least 1"):
+        feature_losses(apd, samples=0)
+    target.cfg = dataclasses.replace(target.cfg, feature_prob=1.0)  # never one feature alone
+    with pytest.raises(ValueError, match="probability 0.0e"):
+        feature_losses(apd, samples=1)

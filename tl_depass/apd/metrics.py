@@ -144,11 +144,13 @@ def feature_losses(
     inputs at a time (memory)."""
     target, n, size = apd.target, apd.target.n_features, apd.cfg.optim.batch_size
     p = target.cfg.feature_prob
-    batches = samples / (size * p * (1 - p) ** (n - 1))  # the expected number, about
-    if batches > 10_000:
+    alone_p = p * (1 - p) ** (n - 1)  # a given feature is the only one present
+    if samples < 1:
+        raise ValueError(f"feature_losses: samples={samples}: need at least 1 input per feature.")
+    if samples > 10_000 * size * alone_p:  # batches expected: samples / (size * alone_p)
         raise ValueError(f"feature_losses: a feature is alone in an input with probability "
-                         f"{p * (1 - p) ** (n - 1):.1e}, so {samples} such inputs per feature "
-                         f"take ~{batches:.0f} batches of {size}: lower `samples`.")
+                         f"{alone_p:.1e}, so {samples} such inputs per feature take more than "
+                         f"10 000 batches of {size}: lower `samples`.")
     g = torch.Generator().manual_seed(seed)
     names = ("target", "apd_topk", "apd_top1")
     sums, counts = torch.zeros(len(names), n), torch.zeros(n)
