@@ -157,15 +157,17 @@ def feature_losses(
     while counts.min() < samples:
         x = target.sample(size, g).to(target.device)
         attributions = torch.cat([apd.attributions(part).detach() for part in x.split(chunk)])
+        topk = batch_topk(attributions, apd.cfg.topk)  # over the whole batch, as in training
+        alone = (x != 0).sum(-1) == 1  # only these inputs are scored (and run)
+        x, attributions, topk = x[alone], attributions[alone], topk[alone]
         top1 = torch.zeros_like(attributions)
         top1[torch.arange(len(x)), attributions.argmax(-1)] = 1.0
-        alone = (x != 0).sum(-1) == 1
-        feature = (x[alone] != 0).int().argmax(-1).cpu()
+        feature = (x != 0).int().argmax(-1).cpu()
         with torch.no_grad():
-            outputs = (target(x), apd(x, batch_topk(attributions, apd.cfg.topk)), apd(x, top1))
-        labels = target.labels(x)[alone]
+            outputs = (target(x), apd(x, topk), apd(x, top1))
+        labels = target.labels(x)
         for row, out in enumerate(outputs):
-            sums[row] += torch.bincount(feature, (out[alone] - labels).pow(2).mean(-1).cpu(), n)
+            sums[row] += torch.bincount(feature, (out - labels).pow(2).mean(-1).cpu(), n)
         counts += torch.bincount(feature, minlength=n)
     return {name: sums[row] / counts for row, name in enumerate(names)}
 
