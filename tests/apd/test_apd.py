@@ -281,6 +281,9 @@ SMALL_TARGETS = {
     "resid-2": ResidualMLPConfig(
         n_features=6, d_embed=9, d_mlp=3, n_layers=2, feature_prob=0.5, seed=12
     ),
+    "resid-3": ResidualMLPConfig(
+        n_features=5, d_embed=8, d_mlp=3, n_layers=3, feature_prob=0.5, seed=14
+    ),
     "tms-id": TMSConfig(n_features=7, n_hidden=3, hidden_identity="identity", seed=13),
 }
 
@@ -368,6 +371,28 @@ def test_batch_independent_output_jacobian_is_computed_once():
     _, ref_grads = reference_output_grads(apd, x)
     for name, grad in grads.items():
         assert_close(grad, ref_grads[name].transpose(0, 1), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", ["resid-1", "resid-2", "resid-3"])
+def test_residual_mlp_jvps_equal_the_output_jacobian_contraction(name):
+    """`ResidualMLP.component_jvps` (no Jacobians built) equals contracting the per-sample
+    output Jacobians with the component outputs, the path every other target takes. Neuron 0
+    of every layer has a zero `W_in` column, so its pre-activation sits at ReLU's kink for every
+    input, where both must take the derivative as 0 (the components' share there is not 0)."""
+    apd = small_apd(name)
+    with torch.no_grad():
+        for layer in range(apd.target.cfg.n_layers):
+            getattr(apd.target, f"layers__{layer}__W_in")[:, 0] = 0.0
+    x = apd.target.sample(30, torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        inputs, grads = apd._target_output_grads(x)
+        expected = sum(
+            contract.output_grad_contraction(inputs[s.name], *apd.factors(s), grads[s.name])
+            for s in apd.target.sites
+        )
+        factors = {s.name: apd.factors(s) for s in apd.target.sites}
+        got = apd.target.component_jvps(x, factors)
+    assert_close(got, expected, rtol=1e-10, atol=1e-13, msg=lambda m: f"{name}: {m}")
 
 
 def test_full_size_resid_mlp_step_equals_the_reference_in_float32(monkeypatch):

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from tl_depass.apd.configs import APDConfig, ConfigError
 from tl_depass.apd.contract import component_outputs, masked_product, output_grad_contraction
-from tl_depass.apd.targets import LinearFn, Site, ToyTarget
+from tl_depass.apd.targets import LinearFn, ResidualMLP, Site, ToyTarget
 
 __all__ = ["APD", "batch_topk"]
 
@@ -126,11 +126,15 @@ class APD(nn.Module):
         kind = self.cfg.attribution
         if kind == "gradient":
             # sqrt(mean_o (Σ_l Σ_j ∂f_o/∂y_{l,j} (a_l P_{c,l})_j)²), all on the target
-            inputs, grads = self._target_output_grads(x)
-            total = None
-            for site in self.target.sites:
-                a, g = inputs[site.name], grads[site.name]
-                total = output_grad_contraction(a, *self.factors(site), g, out=total)
+            if isinstance(self.target, ResidualMLP):  # without building Jacobians
+                factors = {site.name: self.factors(site) for site in self.target.sites}
+                total = self.target.component_jvps(x, factors)
+            else:
+                inputs, grads = self._target_output_grads(x)
+                total = None
+                for site in self.target.sites:
+                    a, g = inputs[site.name], grads[site.name]
+                    total = output_grad_contraction(a, *self.factors(site), g, out=total)
             return torch.linalg.vector_norm(total, dim=-1) / total.shape[-1] ** 0.5
         if kind == "activation":
             inputs = self.target.run(x).inputs

@@ -192,6 +192,56 @@ class ResidualMLP(ToyTarget):
             resid = resid + apply(f"layers.{layer}.W_out", act)
         return resid @ self.W_U
 
+    def component_jvps(
+        self,
+        x: Float[Tensor, "batch n_features"],
+        factors: Mapping[str, tuple[Float[Tensor, "C d_in m"], Float[Tensor, "C m d_out"]]],
+    ) -> Float[Tensor, "batch C n_out"]:
+        """`Σ_l Σ_j ∂f_o/∂y_{l,j} · (a_l @ P_{c,l})_j` for every sample, component and output:
+        each component's output at every site, pushed forward to the outputs through the
+        network's linearisation at `x` (the later layers' weights and ReLU masks).
+
+        It equals contracting the per-sample output Jacobians with the component outputs (as
+        `APD.attributions` does for any target), but never builds a Jacobian: the tangent in the
+        residual stream is kept as a sum of products `left [C, batch, r] @ right`, whose
+        sample-independent right factors (a component's `second`, a layer's `W_out`) go through
+        the later layers' `W_in` and `W_U` once; only the `d_mlp`-wide pre-activations and the
+        `[C, batch, n_out]` result are per sample.
+        """
+
+        def inner(a: Tensor, first: Tensor) -> Tensor:  # a @ first_c: [C, batch, m]
+            C, d_in, m = first.shape
+            flat = a @ first.permute(1, 0, 2).reshape(d_in, C * m)
+            return flat.view(-1, C, m).transpose(0, 1)  # bmm reads it strided
+
+        def add_through(out: Tensor, left: Tensor, right: Tensor) -> None:
+            """out [C, batch, d] += left [C, batch, r] @ right ([C, r, d] or shared [r, d])."""
+            out.baddbmm_(left, right.expand(left.shape[0], *right.shape[-2:]))
+
+        terms: list[tuple[Tensor, Tensor]] = []  # the residual tangent: Σ left @ right
+        resid = x @ self.W_E
+        for layer in range(self.cfg.n_layers):
+            w_in, w_out = (getattr(self, f"layers__{layer}__{k}") for k in ("W_in", "W_out"))
+            first, second = factors[f"layers.{layer}.W_in"]
+            pre = torch.bmm(inner(resid, first), second)
+            for left, right in terms:
+                add_through(pre, left, right @ w_in)
+            act = torch.relu(resid @ w_in)
+            pre.mul_(act > 0)  # ReLU's derivative, 0 at 0 as autograd takes it
+            terms.append((pre, w_out))
+            if layer < self.cfg.n_layers - 1:
+                first, second = factors[f"layers.{layer}.W_out"]
+                terms.append((inner(act, first), second))
+            resid = resid + act @ w_out
+        # the last W_out's components only meet W_U: act @ (P_c @ W_U), one GEMM over all c
+        first, second = factors[f"layers.{self.cfg.n_layers - 1}.W_out"]
+        (C, d_mlp, _), n_out = first.shape, self.W_U.shape[1]
+        last = torch.bmm(first, second @ self.W_U).permute(1, 0, 2).reshape(d_mlp, C * n_out)
+        out = (act @ last).view(-1, C, n_out)  # [batch, C, n_out]
+        for left, right in terms:
+            add_through(out.transpose(0, 1), left, right @ self.W_U)
+        return out
+
     def sample(self, batch: int, generator: torch.Generator) -> Tensor:
         return sparse_features(batch, self.n_features, self.cfg.feature_prob, -1.0, 1.0, generator)
 
