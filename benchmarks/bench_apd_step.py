@@ -1,14 +1,18 @@
-"""APD training-step speed on the resid-mlp-1 preset (batch 2048, C 130, d_embed 1000, 100 features).
+"""APD training-step speed on a residual-MLP preset (resid-mlp-1: batch 2048, C 130, d_embed 1000,
+100 features; resid-mlp-2: two layers of 25 neurons, C 200).
 
-    python benchmarks/bench_apd_step.py [--rounds 3]
+    python benchmarks/bench_apd_step.py [--experiment resid-mlp-2] [--rounds 3]
 
 For torch threads 1 and 2 it prints the time of one training step (loss, backward, gradient
 projection, Adam step, as `tl_depass.apd.train` runs it) of the reference (the APD step before
-issue 18, kept in tests/apd/test_apd.py) and of `tl_depass.apd.APD`, each the minimum over
+issue 18, kept in tests/apd/test_apd.py), of the same step with the attributions every target
+but the residual MLP takes (per-sample output Jacobians contracted with the component outputs,
+"jacobian") and of `tl_depass.apd.APD` ("new"), each the minimum over
 interleaved rounds, in process CPU time and in wall time; the new step's parts; the GEMM FLOPs
 of each step (torch's FlopCounterMode: mm, bmm, addmm, baddbmm, forward and backward; elementwise
 work is not counted); and the achieved rate, per CPU second and per wall second, next to the
-same rates of a plain `torch.mm` of the step's largest GEMM ([2048, 1000] @ [1000, 6500])
+same rates of a plain `torch.mm` of the step's largest GEMM (`[2048, 1000] @ [1000, C·m]`, the
+inner products at `W_in`)
 measured in the same rounds: the machine's matmul rate. On a shared machine the CPU-second rates
 are the steadier ones; wall time counts the time other processes held the cores.
 """
@@ -27,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "apd"))
 from test_apd import reference_training_loss  # noqa: E402  (the pre-issue-18 step)
 
 from tl_depass.apd import APD, make_target, preset  # noqa: E402
+from tl_depass.apd.contract import output_grad_contraction  # noqa: E402
 
 aten = torch.ops.aten
 
@@ -58,8 +63,8 @@ def timed(fn: Callable[[], object]) -> tuple[float, float]:
 class Stepper:
     """One APD with its own Adam: `step()` is one training step of the given loss."""
 
-    def __init__(self, loss_fn: Callable, x: torch.Tensor):
-        config = preset("resid-mlp-1", "apd")
+    def __init__(self, experiment: str, loss_fn: Callable, x: torch.Tensor):
+        config = preset(experiment, "apd")
         self.apd = APD(make_target(config.target), config.method)
         self.optimizer = torch.optim.Adam(self.apd.parameters(), lr=1e-3)
         self.loss_fn, self.x = loss_fn, x
@@ -73,6 +78,22 @@ class Stepper:
         loss.backward()
         self.apd.before_optimizer_step()
         self.optimizer.step()
+
+
+@torch.no_grad()
+def jacobian_attributions(apd: APD, x: torch.Tensor) -> torch.Tensor:
+    """The gradient attributions through per-sample output Jacobians (`APD`'s path for targets
+    other than the residual MLP, and its path for the residual MLP too until 1 Dec)."""
+    inputs, grads = apd._target_output_grads(x)
+    total = None
+    for site in apd.target.sites:
+        total = output_grad_contraction(inputs[site.name], *apd.factors(site), grads[site.name], out=total)
+    return torch.linalg.vector_norm(total, dim=-1) / total.shape[-1] ** 0.5
+
+
+def jacobian_training_loss(apd: APD, x: torch.Tensor):
+    apd.attributions = lambda x: jacobian_attributions(apd, x)  # this instance only
+    return apd.training_loss(x, torch.Generator())
 
 
 def gemm_flops(fn: Callable[[], object]) -> float:
@@ -97,19 +118,23 @@ def new_step_parts(stepper: Stepper) -> dict[str, tuple[float, float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--experiment", choices=["resid-mlp-1", "resid-mlp-2"], default="resid-mlp-1")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     torch.manual_seed(0)
-    config = preset("resid-mlp-1", "apd")
+    config = preset(args.experiment, "apd")
     x = make_target(config.target).sample(config.method.optim.batch_size, torch.Generator().manual_seed(0))
     steppers = {
-        "reference": Stepper(lambda apd, x: reference_training_loss(apd, x), x),
-        "new": Stepper(lambda apd, x: apd.training_loss(x, torch.Generator()), x),
+        "reference": Stepper(args.experiment, lambda apd, x: reference_training_loss(apd, x), x),
+        "jacobian": Stepper(args.experiment, jacobian_training_loss, x),
+        "new": Stepper(args.experiment, lambda apd, x: apd.training_loss(x, torch.Generator()), x),
     }
-    a, b = torch.randn(2048, 1000), torch.randn(1000, 6500)
-    mm_flops = 2 * 2048 * 1000 * 6500
+    C, _, m = steppers["new"].apd.factors(steppers["new"].apd.target.sites[0])[0].shape  # W_in
+    width = C * m
+    a, b = torch.randn(2048, 1000), torch.randn(1000, width)
+    mm_flops = 2 * 2048 * 1000 * width
     flops = {name: gemm_flops(s.step) for name, s in steppers.items()}  # also a warm-up step
-    print(f"resid-mlp-1 APD step, batch {x.shape[0]}, C {config.method.C}, float32, "
+    print(f"{args.experiment} APD step, batch {x.shape[0]}, C {config.method.C}, float32, "
           f"torch {torch.__version__}")
     for name, f in flops.items():
         print(f"GEMM FLOPs per step, {name}: {f / 1e9:.1f} GFLOP")
