@@ -7,7 +7,13 @@ import torch
 from torch.testing import assert_close
 
 from tl_depass.apd.configs import ResidualMLPConfig
-from tl_depass.apd.metrics import mmcs_ml2r, neuron_contributions, permute_to_diagonal
+from tl_depass.apd.metrics import (
+    layer_contributions,
+    layer_shares,
+    mmcs_ml2r,
+    neuron_contributions,
+    permute_to_diagonal,
+)
 from tl_depass.apd.targets import make_target
 
 
@@ -42,6 +48,20 @@ def test_neuron_contributions_sum_to_the_mlp_path_on_one_hot_inputs():
         via_mlp = out[i, i] - value  # the direct residual path gives value · ‖W_E[i]‖² = value
         expected = value * contributions[i][read[i] > 0].sum()
         assert_close(via_mlp, expected)
+
+
+def test_layer_contributions_and_shares_locate_the_layer_a_matrix_set_uses():
+    target = make_target(ResidualMLPConfig(n_features=6, d_embed=8, d_mlp=4, n_layers=2, seed=3))
+    weights = {k: v.detach() for k, v in target.matrices().items()}
+    both = layer_contributions(target, weights)
+    assert both.shape == (6, 2, 4)
+    for layer in range(2):
+        w_in, w_out = weights[f"layers.{layer}.W_in"], weights[f"layers.{layer}.W_out"]
+        assert_close(both[:, layer], neuron_contributions(target, w_in, w_out))
+    assert_close(layer_shares(both).sum(-1), torch.ones(6))
+    only_second = {k: v * 0 if k.startswith("layers.0.") else v for k, v in weights.items()}
+    assert_close(layer_shares(layer_contributions(target, only_second)), torch.tensor([[0.0, 1.0]] * 6))
+    assert_close(layer_shares(torch.zeros(3, 2, 4)), torch.zeros(3, 2))  # no contribution: 0, not NaN
 
 
 def test_permute_to_diagonal_puts_each_features_column_first():

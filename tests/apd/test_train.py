@@ -9,9 +9,9 @@ import torch
 from torch.testing import assert_close
 
 from tl_depass.apd.apd import APD
-from tl_depass.apd.configs import OptimConfig, TMSConfig
+from tl_depass.apd.configs import OptimConfig, ResidualMLPConfig, TMSConfig
 from tl_depass.apd.experiments.presets import preset, shortened
-from tl_depass.apd.reproduce import main
+from tl_depass.apd.reproduce import evaluate, main
 from tl_depass.apd.spd import SPD
 from tl_depass.apd.targets import make_target
 from tl_depass.apd.train import TargetObjective, lr_factor, train
@@ -136,6 +136,21 @@ def test_reproduce_cli_stops_resumes_and_writes_results_and_figures(tmp_path):
     }
     saved = json.loads(next((tmp_path / "runs").rglob("results.json")).read_text())
     assert saved["mmcs"] == list(results["mmcs"])
+
+
+def test_two_layer_residual_mlp_evaluation_reports_each_layers_share(tmp_path):
+    """The 2-layer residual MLP's evaluation: per-feature losses, and how each feature's best
+    component splits its neuron contributions over the two layers (the paper's cross-layer
+    figure), beside the target's split."""
+    cfg = ResidualMLPConfig(n_features=6, d_embed=9, d_mlp=3, n_layers=2, feature_prob=0.3, seed=5)
+    method = shortened(preset("resid-mlp-2", "apd"), steps=2, batch_size=64).method
+    apd = APD(make_target(cfg), dataclasses.replace(method, C=8))
+    results = evaluate(apd, tmp_path, "tiny")
+    for who in ("target", "best_components"):
+        assert sum(results["layer_share"][who]) == pytest.approx(1.0)
+        assert 0 <= results["features_with_10pct_in_every_layer"][who] <= 6
+    assert len(results["feature_losses"]["apd_topk"]) == 6
+    assert (tmp_path / "tiny_neurons.png").stat().st_size > 0
 
 
 def test_ctrl_c_ends_after_the_step_and_resumes_identically(tmp_path, sigint_default):

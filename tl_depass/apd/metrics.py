@@ -1,6 +1,7 @@
 """Evaluation: MMCS / ML2R, alive subcomponents, CI-L0, one-hot causal importances, top-1 MSE,
 neuron contributions. Everything here is read-only on the decomposition."""
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,8 @@ __all__ = [
     "apd_top1_mse",
     "feature_losses",
     "neuron_contributions",
+    "layer_contributions",
+    "layer_shares",
 ]
 
 
@@ -181,3 +184,27 @@ def neuron_contributions(
     read = target.W_E @ w_in  # [n_features, d_mlp]
     write = (w_out @ target.W_U).T  # [n_features, d_mlp]
     return read * write
+
+
+def layer_contributions(
+    target: ResidualMLP, matrices: Mapping[str, Tensor]
+) -> Float[Tensor, "n_features n_layers d_mlp"]:
+    """`neuron_contributions` of every layer, of the matrices named as the target's
+    (`layers.L.W_in`, `layers.L.W_out`): each neuron's direct path from feature i's embedding to
+    output i, layer by layer."""
+    return torch.stack(
+        [
+            neuron_contributions(target, matrices[f"layers.{i}.W_in"], matrices[f"layers.{i}.W_out"])
+            for i in range(target.cfg.n_layers)
+        ],
+        dim=1,
+    )
+
+
+def layer_shares(
+    contributions: Float[Tensor, "n_features n_layers d_mlp"],
+) -> Float[Tensor, "n_features n_layers"]:
+    """Each layer's share of a feature's summed |neuron contributions| (rows sum to 1; a row
+    with no contribution at all is 0)."""
+    size = contributions.abs().sum(-1)
+    return size / size.sum(-1, keepdim=True).clamp_min(torch.finfo(size.dtype).tiny)

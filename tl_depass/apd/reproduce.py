@@ -33,8 +33,9 @@ from tl_depass.apd.metrics import (
     ci_l0,
     component_weights,
     feature_losses,
+    layer_contributions,
+    layer_shares,
     mmcs_ml2r,
-    neuron_contributions,
     one_hot_causal_importance,
     subcomponent_norms,
 )
@@ -172,19 +173,30 @@ def evaluate(method: APD | SPD, figures: Path | None, tag: str) -> dict:
             out["feature_losses"] = {k: v.tolist() for k, v in losses.items()}
             out["topk_loss_over_target"] = (losses["apd_topk"].mean() / losses["target"].mean()).item()
             out["features_topk_within_10pct"] = int((losses["apd_topk"] <= 1.1 * losses["target"]).sum())
-        if isinstance(target, ResidualMLP) and target.cfg.n_layers == 1 and figures is not None:
-            w_in = component_weights(method, "layers.0.W_in")
-            w_out = component_weights(method, "layers.0.W_out")
-            idx = torch.arange(target.n_features)
-            per_component = torch.stack(
-                [neuron_contributions(target, w_in[c], w_out[c]) for c in range(w_in.shape[0])]
-            )
-            fig = plot_neuron_contributions(
-                neuron_contributions(target, target.layers__0__W_in, target.layers__0__W_out),
-                per_component[best, idx],
-                f"{tag}: neuron contributions",
-            )
-            save(fig, figures / f"{tag}_neurons.png")
+        if isinstance(target, ResidualMLP):  # which neurons, in which layers, each feature's carries
+            weights = {m: component_weights(method, m) for m in target.matrix_names}
+            per_feature = torch.stack([
+                layer_contributions(target, {m: w[c] for m, w in weights.items()})[i]
+                for i, c in enumerate(best.tolist())
+            ])  # fmt: skip
+            reference = layer_contributions(target, target.matrices())
+            if target.cfg.n_layers > 1:  # cross-layer: the paper's 2-layer figure
+                shares = layer_shares(per_feature)
+                out["layer_share"] = {
+                    "target": layer_shares(reference).mean(0).tolist(),
+                    "best_components": shares.mean(0).tolist(),
+                }
+                out["features_with_10pct_in_every_layer"] = {
+                    "target": int((layer_shares(reference) >= 0.1).all(-1).sum()),
+                    "best_components": int((shares >= 0.1).all(-1).sum()),
+                }
+            if figures is not None:
+                layers = " | ".join(f"layer {i}" for i in range(target.cfg.n_layers))
+                fig = plot_neuron_contributions(
+                    reference.flatten(1), per_feature.flatten(1),
+                    f"{tag}: neuron contributions ({layers})",
+                )  # fmt: skip
+                save(fig, figures / f"{tag}_neurons.png")
     return out
 
 
