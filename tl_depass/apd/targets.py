@@ -206,7 +206,7 @@ class ResidualMLP(ToyTarget):
         residual stream is kept as a sum of products `left [C, batch, r] @ right`, whose
         sample-independent right factors (a component's `second`, a layer's `W_out`) go through
         the later layers' `W_in` and `W_U` once; only the `d_mlp`-wide pre-activations and the
-        `[C, batch, n_out]` result are per sample.
+        `[batch, C, n_out]` result are per sample.
         """
 
         def inner(a: Tensor, first: Tensor) -> Tensor:  # a @ first_c: [C, batch, m]
