@@ -31,7 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "apd"))
 from test_apd import reference_training_loss  # noqa: E402  (the pre-issue-18 step)
 
 from tl_depass.apd import APD, make_target, preset  # noqa: E402
-from tl_depass.apd.contract import output_grad_contraction  # noqa: E402
 
 aten = torch.ops.aten
 
@@ -84,10 +83,7 @@ class Stepper:
 def jacobian_attributions(apd: APD, x: torch.Tensor) -> torch.Tensor:
     """The gradient attributions through per-sample output Jacobians (`APD`'s path for targets
     other than the residual MLP, and its path for the residual MLP too until 1 Dec)."""
-    inputs, grads = apd._target_output_grads(x)
-    total = None
-    for site in apd.target.sites:
-        total = output_grad_contraction(inputs[site.name], *apd.factors(site), grads[site.name], out=total)
+    total = apd.jacobian_contraction(x)
     return torch.linalg.vector_norm(total, dim=-1) / total.shape[-1] ** 0.5
 
 

@@ -121,6 +121,17 @@ class APD(nn.Module):
         return inputs, grads
 
     @torch.no_grad()
+    def jacobian_contraction(self, x: Float[Tensor, "batch n_features"]) -> Float[Tensor, "batch C n_out"]:
+        """`Σ_l Σ_j ∂f_o/∂y_{l,j} (a_l P_{c,l})_j` through the per-sample output Jacobians: any
+        target's path (the residual MLP's `component_jvps` gives the same without Jacobians)."""
+        inputs, grads = self._target_output_grads(x)
+        total = None
+        for site in self.target.sites:
+            a, g = inputs[site.name], grads[site.name]
+            total = output_grad_contraction(a, *self.factors(site), g, out=total)
+        return total
+
+    @torch.no_grad()
     def attributions(self, x: Float[Tensor, "batch n_features"]) -> Float[Tensor, "batch C"]:
         """Per-sample, per-component attribution of the chosen kind (never differentiated)."""
         kind = self.cfg.attribution
@@ -130,11 +141,7 @@ class APD(nn.Module):
                 factors = {site.name: self.factors(site) for site in self.target.sites}
                 total = self.target.component_jvps(x, factors)
             else:
-                inputs, grads = self._target_output_grads(x)
-                total = None
-                for site in self.target.sites:
-                    a, g = inputs[site.name], grads[site.name]
-                    total = output_grad_contraction(a, *self.factors(site), g, out=total)
+                total = self.jacobian_contraction(x)
             return torch.linalg.vector_norm(total, dim=-1) / total.shape[-1] ** 0.5
         if kind == "activation":
             inputs = self.target.run(x).inputs

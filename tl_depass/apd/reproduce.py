@@ -181,14 +181,10 @@ def evaluate(method: APD | SPD, figures: Path | None, tag: str) -> dict:
             ])  # fmt: skip
             reference = layer_contributions(target, target.matrices())
             if target.cfg.n_layers > 1:  # cross-layer: the paper's 2-layer figure
-                shares = layer_shares(per_feature)
-                out["layer_share"] = {
-                    "target": layer_shares(reference).mean(0).tolist(),
-                    "best_components": shares.mean(0).tolist(),
-                }
+                shares = {"target": layer_shares(reference), "best_components": layer_shares(per_feature)}
+                out["layer_share"] = {k: v.mean(0).tolist() for k, v in shares.items()}
                 out["features_with_10pct_in_every_layer"] = {
-                    "target": int((layer_shares(reference) >= 0.1).all(-1).sum()),
-                    "best_components": int((shares >= 0.1).all(-1).sum()),
+                    k: int((v >= 0.1).all(-1).sum()) for k, v in shares.items()
                 }
             if figures is not None:
                 layers = " | ".join(f"layer {i}" for i in range(target.cfg.n_layers))
