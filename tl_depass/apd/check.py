@@ -4,7 +4,10 @@
 
 Prints, per site, the alive components (Frobenius norm > 0.1) and the faithfulness
 `‖Σ_c P_c − W‖_F` (also relative to `‖W‖_F`), and at the feature site MMCS and ML2R (mean ± std
-over features, as in docs/apd_results.md). The numbers recorded in the file at export are
+over features, as in docs/apd_results.md). For a residual-MLP APD it rebuilds the target and the
+decomposition from the file (float64) and runs them: the distinct top-1 components on one-hot
+inputs and the per-feature losses of `metrics.feature_losses` (the top-k loss over the target's,
+the features within 10%). The numbers recorded in the file at export are
 printed beside them; a file that cannot be read, does not follow the layout (see
 `tl_depass.apd.export`), or whose numbers differ from those it records, exits with status 1 and
 says what is wrong. `--json` prints the recomputed numbers as JSON.
@@ -14,21 +17,35 @@ import argparse
 import json
 import math
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Shaped
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from tl_depass import commands
-from tl_depass.apd.metrics import ALIVE_THRESHOLD, alive, mmcs_ml2r
+from tl_depass.apd.apd import APD
+from tl_depass.apd.configs import APDConfig, OptimConfig, ResidualMLPConfig
+from tl_depass.apd.metrics import (
+    ALIVE_THRESHOLD,
+    RESIDUAL_ONE_HOT,
+    alive,
+    loss_scores,
+    mmcs_ml2r,
+    top1_components,
+)
+from tl_depass.apd.targets import make_target
 from tl_depass.engine.files import read_safetensors
 from tl_depass.errors import DepassError
 
-__all__ = ["ALIVE_THRESHOLD", "read_artifact", "site_components", "headline_metrics", "main"]
+__all__ = [
+    "ALIVE_THRESHOLD", "read_artifact", "site_components", "unpacked", "residual_mlp_apd",
+    "headline_metrics", "main",
+]
 
-_SITE_KEY = re.compile(r"^(?P<site>.+)/(?P<part>target|components|A|B)$")
+_SITE_KEY = re.compile(r"^(?P<site>.+)/(?P<part>target|components|A|B|A_packed|B_packed|ranks)$")
 
 
 def read_artifact(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -60,8 +77,8 @@ def site_components(
         found = _SITE_KEY.match(key)
         if found is None:
             raise DepassError(f"artefact {path}: unexpected tensor {key!r}; names are "
-                              "<site>/target, <site>/components, <site>/A, <site>/B or "
-                              "target/<name>")
+                              "<site>/target, <site>/components, <site>/A, <site>/B, "
+                              "<site>/A_packed, <site>/B_packed, <site>/ranks or target/<name>")
         parts.setdefault(found["site"], {})[found["part"]] = value.double()
     if not parts:
         raise DepassError(f"artefact {path} holds no <site>/target tensor: nothing to check")
@@ -82,9 +99,18 @@ def site_components(
                 raise DepassError(f"artefact {path}: {site}/A {tuple(a.shape)} and {site}/B "
                                   f"{tuple(b.shape)} are not [C, d_in, m] and [C, m, d_out]")
             comps = a @ b
+        elif {"A_packed", "B_packed", "ranks"} <= p.keys():
+            a, b, ranks = p["A_packed"], p["B_packed"], p["ranks"]
+            if (a.ndim, b.ndim, ranks.ndim) != (2, 2, 1) or len(a) != len(b):
+                raise DepassError(f"artefact {path}: {site}/A_packed {tuple(a.shape)}, "
+                                  f"{site}/B_packed {tuple(b.shape)} and {site}/ranks "
+                                  f"{tuple(ranks.shape)} are not [R, d_in], [R, d_out] and [C]")
+            a, b = unpacked(a, b, ranks, f"artefact {path}: {site}")
+            comps = a @ b
         else:
-            raise DepassError(f"artefact {path}: site {site!r} needs {site}/components or both "
-                              f"{site}/A and {site}/B")
+            raise DepassError(f"artefact {path}: site {site!r} needs {site}/components, both "
+                              f"{site}/A and {site}/B, or {site}/A_packed, {site}/B_packed and "
+                              f"{site}/ranks")
         if comps.ndim != 3 or tuple(comps.shape[1:]) != (d_in, d_out):
             raise DepassError(f"artefact {path}: the components of {site!r} have shape "
                               f"{tuple(comps.shape)}, not [C, {d_in}, {d_out}] as its target")
@@ -98,8 +124,63 @@ def site_components(
     return out
 
 
-def headline_metrics(tensors: dict[str, Tensor], feature_site: str = "") -> dict:
-    """MMCS / ML2R at `feature_site` (if any), and per site alive count and faithfulness."""
+def unpacked(
+    a_rows: Float[Tensor, "R d_in"], b_rows: Float[Tensor, "R d_out"], ranks: Shaped[Tensor, " C"],
+    where: str = "packed factors",
+) -> tuple[Float[Tensor, "C d_in m"], Float[Tensor, "C m d_out"]]:
+    """The factors `A`, `B` of the packed layout, zero-padded to m = the largest rank: component
+    c has the next `ranks[c]` rows (component 0's first), row k giving `A[c][:, j] = a_rows[k]`,
+    `B[c][j] = b_rows[k]`."""
+    counts = ranks.round().long()
+    if (counts != ranks).any() or (counts < 0).any() or int(counts.sum()) != len(a_rows):
+        raise DepassError(f"{where}: ranks must be non-negative integers summing to the "
+                          f"{len(a_rows)} packed rows, got {ranks.tolist()}")
+    owner = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    slot = torch.arange(len(owner)) - (counts.cumsum(0) - counts)[owner]
+    m = max(int(counts.max()), 1) if len(counts) else 1
+    first = a_rows.new_zeros(len(counts), m, a_rows.shape[1])
+    second = b_rows.new_zeros(len(counts), m, b_rows.shape[1])
+    first[owner, slot], second[owner, slot] = a_rows, b_rows
+    return first.transpose(1, 2), second
+
+
+def residual_mlp_apd(tensors: dict[str, Tensor], meta: Mapping[str, str]) -> APD:
+    """The residual-MLP APD decomposition that a file describes, in the default dtype: the target
+    built from the metadata's "target" config and loaded with the file's weights, each site's
+    components as the factors (P_c, I) or (I, P_c), whichever is narrower (the attributions do
+    not depend on how a component is factored)."""
+    sites = site_components(tensors)
+    try:
+        target_cfg, method_cfg = json.loads(meta["target"]), json.loads(meta["method_config"])
+        target = make_target(ResidualMLPConfig(**target_cfg | {
+            "train": OptimConfig(**target_cfg["train"])}))
+        cfg = APDConfig(**method_cfg | {"optim": OptimConfig(**method_cfg["optim"]), "m": None})
+    except (KeyError, TypeError, ValueError) as e:
+        raise DepassError(f"the metadata's 'target' or 'method_config' does not describe a "
+                          f"residual-MLP APD ({e!r}): export the run again") from None
+    state = {k[7:].replace(".", "__"): v for k, v in tensors.items() if k.startswith("target/")}
+    try:
+        target.load_state_dict(state | {s.replace(".", "__"): w for s, (w, _) in sites.items()})
+    except RuntimeError as e:
+        raise DepassError(f"the file's weights do not fit the target its metadata describes: "
+                          f"{str(e).splitlines()[0]} {str(e).splitlines()[-1].strip()}") from None
+    apd = APD(target, cfg)
+    with torch.no_grad():
+        for site, (weight, comps) in sites.items():
+            d_in, d_out = weight.shape
+            eye = torch.eye(min(d_in, d_out), dtype=comps.dtype).expand(len(comps), -1, -1)
+            first, second = (comps, eye) if d_out <= d_in else (eye, comps)
+            apd.A[apd._key(site)].copy_(first)
+            apd.B[apd._key(site)].copy_(second)
+    return apd
+
+
+def headline_metrics(
+    tensors: dict[str, Tensor], feature_site: str = "", meta: Mapping[str, str] | None = None
+) -> dict:
+    """MMCS / ML2R at `feature_site` (if any), and per site alive count and faithfulness; for a
+    residual-MLP APD (`meta` of its file) also the distinct top-1 components on one-hot inputs and
+    the per-feature losses, from running the decomposition."""
     sites = site_components(tensors)
     out: dict = {"alive": {}, "faithfulness": {}, "faithfulness_relative": {}}
     for site, (target, comps) in sites.items():
@@ -114,6 +195,16 @@ def headline_metrics(tensors: dict[str, Tensor], feature_site: str = "") -> dict
         target, comps = sites[feature_site]
         match = mmcs_ml2r(target, comps)
         out["mmcs"], out["ml2r"] = list(match.mmcs), list(match.ml2r)
+    if meta and meta.get("method") == "apd" and "d_embed" in json.loads(meta.get("target", "{}")):
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)  # the target's data stream too
+        try:
+            apd = residual_mlp_apd(tensors, meta)
+            best = top1_components(apd, RESIDUAL_ONE_HOT)
+            out["distinct_top1_components"] = len(set(best.tolist()))
+            out |= loss_scores(apd)
+        finally:
+            torch.set_default_dtype(default)
     return out
 
 
@@ -146,6 +237,12 @@ def _report(path: Path, meta: dict[str, str], metrics: dict) -> str:
         lines.append(f"  MMCS {metrics['mmcs'][0]:.4f} ± {metrics['mmcs'][1]:.4f}   "
                      f"ML2R {metrics['ml2r'][0]:.3f} ± {metrics['ml2r'][1]:.3f}   "
                      f"(site {meta['feature_site']!r})")
+    if "distinct_top1_components" in metrics:
+        lines.append(f"  distinct top-1 components on one-hot inputs (x = {RESIDUAL_ONE_HOT}): "
+                     f"{metrics['distinct_top1_components']} for "
+                     f"{len(metrics['feature_losses']['target'])} features; top-k loss / "
+                     f"target's {metrics['topk_loss_over_target']:.4f} "
+                     f"({metrics['features_topk_within_10pct']} features within 10%)")
     for site in metrics["alive"]:
         lines.append(f"  {site}: alive {metrics['alive'][site]} (norm > {ALIVE_THRESHOLD}), "
                      f"faithfulness ‖Σ P_c − W‖ = {metrics['faithfulness'][site]:.3e} "
@@ -163,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     everything = {}
     for path in args.files:
         tensors, meta = read_artifact(path)
-        metrics = headline_metrics(tensors, meta.get("feature_site", ""))
+        metrics = headline_metrics(tensors, meta.get("feature_site", ""), meta)
         everything[str(path)] = metrics
         if not args.json:
             print(_report(path, meta, metrics))

@@ -12,10 +12,17 @@ Layout (also written into the file's metadata under "layout"; `x @ W` convention
     target/<name>                   the target's other weights and buffers (biases, W_E, ...)
 
 A reader may also accept `<site>/components` [C, d_in, d_out] instead of the factors (check
-does). With `--rank-tol TOL` each component is stored at its numerical rank: an SVD per component
-keeps the singular values above TOL times the site's largest (so dead components keep none), and m
-is the site's largest kept rank (smaller ranks are padded with zeros); what was dropped is recorded
-under the metadata key "reduced_rank", with the full-rank metrics beside it.
+does). With `--rank-tol TOL` each component is stored at its numerical rank, packed: an SVD per
+component keeps the singular values above TOL times the site's largest (so dead components keep
+none), and the factors' kept columns are stored without padding:
+
+    <site>/A_packed [R, d_in]       one row σ·u per kept singular value, component 0's first
+    <site>/B_packed [R, d_out]      the matching v; component c is Σ over its rows A_packedᵀ B_packed
+    <site>/ranks    [C] (int32)     how many rows each component has (R in all)
+
+What was dropped is recorded under the metadata key "reduced_rank", with the full-rank metrics
+beside it. For a residual-MLP APD, "metrics" also holds what `check` recomputes by running the
+decomposition that the file describes (distinct top-1 components, the per-feature losses).
 
 Metadata (all strings, JSON where structured): "format", "layout", "experiment", "method",
 "seed", "steps", "batch_size", "trained_steps", "target" (the target's config), "method_config",
@@ -29,7 +36,7 @@ import json
 from pathlib import Path
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -44,12 +51,20 @@ FORMAT = "tl_depass.apd.artifact/1"
 LAYOUT = (
     "x @ W convention; per decomposed matrix (site) <site>/target [d_in, d_out] and either "
     "<site>/A [C, d_in, m] with <site>/B [C, m, d_out] (component c = A[c] @ B[c]) or "
-    "<site>/components [C, d_in, d_out]; the target's other weights under target/<name>. "
+    "<site>/components [C, d_in, d_out] or (reduced rank) <site>/A_packed [R, d_in], "
+    "<site>/B_packed [R, d_out], <site>/ranks [C]: component c = the sum over its ranks[c] "
+    "consecutive rows (component 0's first) of outer(A_packed[k], B_packed[k]); "
+    "the target's other weights under target/<name>. "
     "Metadata 'feature_site' names the site whose rows are the input features (MMCS/ML2R)."
 )
 MAX_BYTES = 10 * 2**20
+PACKED = ("A_packed", "B_packed", "ranks")
 #: how far a reduced-rank file's MMCS may move from the run's before export refuses it
 REDUCED_MMCS_TOLERANCE = 1e-3
+#: a residual MLP's top-k loss over the target's, from the file (float64) vs the run's float32
+#: evaluation: the batch top-k masks differ where attributions tie in float32 (resid-mlp-1, step
+#: 10 556, the same weights: 1.12340 in float64, 1.12190 in float32)
+LOSS_RATIO_TOLERANCE = 5e-3
 
 
 def artifact_name(results: dict, full_recipe: bool = True) -> str:
@@ -77,19 +92,19 @@ def _factors(objective: dict[str, Tensor], method: str) -> dict[str, tuple[Tenso
 
 def reduced_rank(
     first: Float[Tensor, "C d_in m"], second: Float[Tensor, "C m d_out"], tol: float
-) -> tuple[Float[Tensor, "C d_in r"], Float[Tensor, "C r d_out"], dict]:
-    """The components `first[c] @ second[c]` refactored at their numerical rank: singular values
-    at most `tol` times the largest of any component here are dropped; r is the largest kept rank
-    (smaller ranks padded with zeros). Also returns what was kept and dropped."""
+) -> tuple[Float[Tensor, "R d_in"], Float[Tensor, "R d_out"], Int[Tensor, " C"], dict]:
+    """The components `first[c] @ second[c]` refactored at their numerical rank, packed: singular
+    values at most `tol` times the largest of any component here are dropped; each kept one gives
+    a row `σ·u` of A_packed and `v` of B_packed (component 0's first), `ranks` counts them per
+    component. Also returns what was kept and dropped."""
     u, s, vh = torch.linalg.svd(first.double() @ second.double(), full_matrices=False)
-    keep = s > tol * s.max()
-    ranks = keep.sum(-1)
-    r = max(int(ranks.max()), 1)
-    s_kept = (s * keep)[:, :r]
+    keep = s > tol * s.max()  # a prefix of each component's (descending) singular values
     dropped = s * ~keep
-    info = {"rank": r, "ranks": ranks.tolist(), "largest_dropped": dropped.max().item(),
-            "dropped_norm": dropped.norm().item(), "largest_kept": s.max().item()}
-    return u[:, :, :r] * s_kept[:, None, :], vh[:, :r, :], info
+    info = {"rank": int(keep.sum(-1).max()), "ranks": keep.sum(-1).tolist(),
+            "largest_dropped": dropped.max().item(), "dropped_norm": dropped.norm().item(),
+            "largest_kept": s.max().item()}
+    a_rows = (u * s[:, None, :]).transpose(1, 2)[keep]
+    return a_rows, vh[keep], keep.sum(-1).int(), info
 
 
 def write_artifact(
@@ -112,15 +127,17 @@ def write_artifact(
     for key, (first, second) in factors.items():
         site = key.replace("__", ".")
         tensors[f"{site}/target"] = objective[f"target.{key}"]
-        tensors[f"{site}/A"], tensors[f"{site}/B"] = first, second
-        if rank_tol is not None:
+        if rank_tol is None:
+            tensors[f"{site}/A"], tensors[f"{site}/B"] = first, second
+        else:
             full_rank[f"{site}/A"], full_rank[f"{site}/B"] = first, second
-            tensors[f"{site}/A"], tensors[f"{site}/B"], reductions[site] = reduced_rank(
-                first, second, rank_tol)
+            *packed, reductions[site] = reduced_rank(first, second, rank_tol)
+            tensors |= {f"{site}/{part}": v for part, v in zip(PACKED, packed, strict=True)}
     for name, value in objective.items():
         if name.startswith("target.") and name[7:] not in factors:
             tensors[f"target/{name[7:].replace('__', '.')}"] = value
-    tensors = {k: v.detach().to("cpu", dtype).contiguous().clone() for k, v in tensors.items()}
+    tensors = {k: v.detach().to("cpu", v.dtype if k.endswith("/ranks") else dtype).contiguous()
+               .clone() for k, v in tensors.items()}
     config = results.get("config", {})
     is_tms = "n_hidden" in config.get("target", {})
     meta = {
@@ -138,13 +155,14 @@ def write_artifact(
         "method_config": json.dumps(config.get("method", {})),
         "feature_site": "W" if is_tms else "",
     }
-    metrics = headline_metrics(tensors, meta["feature_site"])
+    metrics = headline_metrics(tensors, meta["feature_site"], meta)
     meta["metrics"] = json.dumps(metrics)
     if rank_tol is not None:
-        full = {k: v.detach().to("cpu", dtype) for k, v in full_rank.items()}
+        full = {k: v for k, v in tensors.items() if k.rsplit("/", 1)[-1] not in PACKED} | {
+            k: v.detach().to("cpu", dtype) for k, v in full_rank.items()}
         meta["reduced_rank"] = json.dumps({
             "tol": rank_tol, "sites": reductions,
-            "full_rank_metrics": headline_metrics(tensors | full, meta["feature_site"])})
+            "full_rank_metrics": headline_metrics(full, meta["feature_site"], meta)})
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata=meta)
     size = path.stat().st_size
@@ -159,8 +177,9 @@ def write_artifact(
 def export_run(run_dir: Path, out_dir: Path, dtype: torch.dtype = torch.float32,
                rank_tol: float | None = None) -> Path:
     """The artefact of the finished run in `run_dir` (its checkpoint and results.json), written
-    to `out_dir`; its MMCS must match the run's own evaluation (within REDUCED_MMCS_TOLERANCE
-    when `rank_tol` drops small singular values)."""
+    to `out_dir`; its MMCS (within REDUCED_MMCS_TOLERANCE more when `rank_tol` drops small
+    singular values), distinct top-1 components and top-k loss ratio (residual MLPs, within
+    LOSS_RATIO_TOLERANCE more) must match the run's own evaluation."""
     results = read_json(run_dir / "results.json", "run results")
     require_keys(results, ("experiment", "seed", "steps", "batch_size"), run_dir, "results.json")
     state = load_checkpoint(run_dir / CHECKPOINT_NAME)
@@ -175,12 +194,19 @@ def export_run(run_dir: Path, out_dir: Path, dtype: torch.dtype = torch.float32,
     tolerance = 1e-5 if dtype == torch.float32 else 2e-3
     if rank_tol is not None:
         tolerance += REDUCED_MMCS_TOLERANCE
-    if "mmcs" in results and abs(metrics["mmcs"][0] - results["mmcs"][0]) > tolerance:
+    limits = {"mmcs": tolerance, "topk_loss_over_target": tolerance + LOSS_RATIO_TOLERANCE,
+              "distinct_top1_components": 0}
+    moved = []
+    for name, limit in limits.items():
+        if name in results and name in metrics:
+            ours, theirs = (v[0] if isinstance(v, list) else v for v in (metrics[name], results[name]))
+            if abs(ours - theirs) > limit:
+                moved.append(f"{name} {ours:.6g} from the file, {theirs:.6g} in the run's results")
+    if moved:
         path.unlink()
         why = (f"--rank-tol {rank_tol} dropped too much: use a smaller one, or" if rank_tol
                is not None else "")
-        raise DepassError(f"{path}: MMCS from the file {metrics['mmcs'][0]:.6f} differs from the "
-                          f"run's {results['mmcs'][0]:.6f}; {why} the checkpoint and results.json "
+        raise DepassError(f"{path}: {'; '.join(moved)}; {why} the checkpoint and results.json "
                           f"in {run_dir} do not belong together")
     return path
 

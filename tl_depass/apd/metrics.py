@@ -14,9 +14,12 @@ from tl_depass.apd.targets import ResidualMLP, ToyTarget
 
 #: A (sub)component is alive when its weight's Frobenius norm exceeds this (the papers' 0.1).
 ALIVE_THRESHOLD = 0.1
+#: The value of the one feature on in the residual MLPs' one-hot inputs (the paper's figures).
+RESIDUAL_ONE_HOT = 0.75
 
 __all__ = [
     "ALIVE_THRESHOLD",
+    "RESIDUAL_ONE_HOT",
     "FeatureMatch",
     "alive",
     "component_weights",
@@ -29,6 +32,8 @@ __all__ = [
     "permute_to_diagonal",
     "apd_top1_mse",
     "feature_losses",
+    "top1_components",
+    "loss_scores",
     "neuron_contributions",
     "layer_contributions",
     "layer_shares",
@@ -173,6 +178,23 @@ def feature_losses(
             sums[row] += torch.bincount(feature, (out - labels).pow(2).mean(-1).cpu(), n)
         counts += torch.bincount(feature, minlength=n)
     return {name: sums[row] / counts for row, name in enumerate(names)}
+
+
+@torch.no_grad()
+def top1_components(apd: APD, value: float) -> Tensor:
+    """Per feature, the component with the highest attribution on its one-hot input at `value`."""
+    return apd.attributions(one_hot_inputs(apd.target, value)).argmax(-1)
+
+
+def loss_scores(apd: APD) -> dict:
+    """The residual-MLP test's loss half from `feature_losses`: the mean top-k loss over the
+    target's, the features whose top-k loss is within 10% of the target's, every feature's losses."""
+    losses = feature_losses(apd)
+    return {
+        "feature_losses": {k: v.tolist() for k, v in losses.items()},
+        "topk_loss_over_target": (losses["apd_topk"].mean() / losses["target"].mean()).item(),
+        "features_topk_within_10pct": int((losses["apd_topk"] <= 1.1 * losses["target"]).sum()),
+    }
 
 
 @torch.no_grad()

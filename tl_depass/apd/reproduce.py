@@ -28,16 +28,18 @@ from tl_depass.apd.experiments.plots import (
 )
 from tl_depass.apd.experiments.presets import overridden, preset, shortened
 from tl_depass.apd.metrics import (
+    RESIDUAL_ONE_HOT,
     alive_count,
     apd_top1_mse,
     ci_l0,
     component_weights,
-    feature_losses,
     layer_contributions,
     layer_shares,
+    loss_scores,
     mmcs_ml2r,
     one_hot_causal_importance,
     subcomponent_norms,
+    top1_components,
 )
 from tl_depass.apd.spd import SPD
 from tl_depass.apd.targets import ResidualMLP, ToyTarget, make_target
@@ -141,7 +143,7 @@ def evaluate(method: APD | SPD, figures: Path | None, tag: str) -> dict:
             save(fig, figures / f"{tag}_features.png")
     if isinstance(method, SPD):
         out["ci_l0"] = ci_l0(method, eval_x)
-        value = 0.75 if isinstance(target, ResidualMLP) else 1.0
+        value = RESIDUAL_ONE_HOT if isinstance(target, ResidualMLP) else 1.0
         ci = one_hot_causal_importance(method, value)
         out["one_hot_ci"] = {
             site: {
@@ -161,18 +163,14 @@ def evaluate(method: APD | SPD, figures: Path | None, tag: str) -> dict:
                 figures / f"{tag}_ci.png",
             )
     else:
-        value = 0.75 if isinstance(target, ResidualMLP) else 1.0
+        value = RESIDUAL_ONE_HOT if isinstance(target, ResidualMLP) else 1.0
         top1 = apd_top1_mse(method, value)
         out["top1_mse_per_feature"] = {"mean": top1.mean().item(), "max": top1.max().item()}
         out["eval_losses"] = method.training_loss(eval_x, torch.Generator())[1]
-        attributions = method.attributions(torch.eye(target.n_features) * value)
-        best = attributions.argmax(-1)
+        best = top1_components(method, value)
         out["distinct_top1_components"] = len(set(best.tolist()))
         if isinstance(target, ResidualMLP):  # the paper's per-feature loss comparison
-            losses = feature_losses(method)
-            out["feature_losses"] = {k: v.tolist() for k, v in losses.items()}
-            out["topk_loss_over_target"] = (losses["apd_topk"].mean() / losses["target"].mean()).item()
-            out["features_topk_within_10pct"] = int((losses["apd_topk"] <= 1.1 * losses["target"]).sum())
+            out |= loss_scores(method)
         if isinstance(target, ResidualMLP):  # which neurons, in which layers, each feature's carries
             weights = {m: component_weights(method, m) for m in target.matrix_names}
             per_feature = torch.stack([
