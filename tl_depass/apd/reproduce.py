@@ -141,9 +141,9 @@ def evaluate(method: APD | SPD, figures: Path | None, tag: str) -> dict:
         if figures is not None and target.cfg.n_hidden == 2:
             fig = plot_tms_vectors(target.W.detach(), component_weights(method, "W"), tag)
             save(fig, figures / f"{tag}_features.png")
+    value = RESIDUAL_ONE_HOT if isinstance(target, ResidualMLP) else 1.0  # one-hot inputs
     if isinstance(method, SPD):
         out["ci_l0"] = ci_l0(method, eval_x)
-        value = RESIDUAL_ONE_HOT if isinstance(target, ResidualMLP) else 1.0
         ci = one_hot_causal_importance(method, value)
         out["one_hot_ci"] = {
             site: {
@@ -163,15 +163,15 @@ def evaluate(method: APD | SPD, figures: Path | None, tag: str) -> dict:
                 figures / f"{tag}_ci.png",
             )
     else:
-        value = RESIDUAL_ONE_HOT if isinstance(target, ResidualMLP) else 1.0
         top1 = apd_top1_mse(method, value)
         out["top1_mse_per_feature"] = {"mean": top1.mean().item(), "max": top1.max().item()}
         out["eval_losses"] = method.training_loss(eval_x, torch.Generator())[1]
         best = top1_components(method, value)
         out["distinct_top1_components"] = len(set(best.tolist()))
-        if isinstance(target, ResidualMLP):  # the paper's per-feature loss comparison
+        if isinstance(target, ResidualMLP):
+            # the paper's per-feature losses; which neurons, in which layers, each feature's best
+            # component carries
             out |= loss_scores(method)
-        if isinstance(target, ResidualMLP):  # which neurons, in which layers, each feature's carries
             weights = {m: component_weights(method, m) for m in target.matrix_names}
             per_feature = torch.stack([
                 layer_contributions(target, {m: w[c] for m, w in weights.items()})[i]
